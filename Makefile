@@ -1,0 +1,35 @@
+# M4I: `make demo` runs a complete controlled audit; `make test` runs the test suite.
+# Both create .venv on first use. Everything the platform writes goes under $(M4I_HOME).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+M4I_HOME ?= $(CURDIR)/.m4i
+export M4I_HOME
+
+.PHONY: venv demo test dev report bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/m4i demo
+
+report: venv
+	$(VENV)/bin/m4i report
+
+test: venv
+	$(VENV)/bin/pytest -q
+
+dev: venv
+	DAGSTER_HOME=$$($(VENV)/bin/m4i home) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: venv
+	$(PY) bench/embeddings.py
+
+clean:
+	rm -rf $(M4I_HOME)

@@ -1,0 +1,46 @@
+"""Role assignment: disjoint, seeded sets of records for one controlled audit.
+
+- `member`: the target model's training data.
+- `nonmember`: held out from the same distribution; with the members, the *candidates* every attack
+  scores (is_member is exact ground truth).
+- `known_nonmember`: non-members the attacker is allowed to know (WSA, ATTACKS.md section 1).
+- `population`: data no candidate overlaps, for null-control and reference models (section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+ROLES = ("member", "nonmember", "known_nonmember", "population")
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    n_members: int = 500
+    n_nonmembers: int = 500
+    n_known_nonmembers: int = 500
+    seed: int = 0
+
+
+def assign_roles(record_ids: list[str], spec: RoleSpec) -> pl.DataFrame:
+    """Shuffle `record_ids` with `spec.seed` and cut them into the four roles (population = the rest).
+
+    The input order does not matter (ids are sorted first), so the same records give the same roles.
+    """
+    ids = np.array(sorted(record_ids))
+    need = spec.n_members + spec.n_nonmembers + spec.n_known_nonmembers
+    if need >= len(ids):
+        raise ValueError(
+            f"role sizes need {need} records plus a population, but only {len(ids)} records are usable"
+        )
+    order = np.random.default_rng(spec.seed).permutation(len(ids))
+    cuts = np.cumsum([spec.n_members, spec.n_nonmembers, spec.n_known_nonmembers])
+    roles = np.empty(len(ids), dtype=object)
+    for role, chunk in zip(ROLES, np.split(order, cuts)):
+        roles[chunk] = role
+    return pl.DataFrame(
+        {"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}
+    ).sort("record_id")

@@ -1,0 +1,107 @@
+"""Model assets: the trained CLIP target and null control, and the per-version checkpoint asset.
+
+Training assets write a checkpoint, register it in `models` and add its `model_version` as a
+dynamic partition; everything downstream is partitioned by model version, so a new version adds a
+partition and never overwrites an earlier one.
+"""
+
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
+
+from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.resources import Storage
+from m4i_assets.defs.assets.data import record_roles
+from m4i_assets.models import clip
+from m4i_assets.settings import AuditSettings
+from m4i_assets.storage.warehouse import replace_rows
+
+# Which records each trained CLIP learns from: (role of the model, role of its training records).
+CLIP_MODELS = {
+    "target": "member",  # the audited model: trained on the members
+    "null_control": "population",  # never sees a candidate (ATTACKS.md section 4)
+}
+
+
+def register_checkpoint(
+    context: AssetExecutionContext,
+    storage: Storage,
+    staged_dir: Path,
+    sha256: str,
+    row: dict,
+) -> str:
+    """Move a staged checkpoint folder to `models/<version>/`, upsert its `models` row, add its partition."""
+    version = clip.model_version_for(row["family"], sha256)
+    final = storage.models_dir / version
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged_dir), final)
+    frame = pl.DataFrame([{**row, "model_version": version, "sha256": sha256,
+                           "checkpoint_uri": str(final / "model.safetensors")}])
+    with storage.connect() as conn:
+        replace_rows(conn, "models", frame, model_version=version)
+    context.instance.add_dynamic_partitions(model_versions.name, [version])
+    return version
+
+
+def training_records(storage: Storage, settings: AuditSettings, data_role: str) -> pl.DataFrame:
+    """Records of one role, in record_id order; for the population, a seeded sample as large as the
+    member set, so the null control gets the target's training budget."""
+    frame = storage.read(
+        """SELECT r.record_id, r.image_uri, r.caption FROM record_roles x
+           JOIN records r USING (record_id) WHERE x.audit = ? AND x.role = ? ORDER BY r.record_id""",
+        [settings.audit, data_role],
+    )
+    if data_role != "member" and frame.height > settings.n_members:
+        keep = np.random.default_rng(settings.seed + 1).choice(frame.height, settings.n_members, replace=False)
+        frame = frame[np.sort(keep)]
+    return frame
+
+
+def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> AssetsDefinition:
+    @asset(name=f"{model_role}_clip", group_name="models", deps=[record_roles], kinds={"pytorch", "duckdb"})
+    def _train(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+        train = training_records(storage, settings, data_role)
+        spec = settings.clip_train_spec(seed_offset)
+        bundle = clip.build_clip(spec.arch, seed=spec.seed)
+        history = clip.train_clip(bundle, train["image_uri"].to_list(), train["caption"].to_list(), spec)
+        context.log.info(f"{model_role}: trained {spec.epochs} epochs on {train.height} records, "
+                         f"final loss {history[-1]:.4f}")
+        staged = Path(tempfile.mkdtemp(dir=storage.root))
+        info = {"role": model_role, "audit": settings.audit, "train": asdict(spec),
+                "n_train": train.height, "loss_history": history}
+        _, sha = clip.save_clip(bundle, staged, info)
+        n_params = sum(p.numel() for p in bundle.model.parameters())
+        version = register_checkpoint(context, storage, staged, sha, {
+            "family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
+            "n_params": n_params, "train_config": json.dumps(asdict(spec)),
+        })
+        shutil.rmtree(staged, ignore_errors=True)
+        return MaterializeResult(metadata={
+            "model_version": version, "sha256": sha, "arch": spec.arch, "n_params": n_params,
+            "n_train": train.height, "final_loss": history[-1],
+            "loss_history": MetadataValue.json(history),
+        })
+
+    return _train
+
+
+clip_models = [clip_model_asset(role, data, i) for i, (role, data) in enumerate(CLIP_MODELS.items())]
+
+
+@asset(group_name="models", partitions_def=model_versions, deps=clip_models, kinds={"pytorch"})
+def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
+    """One model version: its checkpoint verified against the registered sha256 and loadable."""
+    info = storage.model_info(context.partition_key)
+    actual = clip.sha256_file(info["checkpoint_uri"])
+    if actual != info["sha256"]:
+        raise ValueError(f"{info['checkpoint_uri']}: sha256 {actual} differs from the registered {info['sha256']}")
+    clip.load_clip(info["arch"], info["checkpoint_uri"], device="cpu")
+    return MaterializeResult(metadata={k: str(info[k]) for k in ("arch", "role", "audit", "sha256", "checkpoint_uri")})

@@ -1,0 +1,39 @@
+"""Build the Dagster `Definitions` of the platform for one `$M4I_HOME` and settings profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import Definitions, multiprocess_executor
+
+from m4i_assets.defs.assets import attacks, data, evaluation, models, signals
+from m4i_assets.defs.resources import Storage, Tracking
+from m4i_assets.settings import AuditSettings, m4i_home, settings_for
+
+ASSETS = [
+    data.corpus,
+    data.records,
+    data.record_roles,
+    *models.clip_models,
+    models.model_checkpoint,
+    signals.embeddings,
+    *attacks.attack_assets,
+    evaluation.attack_metrics,
+]
+
+
+def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
+    """All assets with their resources: storage and MLflow under `home`, `settings` (default: the
+    `$M4I_PROFILE` profile). Steps run in parallel processes; warehouse writes are serialised."""
+    home = (home or m4i_home()).resolve()
+    return Definitions(
+        assets=ASSETS,
+        resources={
+            "settings": settings or settings_for(),
+            "storage": Storage(home=str(home)),
+            "tracking": Tracking(
+                tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlflow-artifacts")
+            ),
+        },
+        executor=multiprocess_executor.configured({"max_concurrent": 2}),
+    )

@@ -1,0 +1,111 @@
+"""Dagster resources: where the platform writes (Storage) and how it records runs (Tracking)."""
+
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+from dagster import ConfigurableResource
+
+from m4i_assets.storage import warehouse
+
+
+class Storage(ConfigurableResource):
+    """Everything under one folder, `$M4I_HOME`: the DuckDB warehouse, checkpoints, corpus, signals."""
+
+    home: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.home)
+
+    @property
+    def database(self) -> Path:
+        return self.root / "warehouse.duckdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def corpus_dir(self, name: str) -> Path:
+        return self.root / "corpus" / name
+
+    def signal_dir(self, signal: str) -> Path:
+        return self.root / "signals" / signal
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A serialised warehouse connection (see `storage.warehouse`); open it after the compute."""
+        with warehouse.connect(self.database, read_only=read_only) as conn:
+            yield conn
+
+    def read(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        with self.connect() as conn:
+            return warehouse.query(conn, sql, params)
+
+    def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
+        warehouse.refresh_views(conn, {"embeddings": self.signal_dir("embeddings")})
+
+    def model_info(self, model_version: str) -> dict[str, Any]:
+        """The `models` row of a version; a clear error when it was never registered."""
+        rows = self.read("SELECT * FROM models WHERE model_version = ?", [model_version]).to_dicts()
+        if not rows:
+            raise LookupError(f"model version {model_version!r} is not registered in {self.database}")
+        return rows[0]
+
+
+class Tracking(ConfigurableResource):
+    """MLflow tracking (sqlite store beside the warehouse). Writers are serialised by a file lock,
+    and the experiment is created once under it: SQLite MLflow races on schema init otherwise."""
+
+    tracking_uri: str
+    artifact_root: str
+    experiment: str = "m4i-audits"
+
+    def _client_and_experiment(self):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            self.experiment, artifact_location=Path(self.artifact_root).resolve().as_uri()
+        )
+        return client, exp_id
+
+    def log_run(
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: dict[str, bytes],
+    ) -> str:
+        """Create one finished MLflow run with params, metrics and artifacts; return its id."""
+        import tempfile
+
+        from mlflow.entities import Metric, Param, RunTag
+
+        lock = Path(self.artifact_root).parent / "mlflow.lock"
+        with warehouse.file_lock(lock):
+            client, exp_id = self._client_and_experiment()
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+            run_id = run.info.run_id
+            now_ms = int(time.time() * 1000)
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()],
+                params=[Param(k, v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in artifacts.items():
+                    path = Path(tmp) / name
+                    path.write_bytes(data)
+                    client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id)
+        return run_id

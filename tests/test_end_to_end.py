@@ -1,0 +1,110 @@
+"""The whole asset graph, materialized through Dagster's CLI and multiprocess executor (as `make demo`
+does) on the tiny profile, then checked table by table."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("m4i_home")
+    env = {**os.environ, "M4I_HOME": str(home), "M4I_PROFILE": "tiny"}
+    out = subprocess.run([sys.executable, "-m", "m4i_assets.cli", "demo"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return home, out.stdout
+
+
+@pytest.fixture()
+def db(demo_home):
+    conn = duckdb.connect(str(demo_home[0] / "warehouse.duckdb"), read_only=True)
+    yield conn
+    conn.close()
+
+
+def test_demo_prints_the_headline_table(demo_home):
+    stdout = demo_home[1]
+    assert "AUC [95% CI]" in stdout and "TPR@1%FPR" in stdout
+    assert stdout.count(" csa ") == 2  # target and null control
+
+
+def test_tables_follow_the_contract(db):
+    assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 240
+    assert db.execute("SELECT count(*) FROM rejects").fetchone()[0] == 0
+    roles = dict(db.execute("SELECT role, count(*) FROM record_roles GROUP BY role").fetchall())
+    assert roles == {"member": 48, "nonmember": 48, "known_nonmember": 48, "population": 96}
+    models = dict(db.execute("SELECT role, model_version FROM models").fetchall())
+    assert set(models) == {"target", "null_control"}
+    for version in models.values():
+        n_scores = db.execute("SELECT count(*) FROM membership_scores WHERE model_version = ?", [version]).fetchone()
+        assert n_scores[0] == 96
+        n_emb = db.execute("SELECT count(*) FROM embeddings WHERE model_version = ?", [version]).fetchone()
+        assert n_emb[0] == 144
+
+
+def test_models_are_hashed_files(db):
+    import hashlib
+
+    for version, uri, sha in db.execute("SELECT model_version, checkpoint_uri, sha256 FROM models").fetchall():
+        assert hashlib.sha256(Path(uri).read_bytes()).hexdigest() == sha
+        assert version.endswith(sha[:12])
+
+
+def test_attack_metrics_match_sklearn_on_stored_scores(db):
+    rows = db.execute("SELECT model_version, attack, auc, tpr_at_1pct_fpr, auc_ci_low, auc_ci_high "
+                      "FROM attack_metrics").fetchall()
+    assert len(rows) == 2
+    for version, attack, auc, tpr1, low, high in rows:
+        labels, scores = map(np.array, zip(*db.execute(
+            "SELECT is_member, score FROM membership_scores WHERE model_version = ? AND attack = ?",
+            [version, attack]).fetchall()))
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert tpr1 == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
+        assert low <= auc <= high
+
+
+def test_mlflow_run_holds_the_same_auc(demo_home, db):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo_home[0] / 'mlflow.db'}")
+    for version, attack, auc, run_id in db.execute(
+        "SELECT model_version, attack, auc, mlflow_run_id FROM attack_metrics").fetchall():
+        run = client.get_run(run_id)
+        assert run.data.metrics[f"{attack}.auc"] == pytest.approx(auc)
+        assert run.data.tags["model_version"] == version
+        assert {a.path for a in client.list_artifacts(run_id)} >= {"roc_loglog.png", "attack_metrics.json"}
+
+
+def test_every_sql_file_runs(demo_home):
+    conn = duckdb.connect(str(demo_home[0] / "warehouse.duckdb"))  # views are (re)created read-write
+    try:
+        for path in sorted((REPO / "sql").rglob("*.sql")):
+            conn.execute(path.read_text())
+        top = conn.execute((REPO / "sql/queries/most_exposed_records.sql").read_text()).fetchall()
+        assert len(top) == 20 and [r[0] for r in top] == sorted(r[0] for r in top)
+        metrics = conn.execute((REPO / "sql/queries/metrics_by_attack.sql").read_text()).fetchall()
+        assert len(metrics) == 2
+    finally:
+        conn.close()
+
+
+def test_dagster_recorded_the_runs(demo_home):
+    from dagster import AssetKey, DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = str(demo_home[0] / "dagster")
+    try:
+        instance = DagsterInstance.get()
+        assert len(instance.get_dynamic_partitions("model_versions")) == 2
+        assert instance.get_latest_materialization_event(AssetKey("attack_metrics")) is not None
+    finally:
+        del os.environ["DAGSTER_HOME"]

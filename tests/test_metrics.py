@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
+
+from m4i_assets.metrics.evaluation import (
+    balanced_accuracy,
+    evaluate_scores,
+    roc_auc,
+    roc_plot_png,
+    tpr_at_fpr,
+)
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    for n in (10, 57, 400):
+        labels = rng.random(n) < 0.5
+        labels[:2] = [True, False]
+        yield labels, rng.normal(size=n) + labels  # continuous scores
+        yield labels, rng.integers(0, 4, size=n).astype(float)  # heavy ties
+        yield labels, np.round(rng.normal(size=n) + labels, 1)  # some ties
+
+
+@pytest.mark.parametrize("labels,scores", list(_cases()))
+def test_auc_matches_sklearn(labels, scores):
+    assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("labels,scores", list(_cases()))
+@pytest.mark.parametrize("bound", [0.0, 0.001, 0.01, 0.1, 0.5])
+def test_tpr_at_fpr_matches_sklearn_roc(labels, scores, bound):
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    assert tpr_at_fpr(labels, scores, bound) == pytest.approx(tpr[fpr <= bound].max(), abs=1e-12)
+
+
+@pytest.mark.parametrize("labels,scores", list(_cases()))
+def test_balanced_accuracy_is_best_threshold_sklearn(labels, scores):
+    best = max(
+        balanced_accuracy_score(labels, scores >= t) for t in np.r_[np.unique(scores), np.inf]
+    )
+    assert balanced_accuracy(labels, scores) == pytest.approx(best, abs=1e-12)
+
+
+def test_perfect_and_inverted_scores():
+    labels = np.array([1, 1, 0, 0], dtype=bool)
+    assert roc_auc(labels, np.array([4.0, 3, 2, 1])) == 1.0
+    assert tpr_at_fpr(labels, np.array([4.0, 3, 2, 1]), 0.0) == 1.0
+    assert roc_auc(labels, np.array([1.0, 2, 3, 4])) == 0.0
+    assert roc_auc(labels, np.zeros(4)) == 0.5
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_point():
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    scores = rng.normal(size=400) + 0.8 * labels
+    a = evaluate_scores(labels, scores, n_bootstrap=200, seed=5)
+    b = evaluate_scores(labels, scores, n_bootstrap=200, seed=5)
+    assert a == b
+    for key in ("auc", "balanced_accuracy", "tpr_at_1pct_fpr"):
+        assert a.ci_low[key] <= a.point[key] <= a.ci_high[key]
+    assert 0.65 < a.point["auc"] < 0.8 and a.ci_high["auc"] - a.ci_low["auc"] < 0.15
+
+
+def test_chance_scores_have_a_ci_containing_one_half():
+    rng = np.random.default_rng(11)
+    labels = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    ev = evaluate_scores(labels, rng.normal(size=600), n_bootstrap=300)
+    assert ev.ci_low["auc"] < 0.5 < ev.ci_high["auc"]
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        evaluate_scores(np.array([True, False]), np.array([np.nan, 1.0]))
+    with pytest.raises(ValueError, match="members and non-members"):
+        evaluate_scores(np.array([True, True]), np.array([0.0, 1.0]))
+
+
+def test_roc_plot_is_a_png():
+    labels = np.array([1, 0, 1, 0], dtype=bool)
+    png = roc_plot_png({"csa": (labels, np.array([0.9, 0.1, 0.8, 0.3]))}, "t")
+    assert png.startswith(b"\x89PNG")
