@@ -64,7 +64,7 @@ def report(home: Path, versions: list[str] | None = None) -> str:
     """The headline table: one row per (model version, attack)."""
     with warehouse.connect(home / "warehouse.duckdb") as conn:
         warehouse.refresh_views(conn, {})
-        frame = conn.execute(warehouse.sql_file("queries/metrics_by_attack.sql")).pl()
+        frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
     lines = [f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>10} {'AUC [95% CI]':>24} "

@@ -94,4 +94,4 @@ def refresh_views(conn: duckdb.DuckDBPyConnection, parquet_views: dict[str, Path
 
 
 def query(conn: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pl.DataFrame:
-    return conn.execute(sql, params or []).pl()
+    return conn.sql(sql, params=params or None).pl()
