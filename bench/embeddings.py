@@ -59,8 +59,10 @@ def main() -> None:
                 timings[name].append(time.perf_counter() - start)
 
     rate = {name: len(uris) / min(ts) for name, ts in timings.items()}
-    print(f"device={device.type} arch={args.arch} records={len(uris)} batch_size={args.batch_size} "
-          f"workers={args.workers} torch_threads={torch.get_num_threads()}")
+    print(
+        f"device={device.type} arch={args.arch} records={len(uris)} batch_size={args.batch_size} "
+        f"workers={args.workers} torch_threads={torch.get_num_threads()}"
+    )
     for name, r in rate.items():
         print(f"{name:>12}: {r:9.1f} records/s (best of {args.repeats})")
     print(f"ratio asset/raw: {rate['asset path'] / rate['raw forward']:.3f}")

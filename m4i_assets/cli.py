@@ -1,8 +1,8 @@
 """`m4i`: run the embedded controlled audit through Dagster and print its headline metrics.
 
-    m4i demo      materialize the whole asset graph (multiprocess executor, persistent Dagster home)
-    m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
-    m4i report    print the headline table from the warehouse
+m4i demo      materialize the whole asset graph (multiprocess executor, persistent Dagster home)
+m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
+m4i report    print the headline table from the warehouse
 """
 
 from __future__ import annotations
@@ -37,18 +37,29 @@ def prepare_dagster_home(home: Path) -> Path:
     return dagster_home
 
 
-def _materialize(selection: list[str], env: dict[str, str], partition: str | None = None) -> subprocess.Popen:
+def _materialize(
+    selection: list[str], env: dict[str, str], log: Path, partition: str | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """Launch one Dagster run (CLI, so the definitions' multiprocess executor runs it); log to `log`."""
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-f", str(REPO / "definitions.py"),
-           "--select", ",".join(selection)]
+           "--select", ",".join(selection)]  # fmt: skip
     if partition:
         cmd += ["--partition", partition]
-    return subprocess.Popen(cmd, env=env, cwd=REPO)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT), log
 
 
-def _wait(procs: list[subprocess.Popen], what: str) -> None:
-    codes = [p.wait() for p in procs]
+def _run_phase(what: str, runs: list[tuple[subprocess.Popen, Path]]) -> None:
+    start = time.monotonic()
+    print(f"m4i demo: {what} ({len(runs)} Dagster run{'s' * (len(runs) > 1)}) ...", flush=True)
+    codes = [proc.wait() for proc, _ in runs]
     if any(codes):
-        raise SystemExit(f"m4i demo: materializing {what} failed (exit codes {codes}); see the Dagster run logs")
+        for (_, log), code in zip(runs, codes):
+            if code:
+                print(f"--- {log} (exit code {code}), last lines:\n" + "".join(log.read_text().splitlines(True)[-40:]))
+        raise SystemExit(f"m4i demo: {what} failed; full logs above and in the Dagster UI (make dev)")
+    print(f"m4i demo: {what} done in {time.monotonic() - start:.0f}s", flush=True)
 
 
 def latest_versions(home: Path, audit: str) -> dict[str, str]:
@@ -67,8 +78,10 @@ def report(home: Path, versions: list[str] | None = None) -> str:
         frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
-    lines = [f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>10} {'AUC [95% CI]':>24} "
-             f"{'TPR@1%FPR':>10} {'TPR@0.1%FPR':>12}  mlflow_run_id"]
+    lines = [
+        f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>10} {'AUC [95% CI]':>24} "
+        f"{'TPR@1%FPR':>10} {'TPR@0.1%FPR':>12}  mlflow_run_id"
+    ]
     for r in frame.to_dicts():
         lines.append(
             f"{r['model_version']:<18} {r['model_role']:<13} {r['attack']:<15} "
@@ -84,14 +97,23 @@ def demo() -> None:
     settings = settings_for()
     start = time.monotonic()
     print(f"m4i demo: audit {settings.audit!r}, everything under {home}", flush=True)
-    _wait([_materialize(UNPARTITIONED, env)], "data and models")
+    logs = home / "logs"
+    _run_phase(
+        "corpus, records, roles and models",
+        [_materialize(UNPARTITIONED, env, logs / "models.log")],
+    )
     versions = latest_versions(home, settings.audit)
     # One run per model version, side by side: their warehouse writes queue on the file lock.
-    _wait([_materialize(PER_VERSION, env, v) for v in versions.values()], "the per-version audit")
+    _run_phase(
+        "audit of each model version",
+        [_materialize(PER_VERSION, env, logs / f"{v}.log", v) for v in versions.values()],
+    )
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
     print(report(home, list(versions.values())))
-    print(f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
-          f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}")
+    print(
+        f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
+        f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,10 +32,10 @@ class AuditSettings(ConfigurableResource):
     n_known_nonmembers: int = 500
     # CLIP training (target and null control share it; the null control trains on an equally large
     # sample of the population)
-    clip_arch: str = "m4i-tiny-rn"
-    clip_epochs: int = 60
-    clip_batch_size: int = 32
-    clip_lr: float = 2e-3
+    clip_arch: str = "m4i-tiny-vit"
+    clip_epochs: int = 40
+    clip_batch_size: int = 64
+    clip_lr: float = 1e-3
     # Signals and evaluation
     embed_batch_size: int = 256
     embed_num_workers: int = 2

@@ -7,9 +7,10 @@ from pathlib import Path
 from dagster import Definitions, multiprocess_executor
 
 from m4i_assets.defs.assets import attacks, data, evaluation, models, signals
-from m4i_assets.defs.resources import Storage, Tracking
+from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
+MAX_CONCURRENT_STEPS = 2
 ASSETS = [
     data.corpus,
     data.records,
@@ -31,9 +32,10 @@ def build_definitions(home: Path | None = None, settings: AuditSettings | None =
         resources={
             "settings": settings or settings_for(),
             "storage": Storage(home=str(home)),
+            "compute": Compute(concurrent_steps=MAX_CONCURRENT_STEPS),
             "tracking": Tracking(
                 tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlflow-artifacts")
             ),
         },
-        executor=multiprocess_executor.configured({"max_concurrent": 2}),
+        executor=multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}),
     )

@@ -1,7 +1,7 @@
 """Dagster resources: where the platform writes (Storage) and how it records runs (Tracking)."""
 
-
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +10,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 
 from m4i_assets.storage import warehouse
 
@@ -59,6 +59,27 @@ class Storage(ConfigurableResource):
         return rows[0]
 
 
+class Compute(ConfigurableResource):
+    """Where torch runs. `device="auto"` takes CUDA (with AMP) when present, else the CPU. On the CPU,
+    `torch_threads=0` shares the cores among the executor's concurrent steps: oversubscribed OpenMP
+    threads made two parallel trainings twice as slow as running them one after the other."""
+
+    device: str = "auto"
+    torch_threads: int = 0
+    concurrent_steps: int = 2
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        import torch
+
+        threads = self.torch_threads or max(1, (os.cpu_count() or 1) // max(1, self.concurrent_steps))
+        torch.set_num_threads(threads)
+
+    @property
+    def torch_device(self) -> str | None:
+        """The device name for the model adapters (None = pick automatically)."""
+        return None if self.device == "auto" else self.device
+
+
 class Tracking(ConfigurableResource):
     """MLflow tracking (sqlite store beside the warehouse). Writers are serialised by a file lock,
     and the experiment is created once under it: SQLite MLflow races on schema init otherwise."""
@@ -72,8 +93,12 @@ class Tracking(ConfigurableResource):
 
         client = MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            self.experiment, artifact_location=Path(self.artifact_root).resolve().as_uri()
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(
+                self.experiment, artifact_location=Path(self.artifact_root).resolve().as_uri()
+            )
         )
         return client, exp_id
 

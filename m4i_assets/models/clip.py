@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -34,10 +35,10 @@ FAMILY = "clip"
 class ClipTrainSpec:
     """How to train a CLIP. `seed` fixes initialisation and batch order."""
 
-    arch: str = "m4i-tiny-rn"
-    epochs: int = 60
-    batch_size: int = 32
-    lr: float = 2e-3
+    arch: str = "m4i-tiny-vit"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
     seed: int = 0
@@ -99,8 +100,9 @@ def train_clip(
     total = steps_per_epoch * spec.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps))
-        * 0.5 * (1 + np.cos(np.pi * min(s, total) / max(1, total))),
+        lambda s: (
+            min(1.0, (s + 1) / max(1, spec.warmup_steps)) * 0.5 * (1 + np.cos(np.pi * min(s, total) / max(1, total)))
+        ),
     )
     gen = torch.Generator().manual_seed(spec.seed)
     use_amp = dev.type == "cuda"

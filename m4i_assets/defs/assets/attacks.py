@@ -1,6 +1,5 @@
 """Attack assets: each turns stored signals into `membership_scores` rows for one model version."""
 
-
 import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
@@ -15,11 +14,17 @@ SCORES_CHECK = "candidates_scored"
 
 
 def scores_check_spec(asset_name: str) -> AssetCheckSpec:
-    return AssetCheckSpec(SCORES_CHECK, asset=asset_name, blocking=True,
-                          description="every candidate scored once, finite, members and non-members present")
+    return AssetCheckSpec(
+        SCORES_CHECK,
+        asset=asset_name,
+        blocking=True,
+        description="every candidate scored once, finite, members and non-members present",
+    )
 
 
-def write_scores(storage: Storage, model_version: str, attack: str, record_ids, scores: np.ndarray) -> MaterializeResult:
+def write_scores(
+    storage: Storage, model_version: str, attack: str, record_ids, scores: np.ndarray
+) -> MaterializeResult:
     """Attach ground truth to candidate scores and replace the (version, attack) rows of `membership_scores`."""
     info = storage.model_info(model_version)
     roles = storage.read(
@@ -35,19 +40,24 @@ def write_scores(storage: Storage, model_version: str, attack: str, record_ids, 
     check = AssetCheckResult(
         check_name=SCORES_CHECK,
         passed=bool(
-            np.isfinite(frame["score"].to_numpy()).all() and frame.height == roles.height
-            and frame["record_id"].n_unique() == frame.height and 0 < n_members < frame.height
+            np.isfinite(frame["score"].to_numpy()).all()
+            and frame.height == roles.height
+            and frame["record_id"].n_unique() == frame.height
+            and 0 < n_members < frame.height
         ),
         metadata={"scored": frame.height, "candidates": roles.height, "members": n_members},
     )
     with storage.connect() as conn:
         replace_rows(conn, "membership_scores", frame, model_version=model_version, attack=attack)
-    return MaterializeResult(check_results=[check], metadata={
-        "dagster/row_count": frame.height,
-        "n_members": n_members,
-        "mean_score_members": float(frame.filter(pl.col("is_member"))["score"].mean()),
-        "mean_score_nonmembers": float(frame.filter(~pl.col("is_member"))["score"].mean()),
-    })
+    return MaterializeResult(
+        check_results=[check],
+        metadata={
+            "dagster/row_count": frame.height,
+            "n_members": n_members,
+            "mean_score_members": float(frame.filter(pl.col("is_member"))["score"].mean()),
+            "mean_score_nonmembers": float(frame.filter(~pl.col("is_member"))["score"].mean()),
+        },
+    )
 
 
 @asset(

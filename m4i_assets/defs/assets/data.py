@@ -1,6 +1,5 @@
 """Data assets: the embedded corpus, the records it ingests into, and the audit's roles."""
 
-
 import json
 
 import polars as pl
@@ -42,8 +41,9 @@ def corpus(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     group_name="data",
     deps=[corpus],
     kinds={"duckdb"},
-    check_specs=[AssetCheckSpec("rows_accounted_for", asset="records", blocking=True,
-                                description="rows in = records + rejects")],
+    check_specs=[
+        AssetCheckSpec("rows_accounted_for", asset="records", blocking=True, description="rows in = records + rejects")
+    ],
 )
 def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """The `records` table, read through the manifest reader; unusable rows go to `rejects`."""
@@ -62,12 +62,17 @@ def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
             "rejects": ingested.rejects.height,
             "reject_reasons": json.dumps(reasons),
         },
-        check_results=[AssetCheckResult(
-            check_name="rows_accounted_for",
-            passed=ingested.rows_in == ingested.records.height + ingested.rejects.height,
-            metadata={"rows_in": ingested.rows_in, "records": ingested.records.height,
-                      "rejects": ingested.rejects.height},
-        )],
+        check_results=[
+            AssetCheckResult(
+                check_name="rows_accounted_for",
+                passed=ingested.rows_in == ingested.records.height + ingested.rejects.height,
+                metadata={
+                    "rows_in": ingested.rows_in,
+                    "records": ingested.records.height,
+                    "rejects": ingested.rejects.height,
+                },
+            )
+        ],
     )
 
 
@@ -75,15 +80,19 @@ def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     group_name="data",
     deps=[records],
     kinds={"duckdb"},
-    check_specs=[AssetCheckSpec("roles_sized_and_disjoint", asset="record_roles", blocking=True,
-                                description="each role has its configured size; one role per record")],
+    check_specs=[
+        AssetCheckSpec(
+            "roles_sized_and_disjoint",
+            asset="record_roles",
+            blocking=True,
+            description="each role has its configured size; one role per record",
+        )
+    ],
 )
 def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """Disjoint, seeded member / non-member / known non-member / population sets of the audit."""
     ids = storage.read("SELECT record_id FROM records WHERE dataset = ?", [settings.corpus_spec().name])
-    roles = assign_roles(ids["record_id"].to_list(), settings.role_spec()).with_columns(
-        audit=pl.lit(settings.audit)
-    )
+    roles = assign_roles(ids["record_id"].to_list(), settings.role_spec()).with_columns(audit=pl.lit(settings.audit))
     with storage.connect() as conn:
         replace_rows(conn, "record_roles", roles, audit=settings.audit)
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
@@ -96,6 +105,11 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     )
     return MaterializeResult(
         metadata={"dagster/row_count": roles.height, "dagster/column_schema": schema_of(roles), **counts},
-        check_results=[AssetCheckResult(check_name="roles_sized_and_disjoint", passed=bool(passed),
-                                        metadata={**counts, **{f"expected_{k}": v for k, v in expected.items()}})],
+        check_results=[
+            AssetCheckResult(
+                check_name="roles_sized_and_disjoint",
+                passed=bool(passed),
+                metadata={**counts, **{f"expected_{k}": v for k, v in expected.items()}},
+            )
+        ],
     )

@@ -1,6 +1,5 @@
 """Evaluation assets: every attack of a model version scored against ground truth, logged to MLflow."""
 
-
 import base64
 import json
 
@@ -17,14 +16,18 @@ from m4i_assets.storage.warehouse import replace_rows
 
 
 def metrics_markdown(rows: list[dict]) -> str:
-    lines = ["| attack | n mem / non | AUC [95% CI] | bal. acc | TPR@1%FPR [CI] | TPR@0.1%FPR [CI] |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| attack | n mem / non | AUC [95% CI] | bal. acc | TPR@1%FPR [CI] | TPR@0.1%FPR [CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ci(r: dict, key: str) -> str:
+        return f"{r[key]:.3f} [{r[key + '_ci_low']:.3f}, {r[key + '_ci_high']:.3f}]"
+
     for r in rows:
         lines.append(
-            f"| {r['attack']} | {r['n_members']} / {r['n_nonmembers']} "
-            f"| {r['auc']:.3f} [{r['auc_ci_low']:.3f}, {r['auc_ci_high']:.3f}] | {r['balanced_accuracy']:.3f} "
-            f"| {r['tpr_at_1pct_fpr']:.3f} [{r['tpr_at_1pct_fpr_ci_low']:.3f}, {r['tpr_at_1pct_fpr_ci_high']:.3f}] "
-            f"| {r['tpr_at_0_1pct_fpr']:.3f} [{r['tpr_at_0_1pct_fpr_ci_low']:.3f}, {r['tpr_at_0_1pct_fpr_ci_high']:.3f}] |"
+            f"| {r['attack']} | {r['n_members']} / {r['n_nonmembers']} | {ci(r, 'auc')} "
+            f"| {r['balanced_accuracy']:.3f} | {ci(r, 'tpr_at_1pct_fpr')} | {ci(r, 'tpr_at_0_1pct_fpr')} |"
         )
     return "\n".join(lines)
 
@@ -37,8 +40,9 @@ def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows:
     for row in rows:
         labels, scores = curves[row["attack"]]
         fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-        gap = max(gap, abs(roc_auc_score(labels, scores) - row["auc"]),
-                  abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr"]))
+        gap = max(
+            gap, abs(roc_auc_score(labels, scores) - row["auc"]), abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr"])
+        )
     return float(gap)
 
 
@@ -47,8 +51,13 @@ def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows:
     partitions_def=model_versions,
     deps=attack_assets,
     kinds={"duckdb", "mlflow"},
-    check_specs=[AssetCheckSpec("agrees_with_sklearn", asset="attack_metrics",
-                                description="AUC and TPR@1%FPR recomputed by scikit-learn match")],
+    check_specs=[
+        AssetCheckSpec(
+            "agrees_with_sklearn",
+            asset="attack_metrics",
+            description="AUC and TPR@1%FPR recomputed by scikit-learn match",
+        )
+    ],
 )
 def attack_metrics(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
@@ -75,17 +84,29 @@ def attack_metrics(
     run_id = tracking.log_run(
         run_name=f"{info['audit']}/{version}",
         params={
-            "audit": info["audit"], "model_version": version, "model_role": info["role"], "arch": info["arch"],
-            "model_sha256": info["sha256"], "seed": settings.seed, "n_bootstrap": settings.n_bootstrap,
-            "settings": settings.model_dump(), "train_config": info["train_config"],
+            "audit": info["audit"],
+            "model_version": version,
+            "model_role": info["role"],
+            "arch": info["arch"],
+            "model_sha256": info["sha256"],
+            "seed": settings.seed,
+            "n_bootstrap": settings.n_bootstrap,
+            "settings": settings.model_dump(),
+            "train_config": info["train_config"],
         },
         metrics={f"{r['attack']}.{k}": v for r in rows for k, v in r.items() if k != "attack"},
-        tags={"audit": info["audit"], "model_version": version, "model_role": info["role"],
-              "dagster_run_id": context.run_id},
+        tags={
+            "audit": info["audit"],
+            "model_version": version,
+            "model_role": info["role"],
+            "dagster_run_id": context.run_id,
+        },
         artifacts={"roc_loglog.png": png, "attack_metrics.json": json.dumps(rows, indent=2).encode()},
     )
     table = metric_frame.with_columns(
-        model_version=pl.lit(version), audit=pl.lit(info["audit"]), mlflow_run_id=pl.lit(run_id),
+        model_version=pl.lit(version),
+        audit=pl.lit(info["audit"]),
+        mlflow_run_id=pl.lit(run_id),
         n_bootstrap=pl.lit(settings.n_bootstrap),
     )
     with storage.connect() as conn:
@@ -93,11 +114,14 @@ def attack_metrics(
         storage.refresh_views(conn)
     gap = sklearn_disagreement(curves, rows)
     return MaterializeResult(
-        check_results=[AssetCheckResult(check_name="agrees_with_sklearn", passed=gap < 1e-9, metadata={"max_gap": gap})],
+        check_results=[
+            AssetCheckResult(check_name="agrees_with_sklearn", passed=gap < 1e-9, metadata={"max_gap": gap})
+        ],
         metadata={
-        "dagster/row_count": table.height,
-        "mlflow_run_id": run_id,
-        "metrics": MetadataValue.md(metrics_markdown(rows)),
-        "roc_loglog": MetadataValue.md(f"![ROC, log-log](data:image/png;base64,{base64.b64encode(png).decode()})"),
-        **{f"{r['attack']}_auc": float(r["auc"]) for r in rows},
-    })
+            "dagster/row_count": table.height,
+            "mlflow_run_id": run_id,
+            "metrics": MetadataValue.md(metrics_markdown(rows)),
+            "roc_loglog": MetadataValue.md(f"![ROC, log-log](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            **{f"{r['attack']}_auc": float(r["auc"]) for r in rows},
+        },
+    )

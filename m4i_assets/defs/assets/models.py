@@ -5,7 +5,6 @@ dynamic partition; everything downstream is partitioned by model version, so a n
 partition and never overwrites an earlier one.
 """
 
-
 import json
 import shutil
 import tempfile
@@ -16,9 +15,9 @@ import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
-from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import Storage
 from m4i_assets.defs.assets.data import record_roles
+from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.resources import Compute, Storage
 from m4i_assets.models import clip
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
@@ -43,8 +42,9 @@ def register_checkpoint(
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged_dir), final)
-    frame = pl.DataFrame([{**row, "model_version": version, "sha256": sha256,
-                           "checkpoint_uri": str(final / "model.safetensors")}])
+    frame = pl.DataFrame(
+        [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / "model.safetensors")}]
+    )
     with storage.connect() as conn:
         replace_rows(conn, "models", frame, model_version=version)
     context.instance.add_dynamic_partitions(model_versions.name, [version])
@@ -67,28 +67,54 @@ def training_records(storage: Storage, settings: AuditSettings, data_role: str) 
 
 def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> AssetsDefinition:
     @asset(name=f"{model_role}_clip", group_name="models", deps=[record_roles], kinds={"pytorch", "duckdb"})
-    def _train(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+    def _train(
+        context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+    ) -> MaterializeResult:
         train = training_records(storage, settings, data_role)
         spec = settings.clip_train_spec(seed_offset)
         bundle = clip.build_clip(spec.arch, seed=spec.seed)
-        history = clip.train_clip(bundle, train["image_uri"].to_list(), train["caption"].to_list(), spec)
-        context.log.info(f"{model_role}: trained {spec.epochs} epochs on {train.height} records, "
-                         f"final loss {history[-1]:.4f}")
+        history = clip.train_clip(
+            bundle, train["image_uri"].to_list(), train["caption"].to_list(), spec, compute.torch_device
+        )
+        context.log.info(
+            f"{model_role}: trained {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}"
+        )
         staged = Path(tempfile.mkdtemp(dir=storage.root))
-        info = {"role": model_role, "audit": settings.audit, "train": asdict(spec),
-                "n_train": train.height, "loss_history": history}
+        info = {
+            "role": model_role,
+            "audit": settings.audit,
+            "train": asdict(spec),
+            "n_train": train.height,
+            "loss_history": history,
+        }
         _, sha = clip.save_clip(bundle, staged, info)
         n_params = sum(p.numel() for p in bundle.model.parameters())
-        version = register_checkpoint(context, storage, staged, sha, {
-            "family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
-            "n_params": n_params, "train_config": json.dumps(asdict(spec)),
-        })
+        version = register_checkpoint(
+            context,
+            storage,
+            staged,
+            sha,
+            {
+                "family": clip.FAMILY,
+                "arch": spec.arch,
+                "role": model_role,
+                "audit": settings.audit,
+                "n_params": n_params,
+                "train_config": json.dumps(asdict(spec)),
+            },
+        )
         shutil.rmtree(staged, ignore_errors=True)
-        return MaterializeResult(metadata={
-            "model_version": version, "sha256": sha, "arch": spec.arch, "n_params": n_params,
-            "n_train": train.height, "final_loss": history[-1],
-            "loss_history": MetadataValue.json(history),
-        })
+        return MaterializeResult(
+            metadata={
+                "model_version": version,
+                "sha256": sha,
+                "arch": spec.arch,
+                "n_params": n_params,
+                "n_train": train.height,
+                "final_loss": history[-1],
+                "loss_history": MetadataValue.json(history),
+            }
+        )
 
     return _train
 

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from m4i_assets.data.corpus import CorpusSpec, generate
+from m4i_assets.data.manifest import read_manifest
+from m4i_assets.models import clip
+from m4i_assets.signals.augmentations import augmented_image_embeddings, split_normalisation, transform_registry
+from m4i_assets.signals.embeddings import embed_records
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp())
+    recs = read_manifest(generate(CorpusSpec(n_records=12, image_size=32), tmp), "t").records
+    return clip.build_clip("m4i-tiny-vit", seed=0), recs["image_uri"].to_list(), recs["caption"].to_list()
+
+
+def test_embeddings_are_unit_norm_and_batch_independent(tiny):
+    bundle, uris, captions = tiny
+    img, txt = embed_records(bundle, uris, captions, batch_size=5)
+    img2, txt2 = embed_records(bundle, uris, captions, batch_size=12)
+    assert img.shape == txt.shape == (12, clip.embed_dim("m4i-tiny-vit"))
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(img, img2, atol=1e-5)
+    np.testing.assert_allclose(txt, txt2, atol=1e-5)
+
+
+def test_at_least_eight_transform_families_change_the_image_deterministically(tiny):
+    bundle, uris, _ = tiny
+    to_tensor, _ = split_normalisation(bundle.preprocess)
+    from PIL import Image
+
+    x = torch.stack([to_tensor(Image.open(u).convert("RGB")) for u in uris[:4]])
+    registry = transform_registry(seed=0)
+    assert len(registry) >= 8
+    for name, transform in registry.items():
+        y = transform(x)
+        assert y.shape == x.shape and y.dtype == torch.float32, name
+        assert not torch.allclose(y, x), name
+        assert torch.equal(transform_registry(seed=0)[name](x), y), name  # same parameters every call
+
+
+def test_augmented_embeddings_cover_every_transform(tiny):
+    bundle, uris, captions = tiny
+    out = augmented_image_embeddings(bundle, uris, transform_registry(0), batch_size=5)
+    clean, _ = embed_records(bundle, uris, captions)
+    assert set(out) == set(transform_registry(0))
+    for emb in out.values():
+        assert emb.shape == clean.shape and np.isfinite(emb).all()
+    assert not np.allclose(out["horizontal_flip"], clean, atol=1e-4)
+
+
+def test_checkpoint_round_trip_and_clear_errors(tiny, tmp_path):
+    bundle, _, _ = tiny
+    path, sha = clip.save_clip(bundle, tmp_path / "m", {"role": "test"})
+    assert sha == clip.sha256_file(path) and clip.model_version_for("clip", sha) == f"clip-{sha[:12]}"
+    loaded = clip.load_clip("m4i-tiny-vit", path, device="cpu")
+    for (k, v), (_, w) in zip(bundle.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(v.cpu(), w), k
+    with pytest.raises(FileNotFoundError, match="not found"):
+        clip.load_clip("m4i-tiny-vit", tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        clip.load_clip("m4i-tiny-vit", tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="does not match architecture"):
+        clip.load_clip("m4i-tiny-rn", path)
