@@ -49,6 +49,8 @@ def test_regenerating_an_existing_corpus_is_a_no_op(tmp_path):
 
 def test_shifted_style_differs_in_palette_and_phrasing(tmp_path):
     base = generate(CorpusSpec(n_records=10, image_size=32), tmp_path / "a").read_text().splitlines()
-    shifted = generate(CorpusSpec(n_records=10, image_size=32, style="shifted"), tmp_path / "b").read_text().splitlines()
+    shifted = (
+        generate(CorpusSpec(n_records=10, image_size=32, style="shifted"), tmp_path / "b").read_text().splitlines()
+    )
     assert all("|" in json.loads(line)["caption"] for line in shifted)
     assert not any("|" in json.loads(line)["caption"] for line in base)

@@ -35,8 +35,15 @@ def test_unusable_rows_become_rejects_and_nothing_is_lost(tmp_path):
     assert out.rows_in == len(lines) == out.records.height + out.rejects.height
     assert out.records.height == 3
     assert sorted(out.rejects["reason"].to_list()) == sorted(
-        ["missing_file", "empty_file", "undecodable_image", "empty_caption", "malformed_row", "duplicate",
-         "malformed_row"]
+        [
+            "missing_file",
+            "empty_file",
+            "undecodable_image",
+            "empty_caption",
+            "malformed_row",
+            "duplicate",
+            "malformed_row",
+        ]
     )
 
 

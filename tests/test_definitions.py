@@ -10,6 +10,15 @@ def test_definitions_load(tmp_path, monkeypatch):
     assert isinstance(definitions.defs, Definitions)
     graph = build_definitions(home=tmp_path).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"corpus", "records", "record_roles", "target_clip", "null_control_clip", "model_checkpoint",
-            "embeddings", "csa_scores", "attack_metrics"} <= keys
+    assert {
+        "corpus",
+        "records",
+        "record_roles",
+        "target_clip",
+        "null_control_clip",
+        "model_checkpoint",
+        "embeddings",
+        "csa_scores",
+        "attack_metrics",
+    } <= keys
     assert graph.get(AssetKey("embeddings")).partitions_def.name == "model_versions"

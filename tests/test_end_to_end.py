@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 def demo_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("m4i_home")
     env = {**os.environ, "M4I_HOME": str(home), "M4I_PROFILE": "tiny"}
-    out = subprocess.run([sys.executable, "-m", "m4i_assets.cli", "demo"], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "m4i_assets.cli", "demo"], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return home, out.stdout
 
@@ -60,13 +61,20 @@ def test_models_are_hashed_files(db):
 
 
 def test_attack_metrics_match_sklearn_on_stored_scores(db):
-    rows = db.execute("SELECT model_version, attack, auc, tpr_at_1pct_fpr, auc_ci_low, auc_ci_high "
-                      "FROM attack_metrics").fetchall()
+    rows = db.execute(
+        "SELECT model_version, attack, auc, tpr_at_1pct_fpr, auc_ci_low, auc_ci_high FROM attack_metrics"
+    ).fetchall()
     assert len(rows) == 2
     for version, attack, auc, tpr1, low, high in rows:
-        labels, scores = map(np.array, zip(*db.execute(
-            "SELECT is_member, score FROM membership_scores WHERE model_version = ? AND attack = ?",
-            [version, attack]).fetchall()))
+        labels, scores = map(
+            np.array,
+            zip(
+                *db.execute(
+                    "SELECT is_member, score FROM membership_scores WHERE model_version = ? AND attack = ?",
+                    [version, attack],
+                ).fetchall()
+            ),
+        )
         fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
         assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
         assert tpr1 == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
@@ -78,7 +86,8 @@ def test_mlflow_run_holds_the_same_auc(demo_home, db):
 
     client = MlflowClient(f"sqlite:///{demo_home[0] / 'mlflow.db'}")
     for version, attack, auc, run_id in db.execute(
-        "SELECT model_version, attack, auc, mlflow_run_id FROM attack_metrics").fetchall():
+        "SELECT model_version, attack, auc, mlflow_run_id FROM attack_metrics"
+    ).fetchall():
         run = client.get_run(run_id)
         assert run.data.metrics[f"{attack}.auc"] == pytest.approx(auc)
         assert run.data.tags["model_version"] == version

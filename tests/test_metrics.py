@@ -35,9 +35,7 @@ def test_tpr_at_fpr_matches_sklearn_roc(labels, scores, bound):
 
 @pytest.mark.parametrize("labels,scores", list(_cases()))
 def test_balanced_accuracy_is_best_threshold_sklearn(labels, scores):
-    best = max(
-        balanced_accuracy_score(labels, scores >= t) for t in np.r_[np.unique(scores), np.inf]
-    )
+    best = max(balanced_accuracy_score(labels, scores >= t) for t in np.r_[np.unique(scores), np.inf])
     assert balanced_accuracy(labels, scores) == pytest.approx(best, abs=1e-12)
 
 

@@ -39,9 +39,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = {"small": 0.16, "medium": 0.24, "large": 0.34}
 POSITIONS = (
-    ("top left", 0, 0), ("top", 1, 0), ("top right", 2, 0),
-    ("left", 0, 1), ("centre", 1, 1), ("right", 2, 1),
-    ("bottom left", 0, 2), ("bottom", 1, 2), ("bottom right", 2, 2),
+    ("top left", 0, 0),
+    ("top", 1, 0),
+    ("top right", 2, 0),
+    ("left", 0, 1),
+    ("centre", 1, 1),
+    ("right", 2, 1),
+    ("bottom left", 0, 2),
+    ("bottom", 1, 2),
+    ("bottom right", 2, 2),
 )
 TEXTURES = ("plain", "striped", "dotted", "checkered", "noisy", "gradient")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {

@@ -33,14 +33,10 @@ def assign_roles(record_ids: list[str], spec: RoleSpec) -> pl.DataFrame:
     ids = np.array(sorted(record_ids))
     need = spec.n_members + spec.n_nonmembers + spec.n_known_nonmembers
     if need >= len(ids):
-        raise ValueError(
-            f"role sizes need {need} records plus a population, but only {len(ids)} records are usable"
-        )
+        raise ValueError(f"role sizes need {need} records plus a population, but only {len(ids)} records are usable")
     order = np.random.default_rng(spec.seed).permutation(len(ids))
     cuts = np.cumsum([spec.n_members, spec.n_nonmembers, spec.n_known_nonmembers])
     roles = np.empty(len(ids), dtype=object)
     for role, chunk in zip(ROLES, np.split(order, cuts)):
         roles[chunk] = role
-    return pl.DataFrame(
-        {"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}
-    ).sort("record_id")
+    return pl.DataFrame({"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}).sort("record_id")
