@@ -1,0 +1,67 @@
+"""Blind baseline: a membership classifier that never queries the model (Das et al. 2024, "Blind
+Baselines Beat Membership Inference Attacks for Foundation Models").
+
+It sees only model-free features of each record: caption text (word and bigram TF-IDF plus length
+statistics), image statistics (per-channel mean and spread, brightness, edge energy, size, file
+bytes). Scores are out-of-fold P(member) from stratified k-fold cross-validation with a seeded
+logistic regression. If this baseline is well above chance, member and non-member sets differ in
+distribution and any attack's AUC measures that shift, not membership (ATTACKS.md section 4).
+"""
+
+import os
+import re
+
+import numpy as np
+from PIL import Image
+from scipy import sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+ATTACK_ID = "blind_baseline"
+IMAGE_STAT_SIZE = 64
+
+
+def caption_statistics(captions: list[str]) -> np.ndarray:
+    """Per caption: characters, words, distinct words, mean word length, digits, punctuation marks."""
+    rows = []
+    for c in captions:
+        words = c.split()
+        rows.append([
+            len(c), len(words), len(set(words)), np.mean([len(w) for w in words]) if words else 0.0,
+            sum(ch.isdigit() for ch in c), len(re.findall(r"[^\w\s]", c)),
+        ])  # fmt: skip
+    return np.asarray(rows, dtype=np.float64)
+
+
+def image_statistics(image_uris: list[str]) -> np.ndarray:
+    """Per image: channel means and stds, brightness, edge energy, width, height, file bytes."""
+    rows = []
+    for uri in image_uris:
+        with Image.open(uri) as im:
+            width, height = im.size
+            rgb = np.asarray(im.convert("RGB").resize((IMAGE_STAT_SIZE, IMAGE_STAT_SIZE)), dtype=np.float64) / 255
+        grey = rgb.mean(axis=2)
+        edges = np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
+        rows.append([*rgb.mean(axis=(0, 1)), *rgb.std(axis=(0, 1)), grey.mean(), edges, width, height,
+                     os.path.getsize(uri)])  # fmt: skip
+    return np.asarray(rows, dtype=np.float64)
+
+
+def blind_scores(
+    captions: list[str], image_uris: list[str], is_member: np.ndarray, n_folds: int = 5, random_state: int = 0
+) -> np.ndarray:
+    """Out-of-fold P(member) for each record from model-free features only."""
+    y = np.asarray(is_member, dtype=int)
+    numeric = np.c_[caption_statistics(captions), image_statistics(image_uris)]
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=random_state)
+    scores = np.empty(len(y), dtype=np.float64)
+    for train, test in folds.split(numeric, y):
+        text = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+        scale = StandardScaler()
+        X_train = sparse.hstack([text.fit_transform([captions[i] for i in train]), scale.fit_transform(numeric[train])])
+        X_test = sparse.hstack([text.transform([captions[i] for i in test]), scale.transform(numeric[test])])
+        clf = LogisticRegression(C=1.0, max_iter=5000, random_state=random_state)
+        scores[test] = clf.fit(X_train.tocsr(), y[train]).predict_proba(X_test.tocsr())[:, 1]
+    return scores
