@@ -14,12 +14,18 @@ import sys
 import time
 from pathlib import Path
 
+from m4i_assets.metrics.report import verdict_lines
 from m4i_assets.settings import m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
 REPO = Path(__file__).resolve().parents[1]
-UNPARTITIONED = ["corpus", "records", "record_roles", "target_clip", "null_control_clip"]
-PER_VERSION = ["model_checkpoint", "embeddings", "csa_scores", "attack_metrics"]
+UNPARTITIONED = ["corpus", "records", "record_roles", "target_clip", "null_control_clip", "reference_clips"]
+# What each model role needs per version: reference models only supply signals to the calibrated attack.
+SIGNALS_ONLY = ["model_checkpoint", "embeddings"]
+FULL_AUDIT = [
+    *SIGNALS_ONLY, "augmentation_deltas", "csa_scores", "aea_scores", "pseudo_labels", "wsa_attack_model",
+    "wsa_scores", "ref_calibrated_scores", "blind_baseline_scores", "attack_metrics", "audit_report",
+]  # fmt: skip
 DAGSTER_YAML = """\
 # Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
 telemetry:
@@ -62,13 +68,14 @@ def _run_phase(what: str, runs: list[tuple[subprocess.Popen, Path]]) -> None:
     print(f"m4i demo: {what} done in {time.monotonic() - start:.0f}s", flush=True)
 
 
-def latest_versions(home: Path, audit: str) -> dict[str, str]:
-    """The latest registered model version of each role in an audit."""
+def latest_versions(home: Path, audit: str, n_references: int) -> dict[str, list[str]]:
+    """The latest registered model version(s) of each role in an audit (n for references, else one)."""
     with warehouse.connect(home / "warehouse.duckdb") as conn:
         rows = conn.execute(
-            "SELECT role, arg_max(model_version, created_at) FROM models WHERE audit = ? GROUP BY role", [audit]
+            """SELECT role, list(model_version ORDER BY created_at DESC) FROM models WHERE audit = ? GROUP BY role""",
+            [audit],
         ).fetchall()
-    return dict(rows)
+    return {role: versions[: n_references if role == "reference" else 1] for role, versions in rows}
 
 
 def report(home: Path, versions: list[str] | None = None) -> str:
@@ -102,14 +109,24 @@ def demo() -> None:
         "corpus, records, roles and models",
         [_materialize(UNPARTITIONED, env, logs / "models.log")],
     )
-    versions = latest_versions(home, settings.audit)
+    versions = latest_versions(home, settings.audit, settings.n_reference_models)
     # One run per model version, side by side: their warehouse writes queue on the file lock.
     _run_phase(
-        "audit of each model version",
-        [_materialize(PER_VERSION, env, logs / f"{v}.log", v) for v in versions.values()],
+        "signals of the reference models",
+        [_materialize(SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in versions.get("reference", [])],
     )
+    audited = [v for role in ("target", "null_control") for v in versions[role]]
+    _run_phase("audit of the target and the null control",
+               [_materialize(FULL_AUDIT, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
-    print(report(home, list(versions.values())))
+    print(report(home, audited))
+    with warehouse.connect(home / "warehouse.duckdb") as conn:
+        for version in audited:
+            rows = warehouse.query(
+                conn, "SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version]
+            )
+            print(f"\n{rows['model_role'][0]} {version}:")
+            print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
     print(
         f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
         f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}"

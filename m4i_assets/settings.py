@@ -23,9 +23,12 @@ class AuditSettings(ConfigurableResource):
     audit: str = "default"
     seed: int = 0
     # Embedded corpus
-    corpus_records: int = 3000
+    corpus_records: int = 2500
     corpus_image_size: int = 64
     corpus_style: str = "default"
+    # Draw the non-members from a deliberately different distribution (the `shifted` corpus style),
+    # to see the blind-baseline shift gate fire.
+    shifted_nonmembers: bool = False
     # Roles
     n_members: int = 500
     n_nonmembers: int = 500
@@ -36,6 +39,12 @@ class AuditSettings(ConfigurableResource):
     clip_epochs: int = 40
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
+    # Attacks
+    n_reference_models: int = 4  # reference CLIPs for the calibrated attack, each on half the population
+    aea_aggregation: str = "mean"
+    wsa_lambda: float = 1.5
+    blind_folds: int = 5
+    shift_gate_max_auc: float = 0.60
     # Signals and evaluation
     embed_batch_size: int = 256
     embed_num_workers: int = 2
@@ -45,6 +54,21 @@ class AuditSettings(ConfigurableResource):
         return CorpusSpec(
             n_records=self.corpus_records, image_size=self.corpus_image_size, seed=self.seed, style=self.corpus_style
         )
+
+    def shifted_corpus_spec(self) -> CorpusSpec | None:
+        """The corpus the non-members come from when `shifted_nonmembers` is on (else None)."""
+        if not self.shifted_nonmembers:
+            return None
+        return CorpusSpec(
+            n_records=self.n_nonmembers,
+            image_size=self.corpus_image_size,
+            seed=self.seed + 1,
+            style="shifted",
+            name="synthetic_shapes_shifted",
+        )
+
+    def corpus_specs(self) -> list[CorpusSpec]:
+        return [spec for spec in (self.corpus_spec(), self.shifted_corpus_spec()) if spec is not None]
 
     def role_spec(self) -> RoleSpec:
         return RoleSpec(self.n_members, self.n_nonmembers, self.n_known_nonmembers, seed=self.seed)
@@ -64,6 +88,7 @@ PROFILES: dict[str, dict] = {
     "tiny": {
         "audit": "tiny",
         "corpus_records": 240,
+        "n_reference_models": 2,
         "corpus_image_size": 32,
         "n_members": 48,
         "n_nonmembers": 48,

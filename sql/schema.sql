@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS models (
     model_version  VARCHAR PRIMARY KEY, -- family + first 12 hex digits of the checkpoint sha256
     family         VARCHAR NOT NULL,    -- clip | captioner
     arch           VARCHAR NOT NULL,
-    role           VARCHAR NOT NULL,    -- target | null_control (later: reference, shadow, defended)
+    role           VARCHAR NOT NULL,    -- target | null_control | reference (later: shadow, defended)
     audit          VARCHAR NOT NULL,
     checkpoint_uri VARCHAR NOT NULL,
     sha256         VARCHAR NOT NULL,
@@ -53,6 +53,17 @@ CREATE TABLE IF NOT EXISTS membership_scores (
     audit         VARCHAR NOT NULL,
     computed_at   TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack, record_id)
+);
+
+CREATE TABLE IF NOT EXISTS pseudo_labels (     -- WSA steps 1-2 (Ko et al. 2023)
+    model_version     VARCHAR NOT NULL,
+    record_id         VARCHAR NOT NULL,     -- a candidate
+    cosine_similarity DOUBLE NOT NULL,
+    tau               DOUBLE NOT NULL,      -- mean + wsa_lambda * std of the known non-members' CS
+    wsa_lambda        DOUBLE NOT NULL,
+    is_pseudo_member  BOOLEAN NOT NULL,     -- cosine_similarity >= tau
+    is_member         BOOLEAN,              -- ground truth, for the pseudo-label error rate
+    PRIMARY KEY (model_version, record_id)
 );
 
 CREATE TABLE IF NOT EXISTS attack_metrics (

@@ -67,3 +67,15 @@ def test_roles_are_disjoint_seeded_and_sized():
 def test_roles_need_a_population():
     with pytest.raises(ValueError, match="only 10 records"):
         assign_roles([str(i) for i in range(10)], RoleSpec(5, 5, 0))
+
+
+def test_roles_can_draw_nonmembers_from_a_shifted_pool():
+    ids = [f"r{i:04d}" for i in range(60)]
+    shifted = [f"s{i:04d}" for i in range(30)]
+    roles = assign_roles(ids, RoleSpec(n_members=10, n_nonmembers=20, n_known_nonmembers=10, seed=1), shifted)
+    nonmembers = roles.filter(roles["role"] == "nonmember")["record_id"].to_list()
+    assert len(nonmembers) == 20 and all(r.startswith("s") for r in nonmembers)
+    counts = dict(roles.group_by("role").len().iter_rows())
+    assert counts == {"member": 10, "nonmember": 20, "known_nonmember": 10, "population": 40}
+    with pytest.raises(ValueError, match="shifted pool has 30"):
+        assign_roles(ids, RoleSpec(10, 40, 10), shifted)

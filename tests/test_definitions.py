@@ -20,5 +20,14 @@ def test_definitions_load(tmp_path, monkeypatch):
         "embeddings",
         "csa_scores",
         "attack_metrics",
+        "reference_clips",
+        "augmentation_deltas",
+        "aea_scores",
+        "pseudo_labels",
+        "wsa_attack_model",
+        "wsa_scores",
+        "ref_calibrated_scores",
+        "blind_baseline_scores",
+        "audit_report",
     } <= keys
     assert graph.get(AssetKey("embeddings")).partitions_def.name == "model_versions"

@@ -32,10 +32,15 @@ def db(demo_home):
     conn.close()
 
 
-def test_demo_prints_the_headline_table(demo_home):
+ATTACKS = {"csa", "aea", "wsa", "ref_calibrated", "blind_baseline"}
+
+
+def test_demo_prints_the_headline_table_and_verdicts(demo_home):
     stdout = demo_home[1]
     assert "AUC [95% CI]" in stdout and "TPR@1%FPR" in stdout
-    assert stdout.count(" csa ") == 2  # target and null control
+    for attack in ATTACKS:
+        assert stdout.count(f" {attack} ") == 2, attack  # target and null control
+    assert stdout.count("shift gate passed") == 2
 
 
 def test_tables_follow_the_contract(db):
@@ -43,13 +48,21 @@ def test_tables_follow_the_contract(db):
     assert db.execute("SELECT count(*) FROM rejects").fetchone()[0] == 0
     roles = dict(db.execute("SELECT role, count(*) FROM record_roles GROUP BY role").fetchall())
     assert roles == {"member": 48, "nonmember": 48, "known_nonmember": 48, "population": 96}
-    models = dict(db.execute("SELECT role, model_version FROM models").fetchall())
-    assert set(models) == {"target", "null_control"}
-    for version in models.values():
-        n_scores = db.execute("SELECT count(*) FROM membership_scores WHERE model_version = ?", [version]).fetchone()
-        assert n_scores[0] == 96
+    models = dict(db.execute("SELECT role, list(model_version) FROM models GROUP BY role").fetchall())
+    assert {r: len(v) for r, v in models.items()} == {"target": 1, "null_control": 1, "reference": 2}
+    for version in models["reference"]:
         n_emb = db.execute("SELECT count(*) FROM embeddings WHERE model_version = ?", [version]).fetchone()
         assert n_emb[0] == 144
+    for version in models["target"] + models["null_control"]:
+        scores = dict(db.execute("SELECT attack, count(*) FROM membership_scores WHERE model_version = ? "
+                                 "GROUP BY attack", [version]).fetchall())  # fmt: skip
+        assert scores == {attack: 96 for attack in ATTACKS}
+        deltas = db.execute("SELECT count(DISTINCT transform), count(*) FROM augmentation_deltas "
+                            "WHERE model_version = ?", [version]).fetchone()  # fmt: skip
+        assert deltas[0] >= 8 and deltas[1] == 96 * deltas[0]
+        labels = db.execute("SELECT count(*), count(DISTINCT tau) FROM pseudo_labels WHERE model_version = ?",
+                            [version]).fetchone()  # fmt: skip
+        assert labels == (96, 1)
 
 
 def test_models_are_hashed_files(db):
@@ -64,7 +77,7 @@ def test_attack_metrics_match_sklearn_on_stored_scores(db):
     rows = db.execute(
         "SELECT model_version, attack, auc, tpr_at_1pct_fpr, auc_ci_low, auc_ci_high FROM attack_metrics"
     ).fetchall()
-    assert len(rows) == 2
+    assert len(rows) == 2 * len(ATTACKS)
     for version, attack, auc, tpr1, low, high in rows:
         labels, scores = map(
             np.array,
@@ -91,7 +104,8 @@ def test_mlflow_run_holds_the_same_auc(demo_home, db):
         run = client.get_run(run_id)
         assert run.data.metrics[f"{attack}.auc"] == pytest.approx(auc)
         assert run.data.tags["model_version"] == version
-        assert {a.path for a in client.list_artifacts(run_id)} >= {"roc_loglog.png", "attack_metrics.json"}
+        assert {a.path for a in client.list_artifacts(run_id)} >= {
+            "roc_loglog.png", "attack_metrics.json", "wsa_attack_model.safetensors", "audit_report.md"}  # fmt: skip
 
 
 def test_every_sql_file_runs(demo_home):
@@ -102,7 +116,7 @@ def test_every_sql_file_runs(demo_home):
         top = conn.execute((REPO / "sql/queries/most_exposed_records.sql").read_text()).fetchall()
         assert len(top) == 20 and [r[0] for r in top] == sorted(r[0] for r in top)
         metrics = conn.execute((REPO / "sql/queries/metrics_by_attack.sql").read_text()).fetchall()
-        assert len(metrics) == 2
+        assert len(metrics) == 2 * len(ATTACKS)
     finally:
         conn.close()
 
@@ -113,7 +127,7 @@ def test_dagster_recorded_the_runs(demo_home):
     os.environ["DAGSTER_HOME"] = str(demo_home[0] / "dagster")
     try:
         instance = DagsterInstance.get()
-        assert len(instance.get_dynamic_partitions("model_versions")) == 2
+        assert len(instance.get_dynamic_partitions("model_versions")) == 4  # target, null control, 2 references
         assert instance.get_latest_materialization_event(AssetKey("attack_metrics")) is not None
     finally:
         del os.environ["DAGSTER_HOME"]

@@ -25,18 +25,29 @@ class RoleSpec:
     seed: int = 0
 
 
-def assign_roles(record_ids: list[str], spec: RoleSpec) -> pl.DataFrame:
+def assign_roles(record_ids: list[str], spec: RoleSpec, nonmember_ids: list[str] | None = None) -> pl.DataFrame:
     """Shuffle `record_ids` with `spec.seed` and cut them into the four roles (population = the rest).
 
-    The input order does not matter (ids are sorted first), so the same records give the same roles.
+    With `nonmember_ids`, the non-members are a seeded sample of those instead (a deliberately
+    shifted set) and `record_ids` supply the other roles. The input order does not matter (ids are
+    sorted first), so the same records give the same roles.
     """
     ids = np.array(sorted(record_ids))
-    need = spec.n_members + spec.n_nonmembers + spec.n_known_nonmembers
+    rng = np.random.default_rng(spec.seed)
+    sizes = {"member": spec.n_members, "nonmember": spec.n_nonmembers, "known_nonmember": spec.n_known_nonmembers}
+    shifted = np.array([], dtype=str)
+    if nonmember_ids is not None:
+        pool = np.array(sorted(nonmember_ids))
+        if len(pool) < spec.n_nonmembers:
+            raise ValueError(f"need {spec.n_nonmembers} non-members but the shifted pool has {len(pool)}")
+        shifted = rng.choice(pool, spec.n_nonmembers, replace=False)
+        sizes["nonmember"] = 0
+    need = sum(sizes.values())
     if need >= len(ids):
         raise ValueError(f"role sizes need {need} records plus a population, but only {len(ids)} records are usable")
-    order = np.random.default_rng(spec.seed).permutation(len(ids))
-    cuts = np.cumsum([spec.n_members, spec.n_nonmembers, spec.n_known_nonmembers])
+    order = rng.permutation(len(ids))
     roles = np.empty(len(ids), dtype=object)
-    for role, chunk in zip(ROLES, np.split(order, cuts)):
+    for role, chunk in zip(ROLES, np.split(order, np.cumsum(list(sizes.values())))):
         roles[chunk] = role
+    ids, roles = np.r_[ids, shifted], np.r_[roles, np.full(len(shifted), "nonmember", dtype=object)]
     return pl.DataFrame({"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}).sort("record_id")

@@ -16,26 +16,34 @@ ASSETS = [
     data.records,
     data.record_roles,
     *models.clip_models,
+    models.reference_clips,
     models.model_checkpoint,
     signals.embeddings,
+    signals.augmentation_deltas,
     *attacks.attack_assets,
     evaluation.attack_metrics,
+    evaluation.audit_report,
 ]
 
 
-def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
-    """All assets with their resources: storage and MLflow under `home`, `settings` (default: the
-    `$M4I_PROFILE` profile). Steps run in parallel processes; warehouse writes are serialised."""
+def build_resources(home: Path | None = None, settings: AuditSettings | None = None) -> dict:
+    """Storage and MLflow under `home` (default `$M4I_HOME`), `settings` (default: the `$M4I_PROFILE`
+    profile), and the compute placement."""
     home = (home or m4i_home()).resolve()
+    return {
+        "settings": settings or settings_for(),
+        "storage": Storage(home=str(home)),
+        "compute": Compute(concurrent_steps=MAX_CONCURRENT_STEPS),
+        "tracking": Tracking(
+            tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlflow-artifacts")
+        ),
+    }
+
+
+def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
+    """All assets with their resources. Steps run in parallel processes; warehouse writes queue on a lock."""
     return Definitions(
         assets=ASSETS,
-        resources={
-            "settings": settings or settings_for(),
-            "storage": Storage(home=str(home)),
-            "compute": Compute(concurrent_steps=MAX_CONCURRENT_STEPS),
-            "tracking": Tracking(
-                tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlflow-artifacts")
-            ),
-        },
+        resources=build_resources(home, settings),
         executor=multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}),
     )

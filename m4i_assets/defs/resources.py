@@ -14,6 +14,9 @@ from dagster import ConfigurableResource, InitResourceContext
 
 from m4i_assets.storage import warehouse
 
+# Per-(model version, record) signals stored as Parquet and exposed as warehouse views of these names.
+SIGNALS = ("embeddings", "augmentation_deltas")
+
 
 class Storage(ConfigurableResource):
     """Everything under one folder, `$M4I_HOME`: the DuckDB warehouse, checkpoints, corpus, signals."""
@@ -48,8 +51,12 @@ class Storage(ConfigurableResource):
         with self.connect() as conn:
             return warehouse.query(conn, sql, params)
 
+    def attack_model_path(self, model_version: str, attack: str) -> Path:
+        """Where a trained attack model of a model version is kept (safetensors)."""
+        return self.models_dir / "attacks" / model_version / f"{attack}.safetensors"
+
     def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
-        warehouse.refresh_views(conn, {"embeddings": self.signal_dir("embeddings")})
+        warehouse.refresh_views(conn, {name: self.signal_dir(name) for name in SIGNALS})
 
     def model_info(self, model_version: str) -> dict[str, Any]:
         """The `models` row of a version; a clear error when it was never registered."""
@@ -57,6 +64,27 @@ class Storage(ConfigurableResource):
         if not rows:
             raise LookupError(f"model version {model_version!r} is not registered in {self.database}")
         return rows[0]
+
+    def audit_records(self, audit: str, roles: tuple[str, ...]) -> pl.DataFrame:
+        """Records of the given roles of an audit with their role and ground truth, by record_id."""
+        return self.read(
+            f"""SELECT x.record_id, r.image_uri, r.caption, x.role, x.is_member FROM record_roles x
+                JOIN (SELECT DISTINCT ON (record_id) record_id, image_uri, caption FROM records) r USING (record_id)
+                WHERE x.audit = ? AND x.role IN ({", ".join("?" * len(roles))}) ORDER BY x.record_id""",
+            [audit, *roles],
+        )
+
+    def reference_versions(self, audit: str, n: int) -> list[str]:
+        """The `n` most recently registered reference models of an audit; an error if there are fewer."""
+        rows = self.read(
+            "SELECT model_version FROM models WHERE audit = ? AND role = 'reference' ORDER BY created_at DESC LIMIT ?",
+            [audit, n],
+        )["model_version"].to_list()
+        if len(rows) < n:
+            raise LookupError(
+                f"audit {audit!r} has {len(rows)} reference models, {n} needed: materialize reference_clips"
+            )
+        return sorted(rows)
 
 
 class Compute(ConfigurableResource):
@@ -102,6 +130,26 @@ class Tracking(ConfigurableResource):
         )
         return client, exp_id
 
+    def log_artifacts(self, run_id: str, artifacts: dict[str, bytes]) -> None:
+        """Add files (name -> bytes) to an existing MLflow run."""
+        with warehouse.file_lock(self._lock):
+            client, _ = self._client_and_experiment()
+            self._upload(client, run_id, artifacts)
+
+    @property
+    def _lock(self) -> Path:
+        return Path(self.artifact_root).parent / "mlflow.lock"
+
+    @staticmethod
+    def _upload(client, run_id: str, artifacts: dict[str, bytes]) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in artifacts.items():
+                path = Path(tmp) / name
+                path.write_bytes(data)
+                client.log_artifact(run_id, str(path))
+
     def log_run(
         self,
         run_name: str,
@@ -111,12 +159,9 @@ class Tracking(ConfigurableResource):
         artifacts: dict[str, bytes],
     ) -> str:
         """Create one finished MLflow run with params, metrics and artifacts; return its id."""
-        import tempfile
-
         from mlflow.entities import Metric, Param, RunTag
 
-        lock = Path(self.artifact_root).parent / "mlflow.lock"
-        with warehouse.file_lock(lock):
+        with warehouse.file_lock(self._lock):
             client, exp_id = self._client_and_experiment()
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id
@@ -127,10 +172,6 @@ class Tracking(ConfigurableResource):
                 params=[Param(k, v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in params.items()],
                 tags=[RunTag(k, v) for k, v in tags.items()],
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in artifacts.items():
-                    path = Path(tmp) / name
-                    path.write_bytes(data)
-                    client.log_artifact(run_id, str(path))
+            self._upload(client, run_id, artifacts)
             client.set_terminated(run_id)
         return run_id

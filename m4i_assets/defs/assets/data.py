@@ -1,7 +1,5 @@
 """Data assets: the embedded corpus, the records it ingests into, and the audit's roles."""
 
-import json
-
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -29,12 +27,13 @@ def schema_of(frame) -> MetadataValue:
 
 @asset(group_name="data", kinds={"python", "file"})
 def corpus(settings: AuditSettings, storage: Storage) -> MaterializeResult:
-    """The embedded default corpus: seeded image files plus a JSONL manifest (same seed, same bytes)."""
-    spec = settings.corpus_spec()
-    manifest = corpus_gen.generate(spec, storage.corpus_dir(spec.name))
-    return MaterializeResult(
-        metadata={"manifest": str(manifest), "n_records": spec.n_records, "spec": json.dumps(spec.__dict__)}
-    )
+    """The embedded default corpus: seeded image files plus a JSONL manifest (same seed, same bytes);
+    with `shifted_nonmembers`, also the shifted corpus the non-members are drawn from."""
+    metadata = {}
+    for spec in settings.corpus_specs():
+        manifest = corpus_gen.generate(spec, storage.corpus_dir(spec.name))
+        metadata[spec.name] = MetadataValue.json({"manifest": str(manifest), **spec.__dict__})
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(
@@ -47,30 +46,30 @@ def corpus(settings: AuditSettings, storage: Storage) -> MaterializeResult:
 )
 def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """The `records` table, read through the manifest reader; unusable rows go to `rejects`."""
-    spec = settings.corpus_spec()
-    ingested = read_manifest(storage.corpus_dir(spec.name) / "manifest.jsonl", dataset=spec.name)
+    batches = [
+        read_manifest(storage.corpus_dir(spec.name) / "manifest.jsonl", dataset=spec.name)
+        for spec in settings.corpus_specs()
+    ]
     with storage.connect() as conn:
-        replace_rows(conn, "records", ingested.records, dataset=spec.name)
-        replace_rows(conn, "rejects", ingested.rejects, source=spec.name)
+        for spec, ingested in zip(settings.corpus_specs(), batches):
+            replace_rows(conn, "records", ingested.records, dataset=spec.name)
+            replace_rows(conn, "rejects", ingested.rejects, source=spec.name)
         storage.refresh_views(conn)
-    reasons = ingested.rejects.group_by("reason").len().to_dicts() if ingested.rejects.height else []
+    recs = pl.concat([b.records for b in batches])
+    rejects = pl.concat([b.rejects for b in batches])
+    rows_in = sum(b.rows_in for b in batches)
+    reasons = dict(rejects.group_by("reason").len().iter_rows()) if rejects.height else {}
+    counts = {"rows_in": rows_in, "records": recs.height, "rejects": rejects.height}
     return MaterializeResult(
         metadata={
-            "dagster/row_count": ingested.records.height,
-            "dagster/column_schema": schema_of(ingested.records),
-            "rows_in": ingested.rows_in,
-            "rejects": ingested.rejects.height,
-            "reject_reasons": json.dumps(reasons),
+            "dagster/row_count": recs.height,
+            "dagster/column_schema": schema_of(recs),
+            **counts,
+            "reject_reasons": MetadataValue.json(reasons),
         },
         check_results=[
             AssetCheckResult(
-                check_name="rows_accounted_for",
-                passed=ingested.rows_in == ingested.records.height + ingested.rejects.height,
-                metadata={
-                    "rows_in": ingested.rows_in,
-                    "records": ingested.records.height,
-                    "rejects": ingested.rejects.height,
-                },
+                check_name="rows_accounted_for", passed=rows_in == recs.height + rejects.height, metadata=counts
             )
         ],
     )
@@ -91,8 +90,15 @@ def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
 )
 def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """Disjoint, seeded member / non-member / known non-member / population sets of the audit."""
-    ids = storage.read("SELECT record_id FROM records WHERE dataset = ?", [settings.corpus_spec().name])
-    roles = assign_roles(ids["record_id"].to_list(), settings.role_spec()).with_columns(audit=pl.lit(settings.audit))
+
+    def ids_of(spec) -> list[str]:
+        return storage.read("SELECT record_id FROM records WHERE dataset = ?", [spec.name])["record_id"].to_list()
+
+    main = ids_of(settings.corpus_spec())
+    shifted = settings.shifted_corpus_spec()
+    roles = assign_roles(main, settings.role_spec(), ids_of(shifted) if shifted else None).with_columns(
+        audit=pl.lit(settings.audit)
+    )
     with storage.connect() as conn:
         replace_rows(conn, "record_roles", roles, audit=settings.audit)
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
@@ -100,7 +106,7 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     expected = {"member": spec.n_members, "nonmember": spec.n_nonmembers, "known_nonmember": spec.n_known_nonmembers}
     passed = (
         all(counts.get(k) == v for k, v in expected.items())
-        and roles["record_id"].n_unique() == roles.height == ids.height
+        and roles["record_id"].n_unique() == roles.height == len(main) + (spec.n_nonmembers if shifted else 0)
         and (roles["is_member"] == (roles["role"] == "member")).all()
     )
     return MaterializeResult(

@@ -51,18 +51,38 @@ def register_checkpoint(
     return version
 
 
-def training_records(storage: Storage, settings: AuditSettings, data_role: str) -> pl.DataFrame:
-    """Records of one role, in record_id order; for the population, a seeded sample as large as the
-    member set, so the null control gets the target's training budget."""
-    frame = storage.read(
-        """SELECT r.record_id, r.image_uri, r.caption FROM record_roles x
-           JOIN records r USING (record_id) WHERE x.audit = ? AND x.role = ? ORDER BY r.record_id""",
-        [settings.audit, data_role],
-    )
-    if data_role != "member" and frame.height > settings.n_members:
-        keep = np.random.default_rng(settings.seed + 1).choice(frame.height, settings.n_members, replace=False)
-        frame = frame[np.sort(keep)]
-    return frame
+def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """`n` rows of `frame` chosen with `seed`, in their original order."""
+    if n >= frame.height:
+        return frame
+    return frame[np.sort(np.random.default_rng(seed).choice(frame.height, n, replace=False))]
+
+
+def train_and_register(
+    context: AssetExecutionContext,
+    settings: AuditSettings,
+    storage: Storage,
+    compute: Compute,
+    model_role: str,
+    train: pl.DataFrame,
+    seed_offset: int,
+) -> dict:
+    """Train one CLIP with the audit's recipe on `train`, save it, register it as a model version."""
+    spec = settings.clip_train_spec(seed_offset)
+    bundle = clip.build_clip(spec.arch, seed=spec.seed)
+    uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
+    history = clip.train_clip(bundle, uris, captions, spec, compute.torch_device)
+    context.log.info(f"{model_role}: {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}")
+    staged = Path(tempfile.mkdtemp(dir=storage.root))
+    info = {"role": model_role, "audit": settings.audit, "train": asdict(spec), "n_train": train.height,
+            "loss_history": history}  # fmt: skip
+    _, sha = clip.save_clip(bundle, staged, info)
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
+           "n_params": n_params, "train_config": json.dumps(asdict(spec))}  # fmt: skip
+    version = register_checkpoint(context, storage, staged, sha, row)
+    shutil.rmtree(staged, ignore_errors=True)
+    return {"model_version": version, "sha256": sha, "n_train": train.height, "final_loss": history[-1]}
 
 
 def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> AssetsDefinition:
@@ -70,59 +90,37 @@ def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> Asset
     def _train(
         context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
     ) -> MaterializeResult:
-        train = training_records(storage, settings, data_role)
-        spec = settings.clip_train_spec(seed_offset)
-        bundle = clip.build_clip(spec.arch, seed=spec.seed)
-        history = clip.train_clip(
-            bundle, train["image_uri"].to_list(), train["caption"].to_list(), spec, compute.torch_device
+        # A non-member training set is cut to the member set's size: the same training budget.
+        train = seeded_sample(
+            storage.audit_records(settings.audit, (data_role,)), settings.n_members, settings.seed + 1
         )
-        context.log.info(
-            f"{model_role}: trained {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}"
-        )
-        staged = Path(tempfile.mkdtemp(dir=storage.root))
-        info = {
-            "role": model_role,
-            "audit": settings.audit,
-            "train": asdict(spec),
-            "n_train": train.height,
-            "loss_history": history,
-        }
-        _, sha = clip.save_clip(bundle, staged, info)
-        n_params = sum(p.numel() for p in bundle.model.parameters())
-        version = register_checkpoint(
-            context,
-            storage,
-            staged,
-            sha,
-            {
-                "family": clip.FAMILY,
-                "arch": spec.arch,
-                "role": model_role,
-                "audit": settings.audit,
-                "n_params": n_params,
-                "train_config": json.dumps(asdict(spec)),
-            },
-        )
-        shutil.rmtree(staged, ignore_errors=True)
-        return MaterializeResult(
-            metadata={
-                "model_version": version,
-                "sha256": sha,
-                "arch": spec.arch,
-                "n_params": n_params,
-                "n_train": train.height,
-                "final_loss": history[-1],
-                "loss_history": MetadataValue.json(history),
-            }
-        )
+        meta = train_and_register(context, settings, storage, compute, model_role, train, seed_offset)
+        return MaterializeResult(metadata={**meta, "arch": settings.clip_arch})
 
+    _train.__doc__ = f"The {model_role} CLIP, trained on {data_role} records with the audit's recipe."
     return _train
 
 
 clip_models = [clip_model_asset(role, data, i) for i, (role, data) in enumerate(CLIP_MODELS.items())]
 
 
-@asset(group_name="models", partitions_def=model_versions, deps=clip_models, kinds={"pytorch"})
+@asset(group_name="models", deps=[record_roles], kinds={"pytorch", "duckdb"})
+def reference_clips(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+) -> MaterializeResult:
+    """Reference CLIPs for the calibrated attack (LiRA, Carlini et al. 2022): each trained with the
+    target's recipe on a seeded random half of the population, so none ever sees a candidate."""
+    population = storage.audit_records(settings.audit, ("population",))
+    trained = []
+    for r in range(settings.n_reference_models):
+        half = seeded_sample(population, population.height // 2, settings.seed + 100 + r)
+        trained.append(train_and_register(context, settings, storage, compute, "reference", half, 100 + r))
+    return MaterializeResult(
+        metadata={"reference_versions": MetadataValue.json(trained), "n_reference_models": len(trained)}
+    )
+
+
+@asset(group_name="models", partitions_def=model_versions, deps=[*clip_models, reference_clips], kinds={"pytorch"})
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """One model version: its checkpoint verified against the registered sha256 and loadable."""
     info = storage.model_info(context.partition_key)

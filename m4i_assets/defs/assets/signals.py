@@ -1,8 +1,10 @@
 """Signal assets: per (model version, record) quantities every attack shares, as Parquet files."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
@@ -11,10 +13,12 @@ from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
 from m4i_assets.models import clip
 from m4i_assets.settings import AuditSettings
+from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 from m4i_assets.signals.embeddings import embed_records
 
 # Records every attack scores or calibrates against; the population only trains models.
-EMBEDDED_ROLES = ("member", "nonmember", "known_nonmember")
+CANDIDATE_ROLES = ("member", "nonmember")  # what every attack scores
+EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 
 @asset(
@@ -37,11 +41,7 @@ def embeddings(
     """L2-normalised image and text embeddings and their cosine similarity, for the audit's records."""
     version = context.partition_key
     info = storage.model_info(version)
-    recs = storage.read(
-        f"""SELECT r.record_id, r.image_uri, r.caption FROM record_roles x JOIN records r USING (record_id)
-            WHERE x.audit = ? AND x.role IN {EMBEDDED_ROLES} ORDER BY r.record_id""",
-        [info["audit"]],
-    )
+    recs = storage.audit_records(info["audit"], EMBEDDED_ROLES)
     bundle = clip.load_clip(info["arch"], info["checkpoint_uri"], compute.torch_device)
     img, txt = embed_records(
         bundle,
@@ -60,13 +60,7 @@ def embeddings(
             "cosine_similarity": cosine_similarity(img, txt).astype(np.float64),
         }
     )
-    out = storage.signal_dir("embeddings")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{version}.parquet.tmp"
-    frame.write_parquet(tmp)
-    tmp.replace(out / f"{version}.parquet")  # atomic: readers never see half a file
-    with storage.connect() as conn:
-        storage.refresh_views(conn)
+    path = write_signal(storage, "embeddings", version, frame)
     norms = np.r_[np.linalg.norm(img, axis=1), np.linalg.norm(txt, axis=1)]
     dim = clip.embed_dim(info["arch"])
     check = AssetCheckResult(
@@ -90,14 +84,78 @@ def embeddings(
             "dagster/row_count": frame.height,
             "dagster/column_schema": schema_of(frame),
             "embedding_dim": int(img.shape[1]),
-            "path": str(out / f"{version}.parquet"),
+            "path": str(path),
         },
     )
 
 
-def load_embeddings(storage: Storage, model_version: str) -> pl.DataFrame:
-    """The embeddings Parquet of one model version."""
-    path = storage.signal_dir("embeddings") / f"{model_version}.parquet"
+def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.DataFrame) -> Path:
+    """Write one model version's signal as Parquet (atomically) and refresh the warehouse views."""
+    out = storage.signal_dir(signal)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"{model_version}.parquet"
+    tmp = out / f".{model_version}.parquet.tmp"
+    frame.write_parquet(tmp)
+    tmp.replace(final)  # readers never see half a file
+    with storage.connect() as conn:
+        storage.refresh_views(conn)
+    return final
+
+
+def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFrame:
+    """One model version's signal Parquet; a clear error when it was not materialized."""
+    path = storage.signal_dir(signal) / f"{model_version}.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"no embeddings for {model_version}: materialize `embeddings` first ({path})")
+        raise FileNotFoundError(f"no {signal} for {model_version}: materialize `{signal}` for it first ({path})")
     return pl.read_parquet(path)
+
+
+@asset(
+    group_name="signals",
+    partitions_def=model_versions,
+    deps=[embeddings],
+    kinds={"pytorch", "parquet"},
+    check_specs=[
+        AssetCheckSpec(
+            "finite_deltas",
+            asset="augmentation_deltas",
+            blocking=True,
+            description="one row per (candidate, transform), at least eight transforms, finite",
+        )
+    ],
+)
+def augmentation_deltas(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+) -> MaterializeResult:
+    """CS(x, t), CS(T_k(x), t) and their delta for every candidate and transform (Ko et al. 2023,
+    section 3.3). Text embeddings and clean CS come from `embeddings`; only images are re-encoded."""
+    version = context.partition_key
+    info = storage.model_info(version)
+    cands = storage.audit_records(info["audit"], CANDIDATE_ROLES).select("record_id", "image_uri")
+    emb = load_signal(storage, "embeddings", version).join(cands, on="record_id").sort("record_id")
+    bundle = clip.load_clip(info["arch"], info["checkpoint_uri"], compute.torch_device)
+    transforms = transform_registry(settings.seed)
+    augmented = augmented_image_embeddings(bundle, emb["image_uri"].to_list(), transforms, settings.embed_batch_size,
+                                           settings.embed_num_workers, compute.torch_device)  # fmt: skip
+    txt = np.stack(emb["text_embedding"].to_numpy())
+    cs_clean = emb["cosine_similarity"].to_numpy()
+    frames = []
+    for name, img in augmented.items():
+        cs_aug = cosine_similarity(img, txt)
+        frames.append(pl.DataFrame({
+            "model_version": version, "record_id": emb["record_id"], "transform": name,
+            "cs_clean": cs_clean, "cs_augmented": cs_aug, "delta": cs_clean - cs_aug,
+        }))  # fmt: skip
+    frame = pl.concat(frames)
+    path = write_signal(storage, "augmentation_deltas", version, frame)
+    check = AssetCheckResult(
+        check_name="finite_deltas",
+        passed=bool(frame.height == emb.height * len(transforms) and len(transforms) >= 8
+                    and np.isfinite(frame["delta"].to_numpy()).all()),
+        metadata={"rows": frame.height, "transforms": len(transforms)},
+    )  # fmt: skip
+    mean_delta = frame.group_by("transform").agg(pl.col("delta").mean()).sort("transform")
+    return MaterializeResult(check_results=[check], metadata={
+        "dagster/row_count": frame.height, "dagster/column_schema": schema_of(frame), "path": str(path),
+        "mean_delta_by_transform": MetadataValue.json(dict(mean_delta.iter_rows())),
+    })  # fmt: skip
