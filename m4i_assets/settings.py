@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource
 
+if TYPE_CHECKING:  # the model adapter imports torch: load it only where training happens
+    from m4i_assets.models.clip import ClipTrainSpec
+
 from m4i_assets.data.corpus import CorpusSpec
 from m4i_assets.data.roles import RoleSpec
-from m4i_assets.models.clip import ClipTrainSpec
 
 
 class AuditSettings(ConfigurableResource):
@@ -74,6 +77,8 @@ class AuditSettings(ConfigurableResource):
         return RoleSpec(self.n_members, self.n_nonmembers, self.n_known_nonmembers, seed=self.seed)
 
     def clip_train_spec(self, seed_offset: int = 0) -> ClipTrainSpec:
+        from m4i_assets.models.clip import ClipTrainSpec
+
         return ClipTrainSpec(
             arch=self.clip_arch,
             epochs=self.clip_epochs,

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from m4i_assets.attacks import aea, blind, calibrated, csa, wsa
+from m4i_assets.attacks import aea, calibrated, csa
 from m4i_assets.defs.assets.data import record_roles, schema_of
 from m4i_assets.defs.assets.signals import CANDIDATE_ROLES, augmentation_deltas, embeddings, load_signal
 from m4i_assets.defs.partitions import model_versions
@@ -109,6 +109,8 @@ def aea_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
 def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """WSA steps 1-2 (Ko et al. 2023, section 3.4): tau = mean + lambda * std of the known non-members'
     CS; candidates at or above tau become pseudo-members. Stores the pseudo-label error rate."""
+    from m4i_assets.attacks import wsa
+
     version = context.partition_key
     info = storage.model_info(version)
     emb = load_signal(storage, "embeddings", version)
@@ -136,6 +138,8 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
 def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """WSA step 3: the paper's MLP on concat[f_img, f_txt], pseudo-members vs known non-members,
     saved as safetensors with its sha256 (logged to MLflow with the audit run)."""
+    from m4i_assets.attacks import wsa
+
     version = context.partition_key
     info = storage.model_info(version)
     emb = load_signal(storage, "embeddings", version)
@@ -162,6 +166,8 @@ def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, st
 @attack_asset("wsa_scores", deps=[wsa_attack_model])
 def wsa_scores(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """WSA step 4: P(member) of each candidate under the trained attack model."""
+    from m4i_assets.attacks import wsa
+
     version = context.partition_key
     clf = wsa.WsaClassifier.from_bytes(storage.attack_model_path(version, "wsa").read_bytes())
     cands = candidate_signals(storage, version)
@@ -197,6 +203,8 @@ def blind_baseline_scores(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage
 ) -> MaterializeResult:
     """Blind baseline (Das et al. 2024): cross-validated P(member) from model-free record features."""
+    from m4i_assets.attacks import blind
+
     version = context.partition_key
     info = storage.model_info(version)
     recs = storage.audit_records(info["audit"], CANDIDATE_ROLES)

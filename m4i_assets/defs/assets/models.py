@@ -18,7 +18,6 @@ from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, 
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
-from m4i_assets.models import clip
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
 
@@ -37,6 +36,8 @@ def register_checkpoint(
     row: dict,
 ) -> str:
     """Move a staged checkpoint folder to `models/<version>/`, upsert its `models` row, add its partition."""
+    from m4i_assets.models import clip
+
     version = clip.model_version_for(row["family"], sha256)
     final = storage.models_dir / version
     if not final.exists():
@@ -68,6 +69,8 @@ def train_and_register(
     seed_offset: int,
 ) -> dict:
     """Train one CLIP with the audit's recipe on `train`, save it, register it as a model version."""
+    from m4i_assets.models import clip
+
     spec = settings.clip_train_spec(seed_offset)
     bundle = clip.build_clip(spec.arch, seed=spec.seed)
     uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
@@ -123,6 +126,8 @@ def reference_clips(
 @asset(group_name="models", partitions_def=model_versions, deps=[*clip_models, reference_clips], kinds={"pytorch"})
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """One model version: its checkpoint verified against the registered sha256 and loadable."""
+    from m4i_assets.models import clip
+
     info = storage.model_info(context.partition_key)
     actual = clip.sha256_file(info["checkpoint_uri"])
     if actual != info["sha256"]:

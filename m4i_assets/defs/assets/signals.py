@@ -11,10 +11,7 @@ from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import model_checkpoint
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
-from m4i_assets.models import clip
 from m4i_assets.settings import AuditSettings
-from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
-from m4i_assets.signals.embeddings import embed_records
 
 # Records every attack scores or calibrates against; the population only trains models.
 CANDIDATE_ROLES = ("member", "nonmember")  # what every attack scores
@@ -39,6 +36,9 @@ def embeddings(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
     """L2-normalised image and text embeddings and their cosine similarity, for the audit's records."""
+    from m4i_assets.models import clip
+    from m4i_assets.signals.embeddings import embed_records
+
     version = context.partition_key
     info = storage.model_info(version)
     recs = storage.audit_records(info["audit"], EMBEDDED_ROLES)
@@ -129,6 +129,9 @@ def augmentation_deltas(
 ) -> MaterializeResult:
     """CS(x, t), CS(T_k(x), t) and their delta for every candidate and transform (Ko et al. 2023,
     section 3.3). Text embeddings and clean CS come from `embeddings`; only images are re-encoded."""
+    from m4i_assets.models import clip
+    from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
+
     version = context.partition_key
     info = storage.model_info(version)
     cands = storage.audit_records(info["audit"], CANDIDATE_ROLES).select("record_id", "image_uri")
