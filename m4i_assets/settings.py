@@ -42,6 +42,7 @@ class AuditSettings(ConfigurableResource):
     clip_epochs: int = 40
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
+    retrain: bool = False  # train again even when an identical model (recipe, records) is registered
     # Attacks
     n_reference_models: int = 4  # reference CLIPs for the calibrated attack, each on half the population
     aea_aggregation: str = "mean"

@@ -41,8 +41,10 @@ CREATE TABLE IF NOT EXISTS models (
     sha256         VARCHAR NOT NULL,
     n_params       BIGINT,
     train_config   VARCHAR,             -- JSON text
+    train_fingerprint VARCHAR,          -- sha256 of recipe + training record ids (reuse key)
     created_at     TIMESTAMP DEFAULT current_timestamp
 );
+ALTER TABLE models ADD COLUMN IF NOT EXISTS train_fingerprint VARCHAR;  -- warehouses made before it
 
 CREATE TABLE IF NOT EXISTS membership_scores (
     model_version VARCHAR NOT NULL,

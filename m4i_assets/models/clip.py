@@ -146,7 +146,9 @@ def save_clip(bundle: ClipBundle, out_dir: str | os.PathLike, info: dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "model.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
-    save_file(state, str(ckpt), metadata={"arch": bundle.arch, "family": FAMILY})
+    # No safetensors metadata: it is a hash map whose order varies between runs, and the file's sha256
+    # must depend on the weights alone (arch and family are in the JSON sidecar).
+    save_file(state, str(ckpt))
     (out / "model.json").write_text(json.dumps({"arch": bundle.arch, "family": FAMILY, **info}, indent=2, default=str))
     return ckpt, sha256_file(ckpt)
 

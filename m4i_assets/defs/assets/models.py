@@ -5,6 +5,7 @@ dynamic partition; everything downstream is partitioned by model version, so a n
 partition and never overwrites an earlier one.
 """
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -68,10 +69,28 @@ def train_and_register(
     train: pl.DataFrame,
     seed_offset: int,
 ) -> dict:
-    """Train one CLIP with the audit's recipe on `train`, save it, register it as a model version."""
+    """Train one CLIP with the audit's recipe on `train`, save it, register it as a model version.
+
+    Training is skipped when a checkpoint with the same fingerprint (recipe and training record ids,
+    which hash the image bytes and captions) is registered and intact: re-running an audit reuses it
+    unless `settings.retrain` is set."""
     from m4i_assets.models import clip
 
     spec = settings.clip_train_spec(seed_offset)
+    fingerprint = hashlib.sha256(
+        json.dumps({"spec": asdict(spec), "records": train["record_id"].to_list()}, sort_keys=True).encode()
+    ).hexdigest()
+    if not settings.retrain:
+        known = storage.read(
+            "SELECT * FROM models WHERE train_fingerprint = ? AND role = ? AND audit = ? ORDER BY created_at DESC",
+            [fingerprint, model_role, settings.audit],
+        ).to_dicts()
+        for row in known:
+            if Path(row["checkpoint_uri"]).is_file() and clip.sha256_file(row["checkpoint_uri"]) == row["sha256"]:
+                context.instance.add_dynamic_partitions(model_versions.name, [row["model_version"]])
+                context.log.info(f"{model_role}: reusing {row['model_version']} (same recipe and training records)")
+                return {"model_version": row["model_version"], "sha256": row["sha256"], "n_train": train.height,
+                        "reused": True}  # fmt: skip
     bundle = clip.build_clip(spec.arch, seed=spec.seed)
     uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
     history = clip.train_clip(bundle, uris, captions, spec, compute.torch_device)
@@ -81,11 +100,12 @@ def train_and_register(
             "loss_history": history}  # fmt: skip
     _, sha = clip.save_clip(bundle, staged, info)
     n_params = sum(p.numel() for p in bundle.model.parameters())
-    row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
-           "n_params": n_params, "train_config": json.dumps(asdict(spec))}  # fmt: skip
+    row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit, "n_params": n_params,
+           "train_config": json.dumps(asdict(spec)), "train_fingerprint": fingerprint}  # fmt: skip
     version = register_checkpoint(context, storage, staged, sha, row)
     shutil.rmtree(staged, ignore_errors=True)
-    return {"model_version": version, "sha256": sha, "n_train": train.height, "final_loss": history[-1]}
+    return {"model_version": version, "sha256": sha, "n_train": train.height, "final_loss": history[-1],
+            "reused": False}  # fmt: skip
 
 
 def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> AssetsDefinition:
