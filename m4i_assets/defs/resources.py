@@ -103,6 +103,16 @@ class Compute(ConfigurableResource):
         torch.set_num_threads(threads)
 
     @property
+    def training_workers(self) -> int:
+        """How many models one step may train at once in worker processes: one on a GPU (they share
+        it), else one per core (single-threaded workers timeslice well beside other steps)."""
+        import torch
+
+        if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()):
+            return 1
+        return os.cpu_count() or 1
+
+    @property
     def torch_device(self) -> str | None:
         """The device name for the model adapters (None = pick automatically)."""
         return None if self.device == "auto" else self.device

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,29 @@ def train_clip(
         history.append(float(np.mean(losses)))
     model.eval()
     return history
+
+
+def train_and_save(
+    spec: ClipTrainSpec,
+    image_uris: list[str],
+    captions: list[str],
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    device: str | None = None,
+    threads: int | None = None,
+) -> tuple[str, list[float], int]:
+    """Build, train and save one CLIP; return (sha256, loss per epoch, parameter count).
+
+    Arguments are plain values, so this runs as well in a worker process (with `threads` torch
+    threads) as in the caller's."""
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = build_clip(spec.arch, seed=spec.seed)
+    history = train_clip(bundle, image_uris, captions, spec, device)
+    _, sha = save_clip(
+        bundle, out_dir, {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
+    )
+    return sha, history, sum(p.numel() for p in bundle.model.parameters())
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -9,7 +9,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -66,46 +68,68 @@ def train_and_register(
     storage: Storage,
     compute: Compute,
     model_role: str,
-    train: pl.DataFrame,
-    seed_offset: int,
-) -> dict:
-    """Train one CLIP with the audit's recipe on `train`, save it, register it as a model version.
+    jobs: list[tuple[pl.DataFrame, int]],
+) -> list[dict]:
+    """Train CLIPs with the audit's recipe, one per (training records, seed offset), save them and
+    register each as a model version.
 
-    Training is skipped when a checkpoint with the same fingerprint (recipe and training record ids,
-    which hash the image bytes and captions) is registered and intact: re-running an audit reuses it
-    unless `settings.retrain` is set."""
+    A model whose fingerprint (recipe and training record ids, which hash image bytes and captions)
+    is registered with an intact checkpoint is reused, unless `settings.retrain`. Several models
+    train in parallel worker processes of one thread each on a CPU (`compute.training_workers`)."""
     from m4i_assets.models import clip
 
-    spec = settings.clip_train_spec(seed_offset)
-    fingerprint = hashlib.sha256(
-        json.dumps({"spec": asdict(spec), "records": train["record_id"].to_list()}, sort_keys=True).encode()
-    ).hexdigest()
-    if not settings.retrain:
-        known = storage.read(
-            "SELECT * FROM models WHERE train_fingerprint = ? AND role = ? AND audit = ? ORDER BY created_at DESC",
-            [fingerprint, model_role, settings.audit],
-        ).to_dicts()
-        for row in known:
-            if Path(row["checkpoint_uri"]).is_file() and clip.sha256_file(row["checkpoint_uri"]) == row["sha256"]:
-                context.instance.add_dynamic_partitions(model_versions.name, [row["model_version"]])
-                context.log.info(f"{model_role}: reusing {row['model_version']} (same recipe and training records)")
-                return {"model_version": row["model_version"], "sha256": row["sha256"], "n_train": train.height,
-                        "reused": True}  # fmt: skip
-    bundle = clip.build_clip(spec.arch, seed=spec.seed)
-    uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
-    history = clip.train_clip(bundle, uris, captions, spec, compute.torch_device)
-    context.log.info(f"{model_role}: {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}")
-    staged = Path(tempfile.mkdtemp(dir=storage.root))
-    info = {"role": model_role, "audit": settings.audit, "train": asdict(spec), "n_train": train.height,
-            "loss_history": history}  # fmt: skip
-    _, sha = clip.save_clip(bundle, staged, info)
-    n_params = sum(p.numel() for p in bundle.model.parameters())
-    row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit, "n_params": n_params,
-           "train_config": json.dumps(asdict(spec)), "train_fingerprint": fingerprint}  # fmt: skip
-    version = register_checkpoint(context, storage, staged, sha, row)
-    shutil.rmtree(staged, ignore_errors=True)
-    return {"model_version": version, "sha256": sha, "n_train": train.height, "final_loss": history[-1],
-            "reused": False}  # fmt: skip
+    results: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, (train, seed_offset) in enumerate(jobs):
+        spec = settings.clip_train_spec(seed_offset)
+        fingerprint = hashlib.sha256(
+            json.dumps({"spec": asdict(spec), "records": train["record_id"].to_list()}, sort_keys=True).encode()
+        ).hexdigest()
+        reusable = None if settings.retrain else find_reusable(storage, settings.audit, model_role, fingerprint)
+        if reusable:
+            context.instance.add_dynamic_partitions(model_versions.name, [reusable["model_version"]])
+            context.log.info(f"{model_role}: reusing {reusable['model_version']} (same recipe and training records)")
+            results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
+        else:
+            todo.append((i, train, spec, fingerprint, Path(tempfile.mkdtemp(dir=storage.root))))
+
+    info = {"role": model_role, "audit": settings.audit}
+
+    def arguments(train: pl.DataFrame, spec, staged: Path, threads: int | None) -> tuple:
+        uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
+        return spec, uris, captions, staged, info, compute.torch_device, threads
+
+    workers = min(len(todo), compute.training_workers)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(clip.train_and_save, *arguments(t, spec, d, 1)) for _, t, spec, _, d in todo]
+            fitted = [f.result() for f in futures]
+    else:
+        fitted = [clip.train_and_save(*arguments(t, spec, d, None)) for _, t, spec, _, d in todo]
+
+    for (i, train, spec, fingerprint, staged), (sha, history, n_params) in zip(todo, fitted):
+        context.log.info(f"{model_role}: {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}")
+        row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
+               "n_params": n_params, "train_config": json.dumps(asdict(spec)),
+               "train_fingerprint": fingerprint}  # fmt: skip
+        version = register_checkpoint(context, storage, staged, sha, row)
+        shutil.rmtree(staged, ignore_errors=True)
+        results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
+    return [{**r, "n_train": train.height} for r, (train, _) in zip(results, jobs)]
+
+
+def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: str) -> dict | None:
+    """A registered model with this training fingerprint whose checkpoint is intact, if any."""
+    from m4i_assets.models.clip import sha256_file
+
+    rows = storage.read(
+        "SELECT * FROM models WHERE train_fingerprint = ? AND role = ? AND audit = ? ORDER BY created_at DESC",
+        [fingerprint, model_role, audit],
+    ).to_dicts()
+    for row in rows:
+        if Path(row["checkpoint_uri"]).is_file() and sha256_file(row["checkpoint_uri"]) == row["sha256"]:
+            return row
+    return None
 
 
 def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> AssetsDefinition:
@@ -117,7 +141,7 @@ def clip_model_asset(model_role: str, data_role: str, seed_offset: int) -> Asset
         train = seeded_sample(
             storage.audit_records(settings.audit, (data_role,)), settings.n_members, settings.seed + 1
         )
-        meta = train_and_register(context, settings, storage, compute, model_role, train, seed_offset)
+        (meta,) = train_and_register(context, settings, storage, compute, model_role, [(train, seed_offset)])
         return MaterializeResult(metadata={**meta, "arch": settings.clip_arch})
 
     _train.__doc__ = f"The {model_role} CLIP, trained on {data_role} records with the audit's recipe."
@@ -134,10 +158,11 @@ def reference_clips(
     """Reference CLIPs for the calibrated attack (LiRA, Carlini et al. 2022): each trained with the
     target's recipe on a seeded random half of the population, so none ever sees a candidate."""
     population = storage.audit_records(settings.audit, ("population",))
-    trained = []
-    for r in range(settings.n_reference_models):
-        half = seeded_sample(population, population.height // 2, settings.seed + 100 + r)
-        trained.append(train_and_register(context, settings, storage, compute, "reference", half, 100 + r))
+    jobs = [
+        (seeded_sample(population, population.height // 2, settings.seed + 100 + r), 100 + r)
+        for r in range(settings.n_reference_models)
+    ]
+    trained = train_and_register(context, settings, storage, compute, "reference", jobs)
     return MaterializeResult(
         metadata={"reference_versions": MetadataValue.json(trained), "n_reference_models": len(trained)}
     )
