@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from m4i_assets.metrics.report import verdict_lines
@@ -56,10 +57,15 @@ def _materialize(
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT), log
 
 
-def _run_phase(what: str, runs: list[tuple[subprocess.Popen, Path]]) -> None:
+def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
+    """Start the runs (zero-argument callables returning (process, log)), `parallel` at a time."""
     start = time.monotonic()
-    print(f"m4i demo: {what} ({len(runs)} Dagster run{'s' * (len(runs) > 1)}) ...", flush=True)
-    codes = [proc.wait() for proc, _ in runs]
+    print(f"m4i demo: {what} ({len(launches)} Dagster run{'s' * (len(launches) > 1)}) ...", flush=True)
+    runs, codes = [], []
+    for batch in range(0, len(launches), parallel):
+        started = [launch() for launch in launches[batch : batch + parallel]]
+        codes += [proc.wait() for proc, _ in started]
+        runs += started
     if any(codes):
         for (_, log), code in zip(runs, codes):
             if code:
@@ -107,17 +113,17 @@ def demo() -> None:
     logs = home / "logs"
     _run_phase(
         "corpus, records, roles and models",
-        [_materialize(UNPARTITIONED, env, logs / "models.log")],
+        [partial(_materialize, UNPARTITIONED, env, logs / "models.log")],
     )
     versions = latest_versions(home, settings.audit, settings.n_reference_models)
     # One run per model version, side by side: their warehouse writes queue on the file lock.
     _run_phase(
         "signals of the reference models",
-        [_materialize(SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in versions.get("reference", [])],
+        [partial(_materialize, SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in versions.get("reference", [])],
     )
     audited = [v for role in ("target", "null_control") for v in versions[role]]
     _run_phase("audit of the target and the null control",
-               [_materialize(FULL_AUDIT, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
+               [partial(_materialize, FULL_AUDIT, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
     print(report(home, audited))
     with warehouse.connect(home / "warehouse.duckdb") as conn:

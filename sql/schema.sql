@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS pseudo_labels (     -- WSA steps 1-2 (Ko et al. 2023)
     cosine_similarity DOUBLE NOT NULL,
     tau               DOUBLE NOT NULL,      -- mean + wsa_lambda * std of the known non-members' CS
     wsa_lambda        DOUBLE NOT NULL,
+    rule              VARCHAR NOT NULL,     -- threshold | top_k (fallback when tau kept too few)
     is_pseudo_member  BOOLEAN NOT NULL,     -- cosine_similarity >= tau
     is_member         BOOLEAN,              -- ground truth, for the pseudo-label error rate
     PRIMARY KEY (model_version, record_id)

@@ -66,6 +66,15 @@ def test_pseudo_labels_use_mean_plus_lambda_std_of_known_nonmembers():
     assert labels.is_pseudo_member.tolist() == [False, False, True]
     assert labels.error_rate(np.array([False, False, True])) == 0.0
     assert labels.error_rate(np.array([True, True, False])) == 1.0
+    assert labels.rule == "threshold"
+
+
+def test_pseudo_labels_fall_back_to_top_k_when_tau_keeps_too_few():
+    known = np.r_[np.full(90, 0.9), np.full(10, 0.0)]  # a long lower tail inflates the std
+    cands = np.array([0.91, 0.95, 0.2, 0.93, 0.5])
+    assert not pseudo_label(cands, known, lam=1.5).is_pseudo_member.any()
+    labels = pseudo_label(cands, known, lam=1.5, min_members=2)
+    assert labels.rule == "top_k" and labels.is_pseudo_member.tolist() == [False, True, False, True, False]
 
 
 def test_wsa_classifier_learns_a_separable_signal_and_round_trips():

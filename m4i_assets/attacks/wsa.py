@@ -23,6 +23,7 @@ ATTACK_ID = "wsa"
 class PseudoLabels:
     tau: float
     is_pseudo_member: np.ndarray  # over the candidate pool, in its order
+    rule: str  # "threshold" (the paper's), or "top_k" when the threshold kept fewer than the minimum
 
     def error_rate(self, is_member: np.ndarray) -> float:
         """Share of pseudo-members that are not members (NaN when there are none)."""
@@ -30,10 +31,23 @@ class PseudoLabels:
         return float((~is_member[chosen]).mean()) if chosen.any() else float("nan")
 
 
-def pseudo_label(cs_candidates: np.ndarray, cs_known_nonmembers: np.ndarray, lam: float = 1.5) -> PseudoLabels:
-    """Steps 1-2: tau from the known non-members, pseudo-members among the candidates."""
+def pseudo_label(
+    cs_candidates: np.ndarray, cs_known_nonmembers: np.ndarray, lam: float = 1.5, min_members: int = 0
+) -> PseudoLabels:
+    """Steps 1-2: tau from the known non-members, pseudo-members among the candidates.
+
+    The rule assumes roughly Gaussian non-member similarities. When they are skewed (a long lower
+    tail inflates the std), tau can exceed every candidate; then the `min_members` candidates with
+    the highest CS become the pseudo-members instead (rule "top_k"), so the attack still trains and
+    the fallback is recorded rather than hidden."""
     tau = float(cs_known_nonmembers.mean() + lam * cs_known_nonmembers.std())
-    return PseudoLabels(tau=tau, is_pseudo_member=cs_candidates >= tau)
+    chosen = cs_candidates >= tau
+    if chosen.sum() >= min_members:
+        return PseudoLabels(tau=tau, is_pseudo_member=chosen, rule="threshold")
+    top = np.argsort(-cs_candidates, kind="mergesort")[:min_members]
+    chosen = np.zeros(len(cs_candidates), dtype=bool)
+    chosen[top] = True
+    return PseudoLabels(tau=tau, is_pseudo_member=chosen, rule="top_k")
 
 
 def _mlp(d: int) -> torch.nn.Sequential:

@@ -117,12 +117,20 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
     known = storage.audit_records(info["audit"], ("known_nonmember",))
     cs_known = emb.join(known, on="record_id", how="semi")["cosine_similarity"].to_numpy()
     cands = candidate_signals(storage, version)
-    labels = wsa.pseudo_label(cands["cosine_similarity"].to_numpy(), cs_known, settings.wsa_lambda)
+    labels = wsa.pseudo_label(
+        cands["cosine_similarity"].to_numpy(), cs_known, settings.wsa_lambda, settings.wsa_min_pseudo_members
+    )
+    if labels.rule != "threshold":
+        context.log.warning(
+            f"tau = {labels.tau:.4f} kept fewer than {settings.wsa_min_pseudo_members} candidates: the top "
+            f"{settings.wsa_min_pseudo_members} by CS are the pseudo-members (rule {labels.rule})"
+        )
     is_member = cands["is_member"].to_numpy()
     error = labels.error_rate(is_member)
     frame = pl.DataFrame({
         "model_version": version, "record_id": cands["record_id"], "cosine_similarity": cands["cosine_similarity"],
-        "tau": labels.tau, "wsa_lambda": settings.wsa_lambda, "is_pseudo_member": labels.is_pseudo_member,
+        "tau": labels.tau, "wsa_lambda": settings.wsa_lambda, "rule": labels.rule,
+        "is_pseudo_member": labels.is_pseudo_member,
         "is_member": is_member,
     })  # fmt: skip
     with storage.connect() as conn:
@@ -130,7 +138,7 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
     return MaterializeResult(metadata={
         "dagster/row_count": frame.height, "dagster/column_schema": schema_of(frame), "tau": labels.tau,
         "n_pseudo_members": int(labels.is_pseudo_member.sum()), "n_known_nonmembers": len(cs_known),
-        "pseudo_label_error_rate": error,
+        "pseudo_label_error_rate": error, "rule": labels.rule,
     })  # fmt: skip
 
 
