@@ -91,15 +91,14 @@ def report(home: Path, versions: list[str] | None = None) -> str:
         frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
-    lines = [
-        f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>10} {'AUC [95% CI]':>24} "
-        f"{'TPR@1%FPR':>10} {'TPR@0.1%FPR':>12}  mlflow_run_id"
-    ]
+    header = (f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>9}  {'AUC [95% CI]':<22} "
+              f"{'bal.acc':>7}  {'TPR@1%FPR [95% CI]':<22} {'TPR@0.1%FPR [95% CI]':<22} mlflow_run_id")  # fmt: skip
+    lines = [header]
     for r in frame.to_dicts():
         lines.append(
             f"{r['model_version']:<18} {r['model_role']:<13} {r['attack']:<15} "
-            f"{r['n_members']:>4}/{r['n_nonmembers']:<5} {r['auc_95ci']:>24} {r['tpr_at_1pct_fpr']:>10.3f} "
-            f"{r['tpr_at_0_1pct_fpr']:>12.3f}  {r['mlflow_run_id']}"
+            f"{r['n_members']:>4}/{r['n_nonmembers']:<4}  {r['auc_95ci']:<22} {r['balanced_accuracy']:>7.3f}  "
+            f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['tpr_at_0_1pct_fpr_95ci']:<22} {r['mlflow_run_id']}"
         )
     return "\n".join(lines)
 

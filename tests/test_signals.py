@@ -5,6 +5,7 @@ import torch
 from m4i_assets.data.corpus import CorpusSpec, generate
 from m4i_assets.data.manifest import read_manifest
 from m4i_assets.models import clip
+from m4i_assets.models.checkpoints import model_version_for, safetensors_tensor_count, sha256_file
 from m4i_assets.signals.augmentations import augmented_image_embeddings, split_normalisation, transform_registry
 from m4i_assets.signals.embeddings import embed_records
 
@@ -57,7 +58,8 @@ def test_augmented_embeddings_cover_every_transform(tiny):
 def test_checkpoint_round_trip_and_clear_errors(tiny, tmp_path):
     bundle, _, _ = tiny
     path, sha = clip.save_clip(bundle, tmp_path / "m", {"role": "test"})
-    assert sha == clip.sha256_file(path) and clip.model_version_for("clip", sha) == f"clip-{sha[:12]}"
+    assert sha == sha256_file(path) and model_version_for("clip", sha) == f"clip-{sha[:12]}"
+    assert safetensors_tensor_count(path) == len(bundle.model.state_dict())
     loaded = clip.load_clip("m4i-tiny-vit", path, device="cpu")
     for (k, v), (_, w) in zip(bundle.model.state_dict().items(), loaded.model.state_dict().items()):
         assert torch.equal(v.cpu(), w), k
@@ -66,5 +68,7 @@ def test_checkpoint_round_trip_and_clear_errors(tiny, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.safetensors"):
         clip.load_clip("m4i-tiny-vit", tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        safetensors_tensor_count(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="does not match architecture"):
         clip.load_clip("m4i-tiny-rn", path)

@@ -11,7 +11,6 @@ members, so membership ground truth produces a measurable signal (ATTACKS.md sec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +23,8 @@ import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+from m4i_assets.models.checkpoints import sha256_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -148,19 +149,6 @@ def train_and_save(
         bundle, out_dir, {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
     )
     return sha, history, sum(p.numel() for p in bundle.model.parameters())
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_version_for(family: str, sha256: str) -> str:
-    """The model version: family plus the first 12 hex digits of the checkpoint's sha256."""
-    return f"{family}-{sha256[:12]}"
 
 
 def save_clip(bundle: ClipBundle, out_dir: str | os.PathLike, info: dict[str, Any]) -> tuple[Path, str]:
