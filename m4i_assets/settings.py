@@ -52,7 +52,6 @@ class AuditSettings(ConfigurableResource):
     shift_gate_max_auc: float = 0.60
     # Signals and evaluation
     embed_batch_size: int = 256
-    embed_num_workers: int = 2
     n_bootstrap: int = 1000
 
     def corpus_spec(self) -> CorpusSpec:
@@ -106,7 +105,6 @@ PROFILES: dict[str, dict] = {
         "clip_epochs": 3,
         "clip_batch_size": 16,
         "embed_batch_size": 32,
-        "embed_num_workers": 0,
         "n_bootstrap": 100,
     },
 }

@@ -48,7 +48,7 @@ def embeddings(
         recs["image_uri"].to_list(),
         recs["caption"].to_list(),
         batch_size=settings.embed_batch_size,
-        num_workers=settings.embed_num_workers,
+        num_workers=compute.loader_workers,
         device=compute.torch_device,
     )
     frame = pl.DataFrame(
@@ -139,7 +139,7 @@ def augmentation_deltas(
     bundle = clip.load_clip(info["arch"], info["checkpoint_uri"], compute.torch_device)
     transforms = transform_registry(settings.seed)
     augmented = augmented_image_embeddings(bundle, emb["image_uri"].to_list(), transforms, settings.embed_batch_size,
-                                           settings.embed_num_workers, compute.torch_device)  # fmt: skip
+                                           compute.loader_workers, compute.torch_device)  # fmt: skip
     txt = np.stack(emb["text_embedding"].to_numpy())
     cs_clean = emb["cosine_similarity"].to_numpy()
     frames = []
