@@ -1,4 +1,4 @@
-"""Model assets: the trained CLIP target and null control, and the per-version checkpoint asset.
+"""Model assets: the audit's CLIPs (target, null control, references) and the per-version checkpoint.
 
 Training assets write a checkpoint, register it in `models` and add its `model_version` as a
 dynamic partition; everything downstream is partitioned by model version, so a new version adds a
@@ -10,9 +10,10 @@ import json
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -55,6 +56,23 @@ def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     return frame[np.sort(np.random.default_rng(seed).choice(frame.height, n, replace=False))]
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A model to train: where its result goes, its role, records and recipe, where it is staged."""
+
+    index: int
+    role: str
+    train: pl.DataFrame
+    spec: Any
+    fingerprint: str
+    staged: Path
+
+    def arguments(self, audit: str, device: str | None, threads: int | None) -> tuple:
+        """The arguments of `clip.train_and_save` (plain values: they cross into worker processes)."""
+        uris, captions = self.train["image_uri"].to_list(), self.train["caption"].to_list()
+        return self.spec, uris, captions, self.staged, {"role": self.role, "audit": audit}, device, threads
+
+
 def train_and_register(
     context: AssetExecutionContext,
     settings: AuditSettings,
@@ -83,29 +101,26 @@ def train_and_register(
             context.log.info(f"{model_role}: reusing {reusable['model_version']} (same recipe and training records)")
             results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
         else:
-            todo.append((i, model_role, train, spec, fingerprint, Path(tempfile.mkdtemp(dir=storage.root))))
+            todo.append(_Pending(i, model_role, train, spec, fingerprint, Path(tempfile.mkdtemp(dir=storage.root))))
 
-    def arguments(model_role: str, train: pl.DataFrame, spec, staged: Path, threads: int | None) -> tuple:
-        uris, captions = train["image_uri"].to_list(), train["caption"].to_list()
-        info = {"role": model_role, "audit": settings.audit}
-        return spec, uris, captions, staged, info, compute.torch_device, threads
-
-    workers = min(len(todo), compute.training_workers)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(clip.train_and_save, *arguments(*job[1:4], job[5], 1)) for job in todo]
+    device = compute.torch_device
+    if min(len(todo), compute.training_workers) > 1:
+        with ProcessPoolExecutor(max_workers=compute.training_workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(clip.train_and_save, *job.arguments(settings.audit, device, 1)) for job in todo]
             fitted = [f.result() for f in futures]
     else:
-        fitted = [clip.train_and_save(*arguments(*job[1:4], job[5], None)) for job in todo]
+        fitted = [clip.train_and_save(*job.arguments(settings.audit, device, None)) for job in todo]
 
-    for (i, model_role, train, spec, fingerprint, staged), (sha, history, n_params) in zip(todo, fitted):
-        context.log.info(f"{model_role}: {spec.epochs} epochs on {train.height} records, final loss {history[-1]:.4f}")
-        row = {"family": clip.FAMILY, "arch": spec.arch, "role": model_role, "audit": settings.audit,
-               "n_params": n_params, "train_config": json.dumps(asdict(spec)),
-               "train_fingerprint": fingerprint}  # fmt: skip
-        version = register_checkpoint(context, storage, staged, sha, row)
-        shutil.rmtree(staged, ignore_errors=True)
-        results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
+    for job, (sha, history, n_params) in zip(todo, fitted):
+        context.log.info(
+            f"{job.role}: {job.spec.epochs} epochs on {job.train.height} records, final loss {history[-1]:.4f}"
+        )
+        row = {"family": clip.FAMILY, "arch": job.spec.arch, "role": job.role, "audit": settings.audit,
+               "n_params": n_params, "train_config": json.dumps(asdict(job.spec)),
+               "train_fingerprint": job.fingerprint}  # fmt: skip
+        version = register_checkpoint(context, storage, job.staged, sha, row)
+        shutil.rmtree(job.staged, ignore_errors=True)
+        results[job.index] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
     return [{**r, "role": role, "n_train": train.height} for r, (role, train, _) in zip(results, jobs)]
 
 
