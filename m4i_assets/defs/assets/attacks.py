@@ -21,7 +21,7 @@ from m4i_assets.storage.warehouse import replace_rows
 SCORES_CHECK = "candidates_scored"
 
 
-def attack_asset(name: str, deps: list, **kwargs):
+def attack_asset(name: str, deps: list):
     """`@asset` for one attack: partitioned by model version, with the candidates-scored check."""
     return asset(
         name=name,
@@ -33,7 +33,6 @@ def attack_asset(name: str, deps: list, **kwargs):
             AssetCheckSpec(SCORES_CHECK, asset=name, blocking=True,
                            description="every candidate scored once, finite, members and non-members present")
         ],
-        **kwargs,
     )  # fmt: skip
 
 
