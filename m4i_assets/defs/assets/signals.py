@@ -13,25 +13,26 @@ from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
 from m4i_assets.settings import AuditSettings
 
+
 # Records every attack scores or calibrates against; the population only trains models.
+def signal_asset(name: str, deps: list, check: str, check_description: str):
+    """`@asset` for one per-version signal (Parquet), with its blocking data check."""
+    return asset(
+        name=name,
+        group_name="signals",
+        partitions_def=model_versions,
+        deps=deps,
+        kinds={"pytorch", "parquet"},
+        check_specs=[AssetCheckSpec(check, asset=name, blocking=True, description=check_description)],
+    )
+
+
 CANDIDATE_ROLES = ("member", "nonmember")  # what every attack scores
 EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 
-@asset(
-    group_name="signals",
-    partitions_def=model_versions,
-    deps=[model_checkpoint],
-    kinds={"pytorch", "parquet"},
-    check_specs=[
-        AssetCheckSpec(
-            "finite_unit_embeddings",
-            asset="embeddings",
-            blocking=True,
-            description="one row per record, NaN-free, expected dimension, unit norm",
-        )
-    ],
-)
+@signal_asset("embeddings", [model_checkpoint], "finite_unit_embeddings",
+              "one row per record, NaN-free, expected dimension, unit norm")  # fmt: skip
 def embeddings(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
@@ -110,20 +111,8 @@ def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFra
     return pl.read_parquet(path)
 
 
-@asset(
-    group_name="signals",
-    partitions_def=model_versions,
-    deps=[embeddings],
-    kinds={"pytorch", "parquet"},
-    check_specs=[
-        AssetCheckSpec(
-            "finite_deltas",
-            asset="augmentation_deltas",
-            blocking=True,
-            description="one row per (candidate, transform), at least eight transforms, finite",
-        )
-    ],
-)
+@signal_asset("augmentation_deltas", [embeddings], "finite_deltas",
+              "one row per (candidate, transform), at least eight transforms, finite")  # fmt: skip
 def augmentation_deltas(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
