@@ -15,6 +15,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import verdict_lines
 from m4i_assets.settings import m4i_home, settings_for
 from m4i_assets.storage import warehouse
@@ -74,20 +75,10 @@ def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
     print(f"m4i demo: {what} done in {time.monotonic() - start:.0f}s", flush=True)
 
 
-def latest_versions(home: Path, audit: str, n_references: int) -> dict[str, list[str]]:
-    """The latest registered model version(s) of each role in an audit (n for references, else one)."""
-    with warehouse.connect(home / "warehouse.duckdb") as conn:
-        rows = conn.execute(
-            """SELECT role, list(model_version ORDER BY created_at DESC) FROM models WHERE audit = ? GROUP BY role""",
-            [audit],
-        ).fetchall()
-    return {role: versions[: n_references if role == "reference" else 1] for role, versions in rows}
-
-
-def report(home: Path, versions: list[str] | None = None) -> str:
+def report(storage: Storage, versions: list[str] | None = None) -> str:
     """The headline table: one row per (model version, attack)."""
-    with warehouse.connect(home / "warehouse.duckdb") as conn:
-        warehouse.refresh_views(conn, {})
+    with storage.connect() as conn:
+        storage.refresh_views(conn)  # a warehouse nothing has written to yet still answers, empty
         frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
@@ -114,24 +105,22 @@ def demo() -> None:
         "corpus, records, roles and models",
         [partial(_materialize, UNPARTITIONED, env, logs / "models.log")],
     )
-    versions = latest_versions(home, settings.audit, settings.n_reference_models)
-    # One run per model version, side by side: their warehouse writes queue on the file lock.
+    storage = Storage(home=str(home))
+    references = storage.reference_versions(settings.audit, settings.n_reference_models)
+    # One run per model version, two at a time: their warehouse writes queue on the file lock.
     _run_phase(
         "signals of the reference models",
-        [partial(_materialize, SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in versions.get("reference", [])],
+        [partial(_materialize, SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in references],
     )
-    audited = [v for role in ("target", "null_control") for v in versions[role]]
+    audited = [v for role in ("target", "null_control") for v in storage.latest_versions(settings.audit, role)]
     _run_phase("audit of the target and the null control",
                [partial(_materialize, FULL_AUDIT, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
-    print(report(home, audited))
-    with warehouse.connect(home / "warehouse.duckdb") as conn:
-        for version in audited:
-            rows = warehouse.query(
-                conn, "SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version]
-            )
-            print(f"\n{rows['model_role'][0]} {version}:")
-            print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
+    print(report(storage, audited))
+    for version in audited:
+        rows = storage.read("SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version])
+        print(f"\n{rows['model_role'][0]} {version}:")
+        print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
     print(
         f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
         f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}"
@@ -147,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "home":
         print(prepare_dagster_home(m4i_home()))
     else:
-        print(report(m4i_home()))
+        print(report(Storage(home=str(m4i_home()))))
 
 
 if __name__ == "__main__":

@@ -74,17 +74,21 @@ class Storage(ConfigurableResource):
             [audit, *roles],
         )
 
-    def reference_versions(self, audit: str, n: int) -> list[str]:
-        """The `n` most recently registered reference models of an audit; an error if there are fewer."""
-        rows = self.read(
-            "SELECT model_version FROM models WHERE audit = ? AND role = 'reference' ORDER BY created_at DESC LIMIT ?",
-            [audit, n],
+    def latest_versions(self, audit: str, role: str, n: int = 1) -> list[str]:
+        """The `n` most recently registered model versions of one role in an audit, newest first."""
+        return self.read(
+            "SELECT model_version FROM models WHERE audit = ? AND role = ? ORDER BY created_at DESC LIMIT ?",
+            [audit, role, n],
         )["model_version"].to_list()
-        if len(rows) < n:
+
+    def reference_versions(self, audit: str, n: int) -> list[str]:
+        """The `n` latest reference models of an audit, sorted; an error if there are fewer."""
+        versions = self.latest_versions(audit, "reference", n)
+        if len(versions) < n:
             raise LookupError(
-                f"audit {audit!r} has {len(rows)} reference models, {n} needed: materialize reference_clips"
+                f"audit {audit!r} has {len(versions)} reference models, {n} needed: materialize reference_clips"
             )
-        return sorted(rows)
+        return sorted(versions)
 
 
 class Compute(ConfigurableResource):
