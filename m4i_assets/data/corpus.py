@@ -9,6 +9,13 @@ The corpus is written as image files plus a JSONL manifest and is ingested throu
 reader as users' data (`m4i_assets.data.manifest`), so it is one source among others, not a special
 path. `style="shifted"` renders a deliberately different distribution (muted palette, terse caption
 style), used to show the blind-baseline shift gate firing (ATTACKS.md section 4).
+
+`style="sketch"` is a second caption domain, a different dataset over the same scene sampler, for the
+data-restricted scenario (shadow model trained on another dataset than the target's; Hu et al. 2022):
+line drawings on light paper (blank, ruled, gridded, speckled, grainy or smudged), each shape a
+coloured outline with hatching (white ones edged in graphite), and captions in their own vocabulary
+and templates ("pencil drawing showing a tiny disc outlined in scarlet by the upper left ...").
+Its metadata keeps the scene's labels in the default vocabulary and adds the `paper` and `ruling`.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # The shifted style: a muted palette and a terse caption grammar (a different distribution).
 SHIFTED_FACTOR = 0.45
+STYLES = ("default", "shifted", "sketch")
 
 OBJECT_TEMPLATES = (
     "a {size} {colour} {shape} in the {position}",
@@ -77,10 +85,86 @@ BACKGROUND_TEMPLATES = (
     " over a {bg} background that is {texture}",
 )
 
+# The sketch domain: its own words for the same scene labels, its own templates, paper instead of textures.
+SKETCH_SHAPES = {
+    "circle": "disc",
+    "square": "box",
+    "triangle": "wedge",
+    "diamond": "rhombus",
+    "cross": "crosshair",
+    "ring": "hoop",
+    "star": "starburst",
+    "bar": "strip",
+}
+SKETCH_COLOURS = {
+    "red": "scarlet",
+    "green": "jade",
+    "blue": "cobalt",
+    "yellow": "lemon",
+    "purple": "violet",
+    "orange": "tangerine",
+    "cyan": "turquoise",
+    "pink": "rose",
+    "brown": "umber",
+    "white": "chalk",
+    "black": "soot",
+    "grey": "graphite",
+}
+SKETCH_SIZES = {"small": "tiny", "medium": "midsize", "large": "big"}
+SKETCH_POSITIONS = {
+    "top left": "upper left",
+    "top": "upper edge",
+    "top right": "upper right",
+    "left": "left side",
+    "centre": "middle",
+    "right": "right side",
+    "bottom left": "lower left",
+    "bottom": "lower edge",
+    "bottom right": "lower right",
+}
+SKETCH_RELATIONS = {"left of": "left of", "right of": "right of", "above": "over", "below": "under"}
+# Scene background -> paper (name, colour); scene texture -> ruling of the sheet.
+SKETCH_PAPERS: dict[str, tuple[str, tuple[int, int, int]]] = {
+    "beige": ("cream", (250, 243, 220)),
+    "navy": ("ivory", (254, 253, 244)),
+    "olive": ("parchment", (236, 222, 186)),
+    "lavender": ("newsprint", (226, 225, 218)),
+    "teal": ("manila", (243, 226, 168)),
+    "sand": ("kraft", (212, 188, 148)),
+    "charcoal": ("vellum", (230, 238, 242)),
+    "mint": ("linen", (244, 234, 224)),
+}
+SKETCH_RULINGS = {
+    "plain": "blank",
+    "striped": "ruled",
+    "dotted": "speckled",
+    "checkered": "gridded",
+    "noisy": "grainy",
+    "gradient": "smudged",
+}
+SKETCH_RULE_INK = (140, 165, 215)  # pale blue of ruled and gridded paper
+SKETCH_GRAPHITE = (70, 70, 75)
+# Short templates: a sketch caption has at most 47 words (the captioner's default `max_len` is 48).
+SKETCH_OBJECT_TEMPLATES = (
+    "a {size} {shape} outlined in {colour} by the {position}",
+    "a {size} {colour} {shape} drawn at the {position}",
+    "a {colour} {shape}, {size}, toward the {position}",
+    "a hatched {size} {colour} {shape} at the {position}",
+)
+SKETCH_OPENERS = ("sketch of ", "pencil drawing showing ", "line art: ", "doodle of ", "ink study of ")
+SKETCH_JOINERS = (", beside ", " alongside ", "; then ", " and ")
+SKETCH_PAPER_TEMPLATES = (
+    " on {ruling} {paper} paper",
+    " on a {ruling} {paper} sheet",
+    " across a {ruling} {paper} page",
+)
+SKETCH_RELATION_TEMPLATES = ("; the {a} sits {rel} the {b}", ", its {a} drawn {rel} the {b}")
+
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """What to generate. `seed` fixes every random choice; `style` is "default" or "shifted"."""
+    """What to generate. `seed` fixes every random choice; `style` is one of `STYLES`: "default",
+    "shifted" (muted palette, terse captions) or "sketch" (line drawings on paper, own vocabulary)."""
 
     n_records: int = 3000
     image_size: int = 64
@@ -131,9 +215,38 @@ def _sample_scene(rng: np.random.Generator) -> dict:
     }
 
 
+def _sketch_caption(scene: dict) -> str:
+    """The sketch domain's caption: the same content as the default one, in its own words and templates."""
+    objects: list[SceneObject] = scene["objects"]
+    p = scene["phrasing"]
+    phrases = [
+        SKETCH_OBJECT_TEMPLATES[(p[i] + i) % len(SKETCH_OBJECT_TEMPLATES)].format(
+            size=SKETCH_SIZES[o.size],
+            colour=SKETCH_COLOURS[o.colour],
+            shape=SKETCH_SHAPES[o.shape],
+            position=SKETCH_POSITIONS[o.position],
+        )
+        for i, o in enumerate(objects)
+    ]
+    text = SKETCH_OPENERS[p[3] % len(SKETCH_OPENERS)] + phrases[0]
+    for i, phrase in enumerate(phrases[1:], start=1):
+        text += SKETCH_JOINERS[(p[4] + i) % len(SKETCH_JOINERS)] + phrase
+    text += SKETCH_PAPER_TEMPLATES[p[5] % len(SKETCH_PAPER_TEMPLATES)].format(
+        ruling=SKETCH_RULINGS[scene["texture"]], paper=SKETCH_PAPERS[scene["background"]][0]
+    )
+    if len(objects) >= 2:
+        a, b = objects[0], objects[1]
+        text += SKETCH_RELATION_TEMPLATES[p[6] % len(SKETCH_RELATION_TEMPLATES)].format(
+            a=SKETCH_SHAPES[a.shape], rel=SKETCH_RELATIONS[_relation(a, b)], b=SKETCH_SHAPES[b.shape]
+        )
+    return text
+
+
 def _caption(scene: dict, style: str) -> str:
     objects: list[SceneObject] = scene["objects"]
     p = scene["phrasing"]
+    if style == "sketch":
+        return _sketch_caption(scene)
     if style == "shifted":
         parts = [f"{o.colour} {o.shape} {o.position}" for o in objects]
         return f"{' | '.join(parts)} | {scene['background']} {scene['texture']}"
@@ -185,9 +298,13 @@ def _background(scene: dict, size: int, style: str) -> np.ndarray:
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, size: int, style: str) -> None:
+    _draw_shape(draw, o, size, _palette(COLOURS[o.colour], style))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject, size: int, fill: tuple[int, int, int] | int) -> None:
+    """The object's shape, filled with `fill` (a ring is its band)."""
     r = SIZES[o.size] * size / 2
     cx, cy = o.cx * size, o.cy * size
-    fill = _palette(COLOURS[o.colour], style)
     box = (cx - r, cy - r, cx + r, cy + r)
     if o.shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -211,14 +328,64 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, size: int, style: st
         draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=fill)
 
 
+def _render_sketch(scene: dict, size: int) -> Image.Image:
+    """A line drawing: a light sheet of paper, each shape a coloured outline with hatching inside."""
+    rng = np.random.default_rng(scene["noise_seed"])
+    img = np.broadcast_to(np.array(SKETCH_PAPERS[scene["background"]][1], dtype=np.float32), (size, size, 3)).copy()
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = int(rng.integers(5, 9)) * max(1, size // 64)
+    rule = np.array(SKETCH_RULE_INK, dtype=np.float32)
+    texture = scene["texture"]
+    if texture == "striped":  # ruled
+        lines = yy % period == period - 1
+        img[lines] = 0.55 * img[lines] + 0.45 * rule
+    elif texture == "checkered":  # gridded
+        lines = (xx % period == 0) | (yy % period == 0)
+        img[lines] = 0.7 * img[lines] + 0.3 * rule
+    elif texture == "dotted":  # speckled
+        img[rng.random((size, size)) < 0.05] *= 0.65
+    elif texture == "noisy":  # grainy
+        img *= rng.uniform(0.88, 1.02, size=(size, size, 1))
+    elif texture == "gradient":  # smudged: graphite rubbed in from one corner
+        img *= (1.0 - 0.25 * (1.0 - (xx + yy) / (2 * size)))[..., None]
+    thickness = max(2, round(size / 24))
+    hatch_gap = max(3, size // 12)
+    graphite = np.array(SKETCH_GRAPHITE, dtype=np.float32)
+    for o in scene["objects"]:
+        mask = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(mask), o, size, 255)
+        filled = np.asarray(mask) > 127
+        band = filled & ~(np.asarray(mask.filter(ImageFilter.MinFilter(2 * thickness + 1))) > 127)
+        direction = int(rng.integers(0, 3))
+        if direction == 0:
+            pattern = (xx + yy) % hatch_gap == 0
+        elif direction == 1:
+            pattern = (xx - yy) % hatch_gap == 0
+        else:  # cross-hatching
+            pattern = ((xx + yy) % hatch_gap == 0) | ((xx - yy) % hatch_gap == 0)
+        hatch = filled & ~band & pattern
+        ink = np.array(COLOURS[o.colour], dtype=np.float32)
+        img[hatch] = 0.3 * img[hatch] + 0.7 * ink
+        img[band] = ink
+        if o.colour == "white":  # chalk on paper: edged in graphite so that it shows
+            edge = (np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 127) & ~filled
+            img[edge] = graphite
+    # Paper grain: every image is unique.
+    img += rng.normal(0.0, 3.0, size=img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 def render(scene: dict, size: int, style: str) -> bytes:
     """Render one scene to PNG bytes (deterministic: no timestamps or metadata chunks)."""
-    image = Image.fromarray(_background(scene, size, style))
-    draw = ImageDraw.Draw(image)
-    for o in scene["objects"]:
-        _draw_object(draw, o, size, style)
-    if style == "shifted":
-        image = image.filter(ImageFilter.GaussianBlur(0.8))
+    if style == "sketch":
+        image = _render_sketch(scene, size)
+    else:
+        image = Image.fromarray(_background(scene, size, style))
+        draw = ImageDraw.Draw(image)
+        for o in scene["objects"]:
+            _draw_object(draw, o, size, style)
+        if style == "shifted":
+            image = image.filter(ImageFilter.GaussianBlur(0.8))
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -229,8 +396,8 @@ def generate(spec: CorpusSpec, out_dir: str | os.PathLike) -> Path:
 
     Idempotent: an existing manifest written from the same spec is kept as it is.
     """
-    if spec.style not in ("default", "shifted"):
-        raise ValueError(f"unknown corpus style {spec.style!r}; expected 'default' or 'shifted'")
+    if spec.style not in STYLES:
+        raise ValueError(f"unknown corpus style {spec.style!r}; known styles: {', '.join(STYLES)}")
     out = Path(out_dir)
     manifest = out / "manifest.jsonl"
     spec_file = out / "spec.json"
@@ -250,23 +417,18 @@ def generate(spec: CorpusSpec, out_dir: str | os.PathLike) -> Path:
         rel = f"images/{i:06d}.png"
         (out / rel).write_bytes(render(scene, spec.image_size, spec.style))
         objects = scene["objects"]
-        lines.append(
-            json.dumps(
-                {
-                    "image": rel,
-                    "caption": caption,
-                    "metadata": {
-                        "style": spec.style,
-                        "n_objects": len(objects),
-                        "texture": scene["texture"],
-                        "background": scene["background"],
-                        "shapes": [o.shape for o in objects],
-                        "colours": [o.colour for o in objects],
-                    },
-                },
-                sort_keys=True,
-            )
-        )
+        metadata = {
+            "style": spec.style,
+            "n_objects": len(objects),
+            "texture": scene["texture"],
+            "background": scene["background"],
+            "shapes": [o.shape for o in objects],
+            "colours": [o.colour for o in objects],
+        }
+        if spec.style == "sketch":
+            metadata["paper"] = SKETCH_PAPERS[scene["background"]][0]
+            metadata["ruling"] = SKETCH_RULINGS[scene["texture"]]
+        lines.append(json.dumps({"image": rel, "caption": caption, "metadata": metadata}, sort_keys=True))
         i += 1
     manifest.write_text("\n".join(lines) + "\n")
     spec_file.write_text(json.dumps(asdict(spec), sort_keys=True))
