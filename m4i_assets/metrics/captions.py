@@ -60,7 +60,7 @@ DEFAULT_METRICS: tuple[str, ...] = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1"
 
 _BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
 _ROUGE = ("rouge1", "rouge2", "rougeL")
-_PUNCT = re.compile(r"[^\w\s]|_")
+PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 def normalise_caption(text: str) -> str:
@@ -69,7 +69,7 @@ def normalise_caption(text: str) -> str:
     The one tokenisation applied to generated and reference captions alike; tokens are the
     space-separated words of the result.
     """
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+    return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
 
 
 @functools.cache

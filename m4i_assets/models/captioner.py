@@ -1,14 +1,25 @@
-"""Image captioner adapter: the M^4I paper's target architecture, trainable on a CPU in minutes.
+"""Image captioner adapter: two target architectures, each trainable on a CPU in minutes.
 
-Hu et al., NeurIPS 2022 (M^4I), section 4.1: an image encoder mapped linearly to 256 dimensions and a
-one-layer LSTM decoder (embedding 256, hidden 512) with greedy decoding. The paper's encoder is an
-ImageNet ResNet-152 / VGG-16; no pretrained weights can be fetched here, so the encoder is a small CNN
-trained from scratch with the decoder (recorded in the checkpoint's config). The paper caps captions
-at 20 tokens; the embedded corpus's captions are longer, so `max_len` is a config value.
+`cnn-lstm` is the M^4I paper's captioner (Hu et al., NeurIPS 2022, M^4I, section 4.1): an image encoder
+mapped linearly to 256 dimensions and a one-layer LSTM decoder (embedding 256, hidden 512) with greedy
+decoding. The paper's encoder is an ImageNet ResNet-152 / VGG-16; no pretrained weights can be fetched
+here, so the encoder is a small CNN trained from scratch with the decoder. The paper caps captions at 20
+tokens; the embedded corpus's captions are longer, so `max_len` is a config value.
 
-The vocabulary is built offline from the training captions (word level, after the same
-normalisation the caption metrics use). Checkpoints are a safetensors state dict plus a JSON config
-holding the vocabulary; `sha256` of the safetensors file names the model version, as for CLIPs.
+`vit-gpt2` is ours, a second architecture for the architecture-restricted scenario: a small `transformers`
+VisionEncoderDecoderModel (ViT encoder, GPT-2 decoder with cross-attention) built from configs, with the
+vocabulary as a `tokenizers` WordLevel tokenizer and a ViTImageProcessor that also prepares the training
+pixels. It is saved as a standard Hugging Face directory, and `load_captioner` loads any Hugging Face
+VisionEncoderDecoder captioner directory (a user's model) as well as this module's folders.
+
+The vocabulary is built offline from the training captions (word level, after the same normalisation the
+caption metrics use). Both architectures share one teacher-forced training loop and greedy decoding. The
+sha256 of `model.safetensors` (written without varying metadata) names the model version, as for CLIPs;
+the bytes are reproducible for the same spec, data and torch thread count.
+
+Speed (500 images of 32 px, 30 epochs, batch 64, max_len 48, one CPU thread): vit-gpt2 at its default
+sizes (width 128, 2 + 2 layers, patch 8; 1.0M parameters) about 53 s, cnn-lstm at the paper's sizes
+(2.1M parameters) about 100 s.
 """
 
 from __future__ import annotations
@@ -16,21 +27,26 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import tokenizers
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from m4i_assets.metrics.captions import normalise_caption
+from m4i_assets.metrics.captions import PUNCTUATION, normalise_caption
 from m4i_assets.models.checkpoints import sha256_file
 
 FAMILY = "captioner"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
+M4I_FILE = "m4i.json"  # our spec and info beside a Hugging Face directory's own files
 
 
 def tokenize(text: str) -> list[str]:
@@ -64,16 +80,43 @@ class Vocabulary:
                 out.append(self.words[i])
         return " ".join(out)
 
+    def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
+        """The vocabulary as a Hugging Face tokenizer: same normalisation and ids as `encode`, without padding."""
+        tok = tokenizers.Tokenizer(
+            tokenizers.models.WordLevel({w: i for i, w in enumerate(self.words)}, unk_token=SPECIALS[UNK])
+        )
+        tok.normalizer = tokenizers.normalizers.Sequence(
+            [
+                tokenizers.normalizers.Lowercase(),
+                tokenizers.normalizers.Replace(tokenizers.Regex(PUNCTUATION.pattern), " "),
+            ]
+        )
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{SPECIALS[BOS]} $A {SPECIALS[EOS]}", special_tokens=[(SPECIALS[BOS], BOS), (SPECIALS[EOS], EOS)]
+        )
+        pad, bos, eos, unk = SPECIALS
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk
+        )
+
 
 @dataclass(frozen=True)
 class CaptionerSpec:
-    """Architecture and training recipe of a CNN+LSTM captioner. `seed` fixes init and batch order."""
+    """Architecture and training recipe of a captioner. `seed` fixes init and batch order.
+
+    cnn-lstm reads `feature_dim`, `embed_dim`, `hidden_dim`; vit-gpt2 reads `width`, `layers`, `heads`
+    (for the encoder and the decoder alike, MLPs 4 x width) and `patch_size`."""
 
     arch: str = "cnn-lstm"
     image_size: int = 32
     feature_dim: int = 256
     embed_dim: int = 256
     hidden_dim: int = 512
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    patch_size: int = 8
     max_len: int = 48
     epochs: int = 30
     batch_size: int = 64
@@ -84,49 +127,98 @@ class CaptionerSpec:
 
 
 class CnnLstmCaptioner(nn.Module):
-    """CNN encoder -> linear feature_dim -> initial LSTM state; LSTM decoder over word embeddings."""
+    """CNN encoder -> linear feature_dim -> initial LSTM state; LSTM decoder over word embeddings, with the
+    image feature also fed at every step (beside the word embedding): conditioned only through the
+    initial state, the decoder learned the captions' language but barely the image in 30 epochs."""
 
     def __init__(self, vocab_size: int, spec: CaptionerSpec) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            # Batch norm after each convolution: it learns the input scale, which differs between domains
+            # (the sketch corpus's bright paper, raw [0, 1] pixels) and made the encoder learn slowly.
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
             nn.Flatten(), nn.Linear(128 * 4, spec.feature_dim), nn.ReLU(),
         )  # fmt: skip
         self.init_h = nn.Linear(spec.feature_dim, spec.hidden_dim)
         self.init_c = nn.Linear(spec.feature_dim, spec.hidden_dim)
         self.embed = nn.Embedding(vocab_size, spec.embed_dim, padding_idx=PAD)
-        self.lstm = nn.LSTM(spec.embed_dim, spec.hidden_dim, batch_first=True)
+        self.lstm = nn.LSTM(spec.embed_dim + spec.feature_dim, spec.hidden_dim, batch_first=True)
         self.out = nn.Linear(spec.hidden_dim, vocab_size)
 
-    def _state(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.encoder(images)
+    def _state(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.init_h(f).unsqueeze(0), self.init_c(f).unsqueeze(0)
+
+    def _inputs(self, tokens: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.embed(tokens), f.unsqueeze(1).expand(-1, tokens.shape[1], -1)], dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits for tokens[:, 1:] given tokens[:, :-1]."""
-        out, _ = self.lstm(self.embed(tokens[:, :-1]), self._state(images))
+        f = self.encoder(images)
+        out, _ = self.lstm(self._inputs(tokens[:, :-1], f), self._state(f))
         return self.out(out)
 
     @torch.no_grad()
     def greedy(self, images: torch.Tensor, max_len: int) -> torch.Tensor:
         """Greedy decoding (the paper's): ids of shape (batch, max_len + 1), stopping at EOS."""
-        state = self._state(images)
+        f = self.encoder(images)
+        state = self._state(f)
         token = torch.full((len(images), 1), BOS, dtype=torch.long, device=images.device)
         out = []
         for _ in range(max_len + 1):
-            step, state = self.lstm(self.embed(token), state)
+            step, state = self.lstm(self._inputs(token, f), state)
             token = self.out(step).argmax(-1)
             out.append(token)
         return torch.cat(out, dim=1)
 
 
+class VisionEncoderDecoderCaptioner(nn.Module):
+    """A `transformers` VisionEncoderDecoderModel behind the captioners' forward/greedy interface."""
+
+    def __init__(self, hf: transformers.VisionEncoderDecoderModel) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for tokens[:, 1:] given tokens[:, :-1] (tokens[:, 0] is the start token)."""
+        inputs = tokens[:, :-1]
+        return self.hf(
+            pixel_values=pixels, decoder_input_ids=inputs, decoder_attention_mask=inputs != PAD, use_cache=False
+        ).logits
+
+    @torch.no_grad()
+    def greedy(self, pixels: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Greedy decoding by `generate`: ids of shape (batch, at most max_len + 2), the start token first."""
+        return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1)
+
+
 @dataclass
 class CaptionerBundle:
-    model: CnnLstmCaptioner
-    vocab: Vocabulary
+    """A captioner with its input and output conversions. Hugging Face archs carry their image processor and
+    tokenizer; `vocab` is None for a Hugging Face directory saved elsewhere (it can generate, not train)."""
+
+    model: CnnLstmCaptioner | VisionEncoderDecoderCaptioner
+    vocab: Vocabulary | None
     spec: CaptionerSpec
+    image_processor: transformers.BaseImageProcessor | None = None
+    tokenizer: transformers.PreTrainedTokenizerBase | None = None
+
+    def pixels(self, image_uris: list[str]) -> torch.Tensor:
+        """The model's input tensor for image files (the image processor's `pixel_values` where there is one)."""
+        if self.image_processor is None:
+            return load_image_tensor(image_uris, self.spec.image_size)
+        images = []
+        for uri in image_uris:
+            with Image.open(uri) as im:
+                images.append(im.convert("RGB"))
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Captions for generated ids, normalised as the caption metrics normalise."""
+        if self.tokenizer is None:
+            return [self.vocab.decode(row) for row in ids]
+        return [normalise_caption(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def load_image_tensor(uris: list[str], size: int) -> torch.Tensor:
@@ -139,20 +231,78 @@ def load_image_tensor(uris: list[str], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def build_captioner(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
-    if spec.arch != "cnn-lstm":
-        raise ValueError(f"unknown captioner architecture {spec.arch!r}; this adapter builds 'cnn-lstm'")
-    torch.manual_seed(spec.seed)
+def _build_cnn_lstm(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
     return CaptionerBundle(CnnLstmCaptioner(len(vocab.words), spec), vocab, spec)
+
+
+def _build_vit_gpt2(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
+    encoder = transformers.ViTConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.width,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=4 * spec.width,
+    )
+    decoder = transformers.GPT2Config(
+        vocab_size=len(vocab.words),
+        n_positions=spec.max_len + 2,
+        n_embd=spec.width,
+        n_layer=spec.layers,
+        n_head=spec.heads,
+        resid_pdrop=0.0,  # no dropout anywhere, as in cnn-lstm: the target memorises its members
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu",
+        is_decoder=True,
+        add_cross_attention=True,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        decoder_start_token_id=BOS,
+    )
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, BOS, EOS, PAD
+    hf = transformers.VisionEncoderDecoderModel(config=config)
+    hf.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=BOS, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_length=spec.max_len + 2
+    )
+    processor = transformers.ViTImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size},
+        resample=Image.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return CaptionerBundle(VisionEncoderDecoderCaptioner(hf), vocab, spec, processor, vocab.tokenizer())
+
+
+ARCHS: dict[str, Callable[[Vocabulary, CaptionerSpec], CaptionerBundle]] = {
+    "cnn-lstm": _build_cnn_lstm,
+    "vit-gpt2": _build_vit_gpt2,
+}
+
+
+def build_captioner(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
+    """An untrained captioner of a registered architecture, initialised from `spec.seed`."""
+    if spec.arch not in ARCHS:
+        raise ValueError(f"unknown captioner architecture {spec.arch!r}; registered: {sorted(ARCHS)}")
+    torch.manual_seed(spec.seed)
+    return ARCHS[spec.arch](vocab, spec)
+
+
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def train_captioner(
     bundle: CaptionerBundle, image_uris: list[str], captions: list[str], device: str | None = None
 ) -> list[float]:
     """Teacher-forced cross-entropy training in place; returns the mean loss of each epoch."""
+    if bundle.vocab is None:
+        raise ValueError("this captioner was loaded without its vocabulary (no m4i.json), so it cannot be trained")
     spec = bundle.spec
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    images = load_image_tensor(image_uris, spec.image_size)
+    dev = _device(device)
+    images = bundle.pixels(image_uris)
     tokens = torch.tensor([bundle.vocab.encode(c, spec.max_len) for c in captions])
     model = bundle.model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -181,43 +331,134 @@ def generate_captions(
     bundle: CaptionerBundle, image_uris: list[str], batch_size: int = 256, device: str | None = None
 ) -> list[str]:
     """Greedy captions for image files, in order."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     model = bundle.model.to(dev).eval()
     out: list[str] = []
     for start in range(0, len(image_uris), batch_size):
-        images = load_image_tensor(image_uris[start : start + batch_size], bundle.spec.image_size).to(dev)
-        out += [bundle.vocab.decode(ids) for ids in model.greedy(images, bundle.spec.max_len).cpu().tolist()]
+        pixels = bundle.pixels(image_uris[start : start + batch_size]).to(dev)
+        out += bundle.decode(model.greedy(pixels, bundle.spec.max_len).cpu().tolist())
     return out
 
 
-def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: dict) -> tuple[Path, str]:
-    """safetensors weights (no metadata: the hash depends on the weights alone) plus `config.json`."""
+def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: dict[str, Any]) -> tuple[Path, str]:
+    """Save a captioner folder; return (path of `model.safetensors`, its sha256).
+
+    cnn-lstm: safetensors without metadata plus `config.json` (spec, vocabulary, info). Hugging Face archs:
+    `save_pretrained` of model, tokenizer and image processor, plus `m4i.json` (spec, info)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "model.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}, str(ckpt))
-    config = {"family": FAMILY, "spec": asdict(bundle.spec), "vocab": list(bundle.vocab.words), **info}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    config = {"family": FAMILY, "spec": asdict(bundle.spec), **info}
+    if isinstance(bundle.model, VisionEncoderDecoderCaptioner):
+        bundle.model.hf.save_pretrained(out)  # safetensors metadata {"format": "pt"} only: same weights, same bytes
+        bundle.tokenizer.save_pretrained(out)
+        bundle.image_processor.save_pretrained(out)
+        (out / M4I_FILE).write_text(json.dumps(config, indent=1))
+    else:
+        save_file({k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}, str(ckpt))
+        (out / "config.json").write_text(json.dumps({**config, "vocab": list(bundle.vocab.words)}, indent=1))
     return ckpt, sha256_file(ckpt)
 
 
-def load_captioner(checkpoint_dir: str | os.PathLike, device: str | None = None) -> CaptionerBundle:
-    """Load a saved captioner folder; a missing or corrupt file is a clear error naming it."""
-    folder = Path(checkpoint_dir)
-    config_path, ckpt = folder / "config.json", folder / "model.safetensors"
-    for path in (config_path, ckpt):
-        if not path.is_file():
-            raise FileNotFoundError(f"captioner checkpoint incomplete: {path} not found")
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"captioner checkpoint incomplete: {path} not found")
     try:
-        config = json.loads(config_path.read_text())
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _load_cnn_lstm(folder: Path, config: dict[str, Any]) -> CaptionerBundle:
+    config_path, ckpt = folder / "config.json", folder / "model.safetensors"
+    try:
         spec = CaptionerSpec(**config["spec"])
         vocab = Vocabulary(words=tuple(config["vocab"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{config_path} is not a captioner config: {exc}") from exc
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{config_path} is not a captioner config: {exc!r}") from exc
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"captioner checkpoint incomplete: {ckpt} not found")
     bundle = build_captioner(vocab, spec)
     try:
         bundle.model.load_state_dict(load_file(str(ckpt)), strict=True)
     except Exception as exc:
         raise ValueError(f"{ckpt} does not hold a {spec.arch} captioner matching {config_path}: {exc}") from exc
+    return bundle
+
+
+def _load_hugging_face(folder: Path) -> CaptionerBundle:
+    """Any VisionEncoderDecoder directory; with our `m4i.json` the spec and vocabulary come back as well."""
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"captioner checkpoint incomplete: {folder / name} not found")
+    weights = folder / "model.safetensors"
+    try:
+        hf = transformers.VisionEncoderDecoderModel.from_pretrained(folder)
+    except OSError as exc:
+        if not weights.is_file():
+            raise FileNotFoundError(f"captioner checkpoint incomplete: {weights} not found ({exc})") from exc
+        raise ValueError(f"{weights} is not a readable checkpoint: {exc}") from exc
+    except Exception as exc:  # safetensors header errors, shape mismatches
+        first_line = str(exc).splitlines()[0]
+        raise ValueError(f"{weights} does not load into the model of {folder / 'config.json'}: {first_line}") from exc
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ValueError(f"the tokenizer files in {folder} (tokenizer_config.json, ...) do not load: {exc}") from exc
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    except Exception as exc:
+        raise ValueError(f"{folder / 'preprocessor_config.json'} does not give an image processor: {exc}") from exc
+    if (folder / M4I_FILE).is_file():
+        try:
+            spec = CaptionerSpec(**_read_json(folder / M4I_FILE)["spec"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / M4I_FILE} is not a captioner spec: {exc!r}") from exc
+        words = tokenizer.get_vocab()
+        vocab = Vocabulary(words=tuple(sorted(words, key=words.__getitem__)))
+    else:
+        enc, dec = hf.config.encoder, hf.config.decoder
+        spec = CaptionerSpec(
+            arch=f"{enc.model_type}-{dec.model_type}",
+            image_size=getattr(enc, "image_size", CaptionerSpec.image_size),
+            max_len=max_length - 2 if (max_length := hf.generation_config.max_length) else CaptionerSpec.max_len,
+        )
+        vocab = None
+    return CaptionerBundle(VisionEncoderDecoderCaptioner(hf), vocab, spec, processor, tokenizer)
+
+
+def load_captioner(checkpoint_dir: str | os.PathLike, device: str | None = None) -> CaptionerBundle:
+    """Load a captioner folder: ours (either arch) or any Hugging Face VisionEncoderDecoder directory.
+
+    A missing or corrupt file is a clear error naming it (FileNotFoundError, ValueError)."""
+    folder = Path(checkpoint_dir)
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") == "vision-encoder-decoder":
+        bundle = _load_hugging_face(folder)
+    else:
+        bundle = _load_cnn_lstm(folder, config)
     bundle.model.to(torch.device(device or "cpu")).eval()
     return bundle
+
+
+def train_and_save(
+    spec: CaptionerSpec,
+    image_uris: list[str],
+    captions: list[str],
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    device: str | None = None,
+    threads: int | None = None,
+) -> tuple[str, list[float], int]:
+    """Build the vocabulary from `captions`, then build, train and save one captioner; return (sha256,
+    loss per epoch, parameter count). Arguments are plain values, so this runs as well in a spawn worker
+    process (with `threads` torch threads) as in the caller's."""
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = build_captioner(Vocabulary.build(captions), spec)
+    history = train_captioner(bundle, image_uris, captions, device)
+    _, sha = save_captioner(bundle, out_dir, {**info, "n_train": len(image_uris), "loss_history": history})
+    return sha, history, sum(p.numel() for p in bundle.model.parameters())
