@@ -4,7 +4,8 @@
 - `nonmember`: held out from the same distribution; with the members, the *candidates* every attack
   scores (is_member is exact ground truth).
 - `known_nonmember`: non-members the attacker is allowed to know (WSA, ATTACKS.md section 1).
-- `population`: data no candidate overlaps, for null-control and reference models (section 4).
+- `population`: data no candidate overlaps, for null-control and reference models (section 4) and
+  the attacker's shadow models (section 2). A second dataset's records are all population.
 """
 
 from __future__ import annotations
@@ -51,3 +52,12 @@ def assign_roles(record_ids: list[str], spec: RoleSpec, nonmember_ids: list[str]
         roles[chunk] = role
     ids, roles = np.r_[ids, shifted], np.r_[roles, np.full(len(shifted), "nonmember", dtype=object)]
     return pl.DataFrame({"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}).sort("record_id")
+
+
+def shadow_split(population_ids: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """A shadow model's known members and non-members: a seeded half of the population and the rest
+    (M^4I's attacker data, disjoint from every candidate; ATTACKS.md section 2), both sorted."""
+    ids = np.array(sorted(population_ids))
+    members = np.zeros(len(ids), dtype=bool)
+    members[np.random.default_rng(seed).permutation(len(ids))[: len(ids) // 2]] = True
+    return ids[members].tolist(), ids[~members].tolist()

@@ -1,0 +1,84 @@
+"""M^4I attack pieces: scenarios, shadow classifiers, the multimodal feature extractor."""
+
+import json
+
+import numpy as np
+import pytest
+
+from m4i_assets.attacks import m4i
+from m4i_assets.data.corpus import CorpusSpec, generate
+from m4i_assets.data.roles import shadow_split
+
+
+def test_scenarios_name_what_the_attacker_guessed():
+    assert m4i.scenario_of("coco", "lstm", "coco", "lstm") == "unrestricted"
+    assert m4i.scenario_of("coco", "lstm", "flickr", "lstm") == "data_restricted"
+    assert m4i.scenario_of("coco", "lstm", "coco", "vit") == "arch_restricted"
+    assert m4i.scenario_of("coco", "lstm", "flickr", "vit") == "both_restricted"
+
+
+def test_shadow_split_halves_the_pool_deterministically():
+    ids = [f"r{i:03d}" for i in range(101)]
+    members, nonmembers = shadow_split(ids, seed=7)
+    assert len(members) == 50 and len(nonmembers) == 51 and not set(members) & set(nonmembers)
+    assert sorted(members + nonmembers) == ids
+    assert shadow_split(list(reversed(ids)), seed=7) == (members, nonmembers)  # input order does not matter
+    assert shadow_split(ids, seed=8) != (members, nonmembers)
+
+
+def _separable(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = np.r_[rng.normal(shift, 1, (n, 6)), rng.normal(0, 1, (n, 6))]
+    return X, np.r_[np.ones(n, bool), np.zeros(n, bool)]
+
+
+def test_shadow_classifier_transfers_and_round_trips():
+    X, y = _separable(300, 0.8, seed=0)
+    clf = m4i.ShadowClassifier(("svm",), random_state=0).fit(X, y)
+    assert clf.kind_ == "svm" and clf.validation_auc_ == {}
+    X_target, y_target = _separable(200, 0.8, seed=1)  # same distribution: the shadow's threshold transfers
+    assert (clf.predict(X_target) == y_target).mean() > 0.8
+    again = m4i.ShadowClassifier.from_bytes(clf.to_bytes())
+    np.testing.assert_array_equal(again.score_samples(X_target), clf.score_samples(X_target))
+    # scores rank like predictions: predicted members score above predicted non-members
+    scores, pred = clf.score_samples(X_target), clf.predict(X_target)
+    assert scores[pred].min() >= scores[~pred].max()
+
+
+def test_shadow_classifier_chooses_on_validation_and_is_seeded():
+    rng = np.random.default_rng(3)
+    X = rng.normal(0, 1, (400, 2))
+    y = (X[:, 0] ** 2 + X[:, 1] ** 2) < 1.2  # a ring: no linear model separates it, an MLP does
+    clf = m4i.ShadowClassifier(("logreg", "mlp"), random_state=0).fit(X, y)
+    assert clf.kind_ == "mlp" and clf.validation_auc_["mlp"] > clf.validation_auc_["logreg"] + 0.2
+    twin = m4i.ShadowClassifier(("logreg", "mlp"), random_state=0).fit(X, y)
+    np.testing.assert_array_equal(twin.score_samples(X), clf.score_samples(X))
+    with pytest.raises(ValueError, match="both members and non-members"):
+        m4i.ShadowClassifier().fit(X, np.ones(len(X), bool))
+    with pytest.raises(ValueError, match="unknown classifier"):
+        m4i.ShadowClassifier(("forest",))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mfe")
+    rows = [json.loads(line) for line in generate(CorpusSpec(n_records=40, image_size=32, seed=5), root).read_text()
+            .splitlines()]  # fmt: skip
+    return [str(root / r["image"]) for r in rows], [r["caption"] for r in rows]
+
+
+def test_mfe_aligns_images_with_their_captions(tiny_corpus):
+    uris, captions = tiny_corpus
+    spec = m4i.MfeSpec(dim=32, text_hidden=64, epochs=60, batch_size=20, seed=1)
+    mfe = m4i.train_mfe(uris, captions, spec, device="cpu")
+    own = m4i.fb_features(mfe, uris, captions, batch_size=16)
+    assert own.shape == (40, 32) and np.isfinite(own).all() and (own >= 0).all()
+    shuffled = m4i.fb_features(mfe, uris, captions[1:] + captions[:1])
+    # a matching caption lands nearer its image than another record's caption does
+    assert (np.linalg.norm(own, axis=1) < np.linalg.norm(shuffled, axis=1)).mean() > 0.9
+    again = m4i.Mfe.from_bytes(mfe.to_bytes())
+    np.testing.assert_allclose(m4i.fb_features(again, uris[:5], captions[:5]), own[:5], atol=1e-6)
+    twin = m4i.train_mfe(uris, captions, spec, device="cpu")
+    assert twin.to_bytes() == mfe.to_bytes()  # seeded: same data, same bytes
+    # words the MFE never saw are dropped, not an error; an all-unknown caption is the zero bag
+    assert mfe.bag_of_words(["zebra quokka"]).sum() == 0
