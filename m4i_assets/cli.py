@@ -1,8 +1,8 @@
 """`m4i`: run the embedded controlled audit through Dagster and print its headline metrics.
 
-m4i demo      materialize the whole asset graph (multiprocess executor, persistent Dagster home)
+m4i demo [--family clip|captioner|all]   materialize an audit (multiprocess executor, persistent Dagster home)
 m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
-m4i report    print the headline table from the warehouse
+m4i report    print the headline tables from the warehouse
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,13 +22,34 @@ from m4i_assets.settings import m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
 REPO = Path(__file__).resolve().parents[1]
-UNPARTITIONED = ["corpus", "records", "record_roles", "target_clip", "null_control_clip", "reference_clips"]
-# What each model role needs per version: reference models only supply signals to the calibrated attack.
-SIGNALS_ONLY = ["model_checkpoint", "embeddings"]
-FULL_AUDIT = [
-    *SIGNALS_ONLY, "augmentation_deltas", "csa_scores", "aea_scores", "pseudo_labels", "wsa_attack_model",
-    "wsa_scores", "ref_calibrated_scores", "blind_baseline_scores", "attack_metrics", "audit_report",
-]  # fmt: skip
+DATA = ["corpus", "records", "record_roles"]
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What the demo materializes for one model family: the models (one unpartitioned run), per helper
+    version (reference CLIPs, shadow captioners) what the audit needs of it, per audited version the rest."""
+
+    models: list[str]
+    helpers: list[str]
+    audit: list[str]
+
+
+PLANS = {
+    "clip": AuditPlan(
+        models=["target_clip", "null_control_clip", "reference_clips"],
+        helpers=["model_checkpoint", "embeddings"],
+        audit=["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "pseudo_labels",
+               "wsa_attack_model", "wsa_scores", "ref_calibrated_scores", "blind_baseline_scores", "attack_metrics",
+               "audit_report"],
+    ),
+    "captioner": AuditPlan(
+        models=["target_captioner", "null_control_captioner", "shadow_captioners"],
+        helpers=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_attack_models"],
+        audit=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_mb_scores", "m4i_fb_scores",
+               "blind_baseline_scores", "attack_metrics", "m4i_scenarios", "audit_report"],
+    ),
+}  # fmt: skip
 DAGSTER_YAML = """\
 # Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
 telemetry:
@@ -76,48 +98,68 @@ def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
 
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
-    """The headline table: one row per (model version, attack)."""
+    """The headline table (one row per model version and attack) and, for captioners, the M^4I scenarios."""
     with storage.connect() as conn:
         storage.refresh_views(conn)  # a warehouse nothing has written to yet still answers, empty
         frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
+        scenarios = warehouse.query(conn, warehouse.sql_file("queries/m4i_scenarios.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
-    header = (f"{'model_version':<18} {'role':<13} {'attack':<15} {'n mem/non':>9}  {'AUC [95% CI]':<22} "
+        scenarios = scenarios.filter(scenarios["model_version"].is_in(versions))
+    header = (f"{'model_version':<23} {'role':<13} {'attack':<15} {'n mem/non':>9}  {'AUC [95% CI]':<22} "
               f"{'bal.acc':>7}  {'TPR@1%FPR [95% CI]':<22} {'TPR@0.1%FPR [95% CI]':<22} mlflow_run_id")  # fmt: skip
     lines = [header]
     for r in frame.to_dicts():
         lines.append(
-            f"{r['model_version']:<18} {r['model_role']:<13} {r['attack']:<15} "
+            f"{r['model_version']:<23} {r['model_role']:<13} {r['attack']:<15} "
             f"{r['n_members']:>4}/{r['n_nonmembers']:<4}  {r['auc_95ci']:<22} {r['balanced_accuracy']:>7.3f}  "
             f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['tpr_at_0_1pct_fpr_95ci']:<22} {r['mlflow_run_id']}"
         )
+    if scenarios.height:
+        lines += ["", f"{'model_version':<23} {'role':<13} {'attack':<7} {'scenario':<16} {'shadow data, arch':<29} "
+                      f"{'AUC [95% CI]':<22} {'TPR@1%FPR [95% CI]':<22} success"]  # fmt: skip
+        for r in scenarios.to_dicts():
+            lines.append(
+                f"{r['model_version']:<23} {r['model_role']:<13} {r['attack']:<7} {r['scenario']:<16} "
+                f"{r['shadow_dataset'] + ', ' + r['shadow_arch']:<29} {r['auc_95ci']:<22} "
+                f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['attack_success_rate']:.3f}"
+            )
     return "\n".join(lines)
 
 
-def demo() -> None:
+def helper_versions(storage: Storage, settings, family: str) -> list[str]:
+    """The versions an audit of `family` learns from: reference CLIPs or shadow captioners."""
+    if family == "clip":
+        return storage.reference_versions(settings.audit, settings.n_reference_models)
+    return [m["model_version"] for m in storage.shadow_models(settings.audit)]
+
+
+def demo(families: list[str]) -> None:
     home = m4i_home()
     env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home))}
     settings = settings_for()
     start = time.monotonic()
-    print(f"m4i demo: audit {settings.audit!r}, everything under {home}", flush=True)
+    print(f"m4i demo: audit {settings.audit!r} of {' and '.join(families)} models, everything under {home}", flush=True)
     logs = home / "logs"
-    _run_phase(
-        "corpus, records, roles and models",
-        [partial(_materialize, UNPARTITIONED, env, logs / "models.log")],
-    )
+    models = DATA + [a for f in families for a in PLANS[f].models]
+    _run_phase("corpus, records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
     storage = Storage(home=str(home))
-    references = storage.reference_versions(settings.audit, settings.n_reference_models)
     # One run per model version, two at a time: their warehouse writes queue on the file lock.
     _run_phase(
-        "signals of the reference models",
-        [partial(_materialize, SIGNALS_ONLY, env, logs / f"{v}.log", v) for v in references],
+        "per-version signals of the reference and shadow models",
+        [partial(_materialize, PLANS[f].helpers, env, logs / f"{v}.log", v)
+         for f in families for v in helper_versions(storage, settings, f)],
+    )  # fmt: skip
+    audited = {f: [storage.latest_versions(settings.audit, role, family=f)[0] for role in ("target", "null_control")]
+               for f in families}  # fmt: skip
+    _run_phase(
+        "audit of the targets and the null controls",
+        [partial(_materialize, PLANS[f].audit, env, logs / f"{v}.log", v) for f in families for v in audited[f]],
     )
-    audited = [v for role in ("target", "null_control") for v in storage.latest_versions(settings.audit, role)]
-    _run_phase("audit of the target and the null control",
-               [partial(_materialize, FULL_AUDIT, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
+    versions = [v for f in families for v in audited[f]]
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
-    print(report(storage, audited))
-    for version in audited:
+    print(report(storage, versions))
+    for version in versions:
         rows = storage.read("SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version])
         print(f"\n{rows['model_role'][0]} {version}:")
         print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
@@ -130,9 +172,10 @@ def demo() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="m4i", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("command", choices=["demo", "home", "report"])
+    parser.add_argument("--family", choices=[*PLANS, "all"], default="clip", help="which audit the demo runs")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        demo()
+        demo(list(PLANS) if args.family == "all" else [args.family])
     elif args.command == "home":
         print(prepare_dagster_home(m4i_home()))
     else:

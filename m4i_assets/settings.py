@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource
 
-if TYPE_CHECKING:  # the model adapter imports torch: load it only where training happens
+if TYPE_CHECKING:  # the model adapters import torch: load them only where training happens
+    from m4i_assets.attacks.m4i import MfeSpec
+    from m4i_assets.models.captioner import CaptionerSpec
     from m4i_assets.models.clip import ClipTrainSpec
 
 from m4i_assets.data.corpus import CorpusSpec
@@ -32,6 +34,9 @@ class AuditSettings(ConfigurableResource):
     # Draw the non-members from a deliberately different distribution (the `shifted` corpus style),
     # to see the blind-baseline shift gate fire.
     shifted_nonmembers: bool = False
+    # A second caption domain (the `sketch` style: its own images, vocabulary and phrasing), all of it
+    # population, for the data-restricted shadow captioners of the M^4I audit; 0 turns it off.
+    second_domain_records: int = 1000
     # Roles
     n_members: int = 500
     n_nonmembers: int = 500
@@ -43,6 +48,23 @@ class AuditSettings(ConfigurableResource):
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
     retrain: bool = False  # train again even when an identical model (recipe, records) is registered
+    # Captioners (M^4I): target and null control have `captioner_arch`; one shadow per (population
+    # dataset, arch in `shadow_archs`) trains on a seeded half of that dataset's population, the other half
+    # being its known non-members.
+    captioner_arch: str = "cnn-lstm"
+    shadow_archs: list[str] = ["cnn-lstm", "vit-gpt2"]
+    captioner_image_size: int = 32
+    captioner_max_len: int = 50  # the embedded corpus's longest caption has 50 words
+    captioner_epochs: int = 30
+    captioner_batch_size: int = 64
+    captioner_lr: float = 2e-3
+    caption_batch_size: int = 256
+    caption_metrics: list[str] = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "cider"]
+    mb_classifiers: list[str] = ["svm"]  # the paper's code: a linear SVM with C = 1e5
+    mb_svm_c: float = 1e5
+    fb_classifiers: list[str] = ["logreg", "mlp"]  # chosen on a shadow validation split
+    mfe_dim: int = 256
+    mfe_epochs: int = 20
     # Attacks
     n_reference_models: int = 4  # reference CLIPs for the calibrated attack, each on half the population
     aea_aggregation: str = "mean"
@@ -71,8 +93,21 @@ class AuditSettings(ConfigurableResource):
             name="synthetic_shapes_shifted",
         )
 
+    def second_domain_spec(self) -> CorpusSpec | None:
+        """The second caption domain (all population, for data-restricted shadows), or None."""
+        if not self.second_domain_records:
+            return None
+        return CorpusSpec(
+            n_records=self.second_domain_records,
+            image_size=self.corpus_image_size,
+            seed=self.seed + 2,
+            style="sketch",
+            name="synthetic_sketches",
+        )
+
     def corpus_specs(self) -> list[CorpusSpec]:
-        return [spec for spec in (self.corpus_spec(), self.shifted_corpus_spec()) if spec is not None]
+        specs = (self.corpus_spec(), self.shifted_corpus_spec(), self.second_domain_spec())
+        return [spec for spec in specs if spec is not None]
 
     def role_spec(self) -> RoleSpec:
         return RoleSpec(self.n_members, self.n_nonmembers, self.n_known_nonmembers, seed=self.seed)
@@ -87,6 +122,24 @@ class AuditSettings(ConfigurableResource):
             lr=self.clip_lr,
             seed=self.seed + seed_offset,
         )
+
+    def captioner_spec(self, arch: str, seed_offset: int = 0) -> CaptionerSpec:
+        from m4i_assets.models.captioner import CaptionerSpec
+
+        return CaptionerSpec(
+            arch=arch,
+            image_size=self.captioner_image_size,
+            max_len=self.captioner_max_len,
+            epochs=self.captioner_epochs,
+            batch_size=self.captioner_batch_size,
+            lr=self.captioner_lr,
+            seed=self.seed + seed_offset,
+        )
+
+    def mfe_spec(self) -> MfeSpec:
+        from m4i_assets.attacks.m4i import MfeSpec
+
+        return MfeSpec(dim=self.mfe_dim, image_size=self.captioner_image_size, epochs=self.mfe_epochs, seed=self.seed)
 
 
 PROFILES: dict[str, dict] = {
@@ -106,6 +159,11 @@ PROFILES: dict[str, dict] = {
         "clip_batch_size": 16,
         "embed_batch_size": 32,
         "n_bootstrap": 100,
+        "second_domain_records": 96,
+        "captioner_epochs": 4,
+        "captioner_batch_size": 16,
+        "caption_batch_size": 32,
+        "mfe_epochs": 3,
     },
 }
 

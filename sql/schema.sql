@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS models (
     model_version  VARCHAR PRIMARY KEY, -- family + first 12 hex digits of the checkpoint sha256
     family         VARCHAR NOT NULL,    -- clip | captioner
     arch           VARCHAR NOT NULL,
-    role           VARCHAR NOT NULL,    -- target | null_control | reference (later: shadow, defended)
+    role           VARCHAR NOT NULL,    -- target | null_control | reference | shadow
     audit          VARCHAR NOT NULL,
     checkpoint_uri VARCHAR NOT NULL,
     sha256         VARCHAR NOT NULL,
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS models (
     created_at     TIMESTAMP DEFAULT current_timestamp
 );
 ALTER TABLE models ADD COLUMN IF NOT EXISTS train_fingerprint VARCHAR;  -- warehouses made before it
+ALTER TABLE models ADD COLUMN IF NOT EXISTS train_dataset VARCHAR;  -- dataset(s) of the training records
 
 CREATE TABLE IF NOT EXISTS membership_scores (
     model_version VARCHAR NOT NULL,
@@ -91,4 +92,36 @@ CREATE TABLE IF NOT EXISTS attack_metrics (
     mlflow_run_id              VARCHAR,
     computed_at                TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack)
+);
+CREATE TABLE IF NOT EXISTS shadow_records (    -- M^4I shadow models' attacker data (Hu et al. 2022)
+    model_version VARCHAR NOT NULL,        -- a shadow model
+    record_id     VARCHAR NOT NULL,        -- population records only: never a candidate
+    is_member     BOOLEAN NOT NULL,        -- in the shadow's training set (known to the attacker)
+    PRIMARY KEY (model_version, record_id)
+);
+
+CREATE TABLE IF NOT EXISTS m4i_scenarios (     -- M^4I attacks per threat scenario (Hu et al. 2022, 4.3)
+    model_version        VARCHAR NOT NULL,  -- the audited captioner
+    attack               VARCHAR NOT NULL,  -- m4i_mb | m4i_fb
+    scenario             VARCHAR NOT NULL,  -- unrestricted | data_restricted | arch_restricted | both_restricted
+    audit                VARCHAR NOT NULL,
+    target_dataset       VARCHAR NOT NULL,
+    target_arch          VARCHAR NOT NULL,
+    shadow_version       VARCHAR NOT NULL,
+    shadow_dataset       VARCHAR NOT NULL,
+    shadow_arch          VARCHAR NOT NULL,
+    classifier           VARCHAR NOT NULL,  -- the shadow-trained classifier kind (svm | logreg | mlp)
+    n_members            INTEGER NOT NULL,
+    n_nonmembers         INTEGER NOT NULL,
+    auc                  DOUBLE,
+    auc_ci_low           DOUBLE,
+    auc_ci_high          DOUBLE,
+    tpr_at_1pct_fpr      DOUBLE,
+    tpr_at_1pct_fpr_ci_low  DOUBLE,
+    tpr_at_1pct_fpr_ci_high DOUBLE,
+    attack_success_rate  DOUBLE,            -- accuracy at the shadow-chosen threshold (the paper's figure)
+    shadow_accuracy      DOUBLE,            -- the classifier's accuracy on its own shadow data
+    mlflow_run_id        VARCHAR,
+    computed_at          TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, attack, scenario)
 );

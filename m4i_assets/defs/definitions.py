@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dagster import Definitions, multiprocess_executor
 
-from m4i_assets.defs.assets import attacks, data, evaluation, models, signals
+from m4i_assets.defs.assets import attacks, captioning, data, evaluation, models, signals
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
@@ -16,12 +16,14 @@ ASSETS = [
     data.records,
     data.record_roles,
     models.clip_models,
+    models.captioner_models,
     models.model_checkpoint,
     signals.embeddings,
     signals.augmentation_deltas,
     *attacks.attack_assets,
     evaluation.attack_metrics,
     evaluation.audit_report,
+    *captioning.captioning_assets,
 ]
 
 

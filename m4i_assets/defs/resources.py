@@ -15,7 +15,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from m4i_assets.storage import warehouse
 
 # Per-(model version, record) signals stored as Parquet and exposed as warehouse views of these names.
-SIGNALS = ("embeddings", "augmentation_deltas")
+SIGNALS = ("embeddings", "augmentation_deltas", "generated_captions", "caption_metrics", "m4i_scenario_scores")
 
 
 class Storage(ConfigurableResource):
@@ -51,9 +51,9 @@ class Storage(ConfigurableResource):
         with self.connect() as conn:
             return warehouse.query(conn, sql, params)
 
-    def attack_model_path(self, model_version: str, attack: str) -> Path:
-        """Where a trained attack model of a model version is kept (safetensors)."""
-        return self.models_dir / "attacks" / model_version / f"{attack}.safetensors"
+    def attack_model_path(self, model_version: str, filename: str) -> Path:
+        """Where a trained attack model of a model version is kept (e.g. `wsa.safetensors`)."""
+        return self.models_dir / "attacks" / model_version / filename
 
     def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
         warehouse.refresh_views(conn, {name: self.signal_dir(name) for name in SIGNALS})
@@ -65,21 +65,61 @@ class Storage(ConfigurableResource):
             raise LookupError(f"model version {model_version!r} is not registered in {self.database}")
         return rows[0]
 
-    def audit_records(self, audit: str, roles: tuple[str, ...]) -> pl.DataFrame:
-        """Records of the given roles of an audit with their role and ground truth, by record_id."""
+    def audit_records(self, audit: str, roles: tuple[str, ...], dataset: str | None = None) -> pl.DataFrame:
+        """Records of the given roles of an audit (of one dataset, if given) with their role and ground
+        truth, by record_id."""
         return self.read(
-            f"""SELECT x.record_id, r.image_uri, r.caption, x.role, x.is_member FROM record_roles x
-                JOIN (SELECT DISTINCT ON (record_id) record_id, image_uri, caption FROM records) r USING (record_id)
-                WHERE x.audit = ? AND x.role IN ({", ".join("?" * len(roles))}) ORDER BY x.record_id""",
-            [audit, *roles],
+            f"""SELECT x.record_id, r.dataset, r.image_uri, r.caption, x.role, x.is_member FROM record_roles x
+                JOIN (SELECT DISTINCT ON (record_id) record_id, dataset, image_uri, caption FROM records
+                      ORDER BY record_id, dataset) r USING (record_id)
+                WHERE x.audit = ? AND x.role IN ({", ".join("?" * len(roles))}) AND r.dataset = coalesce(?, r.dataset)
+                ORDER BY x.record_id""",
+            [audit, *roles, dataset],
         )
 
-    def latest_versions(self, audit: str, role: str, n: int = 1) -> list[str]:
-        """The `n` most recently registered model versions of one role in an audit, newest first."""
+    def references(self, record_ids: list[str]) -> list[list[str]]:
+        """Every reference caption of each record's image (records that share an image file), in order."""
+        frame = self.read(
+            """SELECT q.i, list(r.caption ORDER BY r.caption) AS refs
+               FROM (SELECT unnest(?::VARCHAR[]) AS record_id, generate_subscripts(?::VARCHAR[], 1) AS i) q
+               JOIN (SELECT DISTINCT ON (record_id) record_id, image_uri FROM records) m USING (record_id)
+               JOIN (SELECT DISTINCT image_uri, caption FROM records) r USING (image_uri)
+               GROUP BY q.i ORDER BY q.i""",
+            [record_ids, record_ids],
+        )
+        if frame.height != len(record_ids):
+            raise LookupError(f"{len(record_ids) - frame.height} of {len(record_ids)} records are not in `records`")
+        return frame["refs"].to_list()
+
+    def captioned_records(self, model_version: str) -> pl.DataFrame:
+        """The records a captioner is queried on, with ground truth: a shadow model's known members and
+        non-members (`shadow_records`), else the audit's candidates."""
+        info = self.model_info(model_version)
+        if info["role"] != "shadow":
+            return self.audit_records(info["audit"], ("member", "nonmember"))
         return self.read(
-            "SELECT model_version FROM models WHERE audit = ? AND role = ? ORDER BY created_at DESC LIMIT ?",
-            [audit, role, n],
+            """SELECT s.record_id, r.dataset, r.image_uri, r.caption, s.is_member FROM shadow_records s
+               JOIN (SELECT DISTINCT ON (record_id) record_id, dataset, image_uri, caption FROM records) r
+               USING (record_id) WHERE s.model_version = ? ORDER BY s.record_id""",
+            [model_version],
+        )
+
+    def latest_versions(self, audit: str, role: str, n: int = 1, family: str = "clip") -> list[str]:
+        """The `n` most recently registered model versions of one role and family in an audit, newest first."""
+        return self.read(
+            """SELECT model_version FROM models WHERE audit = ? AND role = ? AND family = ?
+               ORDER BY created_at DESC LIMIT ?""",
+            [audit, role, family, n],
         )["model_version"].to_list()
+
+    def shadow_models(self, audit: str) -> list[dict[str, Any]]:
+        """The newest shadow captioner of each (training dataset, architecture) in an audit."""
+        return self.read(
+            """SELECT DISTINCT ON (train_dataset, arch) * FROM models
+               WHERE audit = ? AND role = 'shadow' AND family = 'captioner'
+               ORDER BY train_dataset, arch, created_at DESC""",
+            [audit],
+        ).to_dicts()
 
     def reference_versions(self, audit: str, n: int) -> list[str]:
         """The `n` latest reference models of an audit, sorted; an error if there are fewer."""
@@ -156,6 +196,16 @@ class Tracking(ConfigurableResource):
         """Add files (name -> bytes) to an existing MLflow run."""
         with warehouse.file_lock(self._lock):
             client, _ = self._client_and_experiment()
+            self._upload(client, run_id, artifacts)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
+        """Add metrics and files to an existing MLflow run."""
+        from mlflow.entities import Metric
+
+        with warehouse.file_lock(self._lock):
+            client, _ = self._client_and_experiment()
+            now_ms = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()])
             self._upload(client, run_id, artifacts)
 
     @property

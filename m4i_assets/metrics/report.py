@@ -70,3 +70,17 @@ def verdict_lines(rows: list[dict], max_auc: float) -> list[str]:
 def audit_report(title: str, rows: list[dict], max_auc: float) -> str:
     """The whole comparison report as markdown."""
     return "\n".join([f"# {title}", "", metrics_markdown(rows), "", *verdict_lines(rows, max_auc)])
+
+
+def scenarios_markdown(rows: list[dict]) -> str:
+    """The M^4I scenario table as markdown (rows are `m4i_scenarios` rows)."""
+    lines = ["| attack | scenario | shadow (dataset, arch) | AUC [95% CI] | TPR@1%FPR [CI] | attack success rate |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['attack']} | {r['scenario']} | {r['shadow_dataset']}, {r['shadow_arch']} "
+            f"| {r['auc']:.3f} [{r['auc_ci_low']:.3f}, {r['auc_ci_high']:.3f}] "
+            f"| {r['tpr_at_1pct_fpr']:.3f} [{r['tpr_at_1pct_fpr_ci_low']:.3f}, {r['tpr_at_1pct_fpr_ci_high']:.3f}] "
+            f"| {r['attack_success_rate']:.3f} |"
+        )
+    return "\n".join(lines)

@@ -37,9 +37,10 @@ def attack_asset(name: str, deps: list):
 
 
 def write_scores(
-    storage: Storage, model_version: str, attack: str, record_ids, scores: np.ndarray
+    storage: Storage, model_version: str, attack: str, record_ids, scores: np.ndarray, asset_key: str | None = None
 ) -> MaterializeResult:
-    """Attach ground truth to candidate scores and replace the (version, attack) rows of `membership_scores`."""
+    """Attach ground truth to candidate scores and replace the (version, attack) rows of `membership_scores`
+    (`asset_key` names the asset when a multi-asset writes several attacks)."""
     info = storage.model_info(model_version)
     roles = storage.audit_records(info["audit"], CANDIDATE_ROLES).select("record_id", "is_member")
     frame = (
@@ -49,6 +50,7 @@ def write_scores(
     )
     n_members = int(frame["is_member"].sum())
     check = AssetCheckResult(
+        asset_key=asset_key,
         check_name=SCORES_CHECK,
         passed=bool(
             np.isfinite(frame["score"].to_numpy()).all()
@@ -61,6 +63,7 @@ def write_scores(
     with storage.connect() as conn:
         replace_rows(conn, "membership_scores", frame, model_version=model_version, attack=attack)
     return MaterializeResult(
+        asset_key=asset_key,
         check_results=[check],
         metadata={
             "dagster/row_count": frame.height,
@@ -160,7 +163,7 @@ def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, st
     y = np.r_[np.ones(pos.height), np.zeros(neg.height)]
     clf = wsa.WsaClassifier(random_state=settings.seed).fit(X, y)
     data = clf.to_bytes()
-    path = storage.attack_model_path(version, "wsa")
+    path = storage.attack_model_path(version, "wsa.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return MaterializeResult(metadata={
@@ -176,7 +179,7 @@ def wsa_scores(context: AssetExecutionContext, storage: Storage) -> MaterializeR
     from m4i_assets.attacks import wsa
 
     version = context.partition_key
-    clf = wsa.WsaClassifier.from_bytes(storage.attack_model_path(version, "wsa").read_bytes())
+    clf = wsa.WsaClassifier.from_bytes(storage.attack_model_path(version, "wsa.safetensors").read_bytes())
     cands = candidate_signals(storage, version)
     X = wsa.wsa_features(stack(cands["image_embedding"]), stack(cands["text_embedding"]))
     return write_scores(storage, version, wsa.ATTACK_ID, cands["record_id"], clf.predict_proba(X)[:, 1])

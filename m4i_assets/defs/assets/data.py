@@ -89,24 +89,28 @@ def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
     ],
 )
 def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult:
-    """Disjoint, seeded member / non-member / known non-member / population sets of the audit."""
+    """Disjoint, seeded member / non-member / known non-member / population sets of the audit (the second
+    caption domain, when configured, is all population)."""
 
     def ids_of(spec) -> list[str]:
         return storage.read("SELECT record_id FROM records WHERE dataset = ?", [spec.name])["record_id"].to_list()
 
     main = ids_of(settings.corpus_spec())
-    shifted = settings.shifted_corpus_spec()
-    roles = assign_roles(main, settings.role_spec(), ids_of(shifted) if shifted else None).with_columns(
-        audit=pl.lit(settings.audit)
-    )
+    shifted, second = settings.shifted_corpus_spec(), settings.second_domain_spec()
+    roles = assign_roles(main, settings.role_spec(), ids_of(shifted) if shifted else None)
+    if second:  # the second caption domain is all population (shadow captioners' data)
+        other = pl.DataFrame({"record_id": ids_of(second), "role": "population", "is_member": False})
+        roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
+    roles = roles.with_columns(audit=pl.lit(settings.audit))
     with storage.connect() as conn:
         replace_rows(conn, "record_roles", roles, audit=settings.audit)
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
     spec = settings.role_spec()
     expected = {"member": spec.n_members, "nonmember": spec.n_nonmembers, "known_nonmember": spec.n_known_nonmembers}
+    n_expected = len(main) + (spec.n_nonmembers if shifted else 0) + (len(ids_of(second)) if second else 0)
     passed = (
         all(counts.get(k) == v for k, v in expected.items())
-        and roles["record_id"].n_unique() == roles.height == len(main) + (spec.n_nonmembers if shifted else 0)
+        and roles["record_id"].n_unique() == roles.height == n_expected
         and (roles["is_member"] == (roles["role"] == "member")).all()
     )
     return MaterializeResult(

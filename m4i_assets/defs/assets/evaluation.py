@@ -57,7 +57,7 @@ def shift_gate(rows: list[dict], max_auc: float) -> AssetCheckResult:
 @asset(
     group_name="evaluation",
     partitions_def=model_versions,
-    deps=[*score_assets, wsa_attack_model],
+    deps=[*score_assets, wsa_attack_model, "m4i_mb_scores", "m4i_fb_scores"],  # (captioning: by key, no cycle)
     kinds={"duckdb", "mlflow"},
     check_specs=[
         AssetCheckSpec("agrees_with_sklearn", asset="attack_metrics",
@@ -88,7 +88,7 @@ def attack_metrics(
         raise ValueError(f"no scored candidates with ground truth for {version}")
     png = roc_plot_png(curves, title=f"{info['role']} {version}")
     artifacts = {"roc_loglog.png": png, "attack_metrics.json": json.dumps(rows, indent=2).encode()}
-    wsa_model = storage.attack_model_path(version, "wsa")
+    wsa_model = storage.attack_model_path(version, "wsa.safetensors")
     if wsa_model.exists():
         artifacts["wsa_attack_model.safetensors"] = wsa_model.read_bytes()
     run_id = tracking.log_run(
@@ -128,16 +128,20 @@ def attack_metrics(
     )
 
 
-@asset(group_name="evaluation", partitions_def=model_versions, deps=[attack_metrics], kinds={"mlflow"})
+@asset(group_name="evaluation", partitions_def=model_versions, deps=[attack_metrics, "m4i_scenarios"], kinds={"mlflow"})
 def audit_report(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
 ) -> MaterializeResult:
     """The comparison report of one model version: every attack with CIs, how each compares with CSA
-    at low FPR, and the null-control and shift verdicts. Runs only when the shift gate passed."""
+    at low FPR, the null-control and shift verdicts, and for a captioner the M^4I scenario table. Runs
+    only when the shift gate passed."""
     version = context.partition_key
     info = storage.model_info(version)
     rows = storage.read("SELECT * FROM attack_metrics WHERE model_version = ? ORDER BY attack", [version]).to_dicts()
     title = f"Membership audit of {version} ({info['role']}, {info['arch']}, audit {info['audit']})"
     text = report.audit_report(title, rows, settings.shift_gate_max_auc)
+    scenarios = storage.read("SELECT * FROM m4i_scenarios WHERE model_version = ? ORDER BY attack", [version])
+    if scenarios.height:  # a captioner: the M^4I threat scenarios too
+        text += "\n\n## M^4I threat scenarios (Hu et al. 2022)\n\n" + report.scenarios_markdown(scenarios.to_dicts())
     tracking.log_artifacts(rows[0]["mlflow_run_id"], {"audit_report.md": text.encode()})
     return MaterializeResult(metadata={"report": MetadataValue.md(text), "mlflow_run_id": rows[0]["mlflow_run_id"]})

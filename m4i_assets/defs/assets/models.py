@@ -1,4 +1,5 @@
-"""Model assets: the audit's CLIPs (target, null control, references) and the per-version checkpoint.
+"""Model assets: the audit's CLIPs (target, null control, references), its captioners (target, null
+control, shadows) and the per-version checkpoint.
 
 Training assets write a checkpoint, register it in `models` and add its `model_version` as a
 dynamic partition; everything downstream is partitioned by model version, so a new version adds a
@@ -13,12 +14,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
+from m4i_assets.data.roles import shadow_split
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
@@ -57,20 +60,28 @@ def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
 
 
 @dataclass(frozen=True)
-class _Pending:
-    """A model to train: where its result goes, its role, records and recipe, where it is staged."""
+class TrainJob:
+    """One model to train: its role, training records and recipe (a ClipTrainSpec or CaptionerSpec).
+    A shadow model also names its known non-members, kept in `shadow_records` beside its members."""
 
-    index: int
     role: str
     train: pl.DataFrame
     spec: Any
-    fingerprint: str
-    staged: Path
+    shadow_nonmembers: pl.DataFrame | None = None
 
-    def arguments(self, audit: str, device: str | None, threads: int | None) -> tuple:
-        """The arguments of `clip.train_and_save` (plain values: they cross into worker processes)."""
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the recipe and the record ids (which hash image bytes and captions): the reuse key."""
+        held_out = [] if self.shadow_nonmembers is None else self.shadow_nonmembers["record_id"].to_list()
+        payload = {"spec": asdict(self.spec), "records": self.train["record_id"].to_list()}
+        if held_out:
+            payload["shadow_nonmembers"] = held_out
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def arguments(self, audit: str, staged: Path, device: str | None, threads: int | None) -> tuple:
+        """The arguments of a family's `train_and_save` (plain values: they cross into worker processes)."""
         uris, captions = self.train["image_uri"].to_list(), self.train["caption"].to_list()
-        return self.spec, uris, captions, self.staged, {"role": self.role, "audit": audit}, device, threads
+        return self.spec, uris, captions, staged, {"role": self.role, "audit": audit}, device, threads
 
 
 def train_and_register(
@@ -78,50 +89,57 @@ def train_and_register(
     settings: AuditSettings,
     storage: Storage,
     compute: Compute,
-    jobs: list[tuple[str, pl.DataFrame, int]],
+    family: ModuleType,
+    jobs: list[TrainJob],
 ) -> list[dict]:
-    """Train CLIPs with the audit's recipe, one per (model role, training records, seed offset), save
-    them and register each as a model version.
+    """Train models of one family (`models.clip` or `models.captioner`: a FAMILY name and a picklable
+    `train_and_save`), save them and register each as a model version.
 
-    A model whose fingerprint (recipe and training record ids, which hash image bytes and captions)
-    is registered with an intact checkpoint is reused, unless `settings.retrain`. Several models
-    train in parallel worker processes of one thread each on a CPU (`compute.training_workers`)."""
-    from m4i_assets.models import clip
-
+    A model whose fingerprint is registered with an intact checkpoint is reused, unless
+    `settings.retrain`. Several models train in parallel worker processes of one thread each on a CPU
+    (`compute.training_workers`)."""
     results: list[dict | None] = [None] * len(jobs)
-    todo = []
-    for i, (model_role, train, seed_offset) in enumerate(jobs):
-        spec = settings.clip_train_spec(seed_offset)
-        fingerprint = hashlib.sha256(
-            json.dumps({"spec": asdict(spec), "records": train["record_id"].to_list()}, sort_keys=True).encode()
-        ).hexdigest()
-        reusable = None if settings.retrain else find_reusable(storage, settings.audit, model_role, fingerprint)
+    todo: list[tuple[int, TrainJob, Path]] = []
+    for i, job in enumerate(jobs):
+        reusable = None if settings.retrain else find_reusable(storage, settings.audit, job.role, job.fingerprint)
         if reusable:
             context.instance.add_dynamic_partitions(model_versions.name, [reusable["model_version"]])
-            context.log.info(f"{model_role}: reusing {reusable['model_version']} (same recipe and training records)")
+            context.log.info(f"{job.role}: reusing {reusable['model_version']} (same recipe and training records)")
             results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
         else:
-            todo.append(_Pending(i, model_role, train, spec, fingerprint, Path(tempfile.mkdtemp(dir=storage.root))))
+            todo.append((i, job, Path(tempfile.mkdtemp(dir=storage.root))))
 
     device = compute.torch_device
     if min(len(todo), compute.training_workers) > 1:
         with ProcessPoolExecutor(max_workers=compute.training_workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(clip.train_and_save, *job.arguments(settings.audit, device, 1)) for job in todo]
+            futures = [pool.submit(family.train_and_save, *job.arguments(settings.audit, staged, device, 1))
+                       for _, job, staged in todo]  # fmt: skip
             fitted = [f.result() for f in futures]
     else:
-        fitted = [clip.train_and_save(*job.arguments(settings.audit, device, None)) for job in todo]
+        fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, None))
+                  for _, job, staged in todo]  # fmt: skip
 
-    for job, (sha, history, n_params) in zip(todo, fitted):
+    for (i, job, staged), (sha, history, n_params) in zip(todo, fitted):
         context.log.info(
-            f"{job.role}: {job.spec.epochs} epochs on {job.train.height} records, final loss {history[-1]:.4f}"
+            f"{job.role} {job.spec.arch}: {job.spec.epochs} epochs on {job.train.height} records, "
+            f"final loss {history[-1]:.4f}"
         )
-        row = {"family": clip.FAMILY, "arch": job.spec.arch, "role": job.role, "audit": settings.audit,
+        row = {"family": family.FAMILY, "arch": job.spec.arch, "role": job.role, "audit": settings.audit,
                "n_params": n_params, "train_config": json.dumps(asdict(job.spec)),
-               "train_fingerprint": job.fingerprint}  # fmt: skip
-        version = register_checkpoint(context, storage, job.staged, sha, row)
-        shutil.rmtree(job.staged, ignore_errors=True)
-        results[job.index] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
-    return [{**r, "role": role, "n_train": train.height} for r, (role, train, _) in zip(results, jobs)]
+               "train_fingerprint": job.fingerprint,
+               "train_dataset": ",".join(sorted(set(job.train["dataset"].to_list())))}  # fmt: skip
+        version = register_checkpoint(context, storage, staged, sha, row)
+        shutil.rmtree(staged, ignore_errors=True)
+        results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
+    for result, job in zip(results, jobs):
+        if job.shadow_nonmembers is not None:
+            known = pl.concat([job.train.select("record_id").with_columns(is_member=True),
+                               job.shadow_nonmembers.select("record_id").with_columns(is_member=False)])  # fmt: skip
+            with storage.connect() as conn:
+                replace_rows(conn, "shadow_records", known.with_columns(model_version=pl.lit(result["model_version"])),
+                             model_version=result["model_version"])  # fmt: skip
+    return [{**r, "role": job.role, "arch": job.spec.arch, "n_train": job.train.height}
+            for r, job in zip(results, jobs)]  # fmt: skip
 
 
 def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: str) -> dict | None:
@@ -153,25 +171,78 @@ def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: st
 def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
     """The audit's CLIPs, trained in one step so that all of them share the cores (one
     single-threaded worker per core measured 15% more throughput than one model on two threads)."""
-    population = storage.audit_records(settings.audit, ("population",))
+    from m4i_assets.models import clip
+
+    population = storage.audit_records(settings.audit, ("population",), dataset=settings.corpus_spec().name)
     plan = {
-        "target_clip": [("target", storage.audit_records(settings.audit, ("member",)), 0)],
+        "target_clip": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),
+                                 settings.clip_train_spec(0))],
         # A non-member training set is cut to the member set's size: the same training budget.
-        "null_control_clip": [("null_control", seeded_sample(population, settings.n_members, settings.seed + 1), 1)],
+        "null_control_clip": [TrainJob("null_control", seeded_sample(population, settings.n_members, settings.seed + 1),
+                                       settings.clip_train_spec(1))],
         "reference_clips": [
-            ("reference", seeded_sample(population, population.height // 2, settings.seed + 100 + r), 100 + r)
+            TrainJob("reference", seeded_sample(population, population.height // 2, settings.seed + 100 + r),
+                     settings.clip_train_spec(100 + r))
             for r in range(settings.n_reference_models)
         ],
-    }
+    }  # fmt: skip
+    yield from materialize_plan(context, settings, storage, compute, clip, plan, {"arch": settings.clip_arch})
+
+
+def materialize_plan(context, settings, storage, compute, family: ModuleType, plan: dict[str, list[TrainJob]], extra):
+    """Train the jobs of the selected assets in one pool and yield each asset's result."""
     selected = [key.to_user_string() for key in context.selected_asset_keys]
-    trained = iter(train_and_register(context, settings, storage, compute, [j for k in selected for j in plan[k]]))
+    jobs = [job for key in selected for job in plan[key]]
+    trained = iter(train_and_register(context, settings, storage, compute, family, jobs))
     for key in selected:
         results = [next(trained) for _ in plan[key]]
         metadata = results[0] if len(results) == 1 else {"models": MetadataValue.json(results)}
-        yield MaterializeResult(asset_key=key, metadata={**metadata, "arch": settings.clip_arch})
+        yield MaterializeResult(asset_key=key, metadata={**metadata, **extra})
 
 
-@asset(group_name="models", partitions_def=model_versions, deps=[clip_models], kinds={"pytorch"})
+@multi_asset(
+    specs=[
+        AssetSpec("target_captioner", deps=[record_roles], kinds={"pytorch"},
+                  description="The audited image captioner (M^4I), trained on the members."),
+        AssetSpec("null_control_captioner", deps=[record_roles], kinds={"pytorch"},
+                  description="Same recipe and budget on population records only: every attack on it must be "
+                  "at chance (ATTACKS.md section 4)."),
+        AssetSpec("shadow_captioners", deps=[record_roles], kinds={"pytorch"},
+                  description="The attacker's shadow captioners (M^4I section 3): one per (population dataset, "
+                  "shadow architecture), each trained on a seeded half of that dataset's population, the other "
+                  "half its known non-members. None sees a candidate."),
+    ],
+    group_name="models",
+    can_subset=True,
+)  # fmt: skip
+def captioner_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
+    """The audit's captioners, trained in one step so that all of them share the cores."""
+    from m4i_assets.models import captioner
+
+    main = settings.corpus_spec().name
+    population = storage.audit_records(settings.audit, ("population",), dataset=main)
+    datasets = [main, *([settings.second_domain_spec().name] if settings.second_domain_spec() else [])]
+    shadows = []
+    for d, dataset in enumerate(datasets):
+        pool = storage.audit_records(settings.audit, ("population",), dataset=dataset)
+        members, nonmembers = shadow_split(pool["record_id"].to_list(), settings.seed + 200 + d)
+        for a, arch in enumerate(settings.shadow_archs):
+            shadows.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
+                                    settings.captioner_spec(arch, 200 + 10 * d + a),
+                                    shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
+    arch = settings.captioner_arch
+    plan = {
+        "target_captioner": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),
+                                      settings.captioner_spec(arch, 0))],
+        "null_control_captioner": [TrainJob("null_control", seeded_sample(population, settings.n_members,
+                                                                          settings.seed + 1),
+                                            settings.captioner_spec(arch, 1))],
+        "shadow_captioners": shadows,
+    }  # fmt: skip
+    yield from materialize_plan(context, settings, storage, compute, captioner, plan, {"arch": arch})
+
+
+@asset(group_name="models", partitions_def=model_versions, deps=[clip_models, captioner_models], kinds={"pytorch"})
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """One model version: its checkpoint verified against the registered sha256 and its header parsed
     (weights are loaded by the signal assets, which name the file in any error)."""

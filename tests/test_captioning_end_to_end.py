@@ -1,0 +1,105 @@
+"""The M^4I captioning audit through Dagster's CLI on the tiny profile (`m4i demo --family captioner`):
+captioners, shadows, generated captions, both attacks under four scenarios, tables and MLflow."""
+
+import numpy as np
+import pytest
+from conftest import read_only, run_demo
+
+from m4i_assets.metrics.evaluation import evaluate_scores
+
+SCENARIOS = {"unrestricted", "data_restricted", "arch_restricted", "both_restricted"}
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("m4i_captioning")
+    return home, run_demo(home, "--family", "captioner")
+
+
+@pytest.fixture()
+def db(demo_home):
+    yield from read_only(demo_home[0])
+
+
+def versions(db, role: str) -> list[str]:
+    return [r[0] for r in db.execute("SELECT model_version FROM models WHERE role = ? ORDER BY 1", [role]).fetchall()]
+
+
+def test_captioners_and_shadows_are_registered(db):
+    models = db.execute("SELECT role, arch, train_dataset, family FROM models ORDER BY ALL").fetchall()
+    assert {m[3] for m in models} == {"captioner"}
+    assert sorted((m[0], m[1], m[2]) for m in models if m[0] == "shadow") == [
+        ("shadow", arch, dataset)
+        for arch in ("cnn-lstm", "vit-gpt2")
+        for dataset in ("synthetic_shapes", "synthetic_sketches")
+    ]
+    assert [(m[0], m[1]) for m in models if m[0] != "shadow"] == [("null_control", "cnn-lstm"), ("target", "cnn-lstm")]
+
+
+def test_shadow_data_never_touches_a_candidate(db):
+    overlap = db.execute(
+        """SELECT count(*) FROM shadow_records s JOIN record_roles r USING (record_id)
+           WHERE r.role IN ('member', 'nonmember', 'known_nonmember')"""
+    ).fetchone()[0]
+    assert overlap == 0
+    per_shadow = db.execute(
+        "SELECT model_version, count(*), sum(is_member::INT) FROM shadow_records GROUP BY 1"
+    ).fetchall()
+    assert len(per_shadow) == 4 and all(n == 96 and m == 48 for _, n, m in per_shadow)
+
+
+def test_every_captioner_captioned_what_it_is_queried_on(db):
+    counts = dict(db.execute("SELECT model_version, count(*) FROM generated_captions GROUP BY 1").fetchall())
+    assert {v: counts[v] for v in versions(db, "target") + versions(db, "null_control")} == {
+        v: 96 for v in versions(db, "target") + versions(db, "null_control")
+    }
+    assert all(counts[v] == 96 for v in versions(db, "shadow"))
+    metrics = db.execute("SELECT count(*), count(bleu4), count(cider) FROM caption_metrics").fetchone()
+    assert metrics[0] == metrics[1] == metrics[2] == 6 * 96
+
+
+def test_scores_metrics_and_scenarios(db):
+    for version in versions(db, "target") + versions(db, "null_control"):
+        scores = dict(db.execute("SELECT attack, count(*) FROM membership_scores WHERE model_version = ? GROUP BY 1",
+                                 [version]).fetchall())  # fmt: skip
+        assert scores == {"m4i_mb": 96, "m4i_fb": 96, "blind_baseline": 96}
+        metrics = {r[0] for r in db.execute("SELECT attack FROM attack_metrics WHERE model_version = ?", [version])
+                   .fetchall()}  # fmt: skip
+        assert metrics == {"m4i_mb", "m4i_fb", "blind_baseline"}
+        rows = db.execute("SELECT attack, scenario, auc, attack_success_rate, n_members, n_nonmembers "
+                          "FROM m4i_scenarios WHERE model_version = ?", [version]).fetchall()  # fmt: skip
+        assert {(r[0], r[1]) for r in rows} == {(a, s) for a in ("m4i_mb", "m4i_fb") for s in SCENARIOS}
+        assert all(0 <= r[3] <= 1 and r[4] == r[5] == 48 for r in rows)
+
+
+def test_scenario_figures_recompute_from_stored_scores(db):
+    """The table's AUC and success rate follow from the per-record scores and shadow-threshold predictions;
+    the unrestricted scores are the ones in membership_scores."""
+    for version, attack, scenario, auc, rate in db.execute(
+        "SELECT model_version, attack, scenario, auc, attack_success_rate FROM m4i_scenarios"
+    ).fetchall():
+        labels, scores, predicted = map(np.array, zip(*db.execute(
+            "SELECT is_member, score, predicted_member FROM m4i_scenario_scores WHERE model_version = ? AND attack = ?"
+            " AND scenario = ? ORDER BY record_id", [version, attack, scenario]).fetchall()))  # fmt: skip
+        assert evaluate_scores(labels, scores, n_bootstrap=10).auc == pytest.approx(auc)
+        assert (labels == predicted).mean() == pytest.approx(rate)
+        if scenario == "unrestricted":
+            stored = [r[0] for r in db.execute(
+                "SELECT score FROM membership_scores WHERE model_version = ? AND attack = ? ORDER BY record_id",
+                [version, attack]).fetchall()]  # fmt: skip
+            np.testing.assert_allclose(stored, scores)
+
+
+def test_demo_prints_the_scenario_table_and_mlflow_has_it(demo_home, db):
+    from mlflow.tracking import MlflowClient
+
+    assert "scenario" in demo_home[1] and "both_restricted" in demo_home[1]
+    client = MlflowClient(f"sqlite:///{demo_home[0] / 'mlflow.db'}")
+    for version, run_id, rate in db.execute("SELECT model_version, mlflow_run_id, attack_success_rate FROM "
+                                            "m4i_scenarios WHERE attack = 'm4i_fb' AND scenario = 'unrestricted'"
+                                            ).fetchall():  # fmt: skip
+        run = client.get_run(run_id)
+        assert run.data.tags["model_version"] == version
+        assert run.data.metrics["m4i_fb.unrestricted.attack_success_rate"] == pytest.approx(rate)
+        assert {"m4i_scenarios.json", "m4i_scenarios.md", "audit_report.md"} <= {
+            a.path for a in client.list_artifacts(run_id)}  # fmt: skip
