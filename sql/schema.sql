@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS m4i_scenarios (     -- M^4I attacks per threat scenar
     tpr_at_1pct_fpr_ci_low  DOUBLE,
     tpr_at_1pct_fpr_ci_high DOUBLE,
     attack_success_rate  DOUBLE,            -- accuracy at the shadow-chosen threshold (the paper's figure)
-    shadow_accuracy      DOUBLE,            -- the classifier's accuracy on its own shadow data
+    shadow_accuracy      DOUBLE,            -- the classifier's accuracy on held-out shadow data (20%)
     mlflow_run_id        VARCHAR,
     computed_at          TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack, scenario)

@@ -35,7 +35,7 @@ def _separable(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]
 def test_shadow_classifier_transfers_and_round_trips():
     X, y = _separable(300, 0.8, seed=0)
     clf = m4i.ShadowClassifier(("svm",), random_state=0).fit(X, y)
-    assert clf.kind_ == "svm" and clf.validation_auc_ == {}
+    assert clf.kind_ == "svm" and set(clf.validation_auc_) == {"svm"} and 0.6 < clf.shadow_accuracy_ < 0.9
     X_target, y_target = _separable(200, 0.8, seed=1)  # same distribution: the shadow's threshold transfers
     assert (clf.predict(X_target) == y_target).mean() > 0.8
     again = m4i.ShadowClassifier.from_bytes(clf.to_bytes())
