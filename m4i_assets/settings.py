@@ -7,6 +7,7 @@ overridden per run in the Dagster launchpad, since `AuditSettings` is a Dagster 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,11 +170,21 @@ PROFILES: dict[str, dict] = {
 
 
 def settings_for(profile: str | None = None) -> AuditSettings:
-    """The settings of a named profile (default: `$M4I_PROFILE`, else `default`)."""
+    """The settings of a named profile (default: `$M4I_PROFILE`, else `default`), with the fields of the
+    JSON object in `$M4I_SETTINGS` on top (e.g. `{"captioner_arch": "vit-gpt2"}`)."""
     name = profile or os.environ.get("M4I_PROFILE", "default")
     if name not in PROFILES:
         raise ValueError(f"unknown M4I profile {name!r}; known: {sorted(PROFILES)}")
-    return AuditSettings(**PROFILES[name])
+    try:
+        overrides = json.loads(os.environ.get("M4I_SETTINGS") or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"M4I_SETTINGS is not JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise ValueError("M4I_SETTINGS must be a JSON object of AuditSettings fields")
+    unknown = sorted(set(overrides) - set(AuditSettings.model_fields))
+    if unknown:
+        raise ValueError(f"M4I_SETTINGS names unknown settings {unknown}")
+    return AuditSettings(**{**PROFILES[name], **overrides})
 
 
 def m4i_home() -> Path:

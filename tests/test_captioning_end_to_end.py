@@ -4,8 +4,7 @@ captioners, shadows, generated captions, both attacks under four scenarios, tabl
 import numpy as np
 import pytest
 from conftest import read_only, run_demo
-
-from m4i_assets.metrics.evaluation import evaluate_scores
+from sklearn.metrics import roc_auc_score
 
 SCENARIOS = {"unrestricted", "data_restricted", "arch_restricted", "both_restricted"}
 
@@ -81,7 +80,7 @@ def test_scenario_figures_recompute_from_stored_scores(db):
         labels, scores, predicted = map(np.array, zip(*db.execute(
             "SELECT is_member, score, predicted_member FROM m4i_scenario_scores WHERE model_version = ? AND attack = ?"
             " AND scenario = ? ORDER BY record_id", [version, attack, scenario]).fetchall()))  # fmt: skip
-        assert evaluate_scores(labels, scores, n_bootstrap=10).auc == pytest.approx(auc)
+        assert roc_auc_score(labels, scores) == pytest.approx(auc, abs=1e-12)
         assert (labels == predicted).mean() == pytest.approx(rate)
         if scenario == "unrestricted":
             stored = [r[0] for r in db.execute(
