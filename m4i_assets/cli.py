@@ -18,7 +18,7 @@ from pathlib import Path
 
 from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import verdict_lines
-from m4i_assets.settings import m4i_home, settings_for
+from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def report(storage: Storage, versions: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def helper_versions(storage: Storage, settings, family: str) -> list[str]:
+def helper_versions(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
     """The versions an audit of `family` learns from: reference CLIPs or shadow captioners."""
     if family == "clip":
         return storage.reference_versions(settings.audit, settings.n_reference_models)

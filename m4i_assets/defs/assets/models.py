@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -189,8 +190,16 @@ def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage
     yield from materialize_plan(context, settings, storage, compute, clip, plan, {"arch": settings.clip_arch})
 
 
-def materialize_plan(context, settings, storage, compute, family: ModuleType, plan: dict[str, list[TrainJob]], extra):
-    """Train the jobs of the selected assets in one pool and yield each asset's result."""
+def materialize_plan(
+    context: AssetExecutionContext,
+    settings: AuditSettings,
+    storage: Storage,
+    compute: Compute,
+    family: ModuleType,
+    plan: dict[str, list[TrainJob]],
+    extra: dict[str, Any],
+) -> Iterator[MaterializeResult]:
+    """Train the jobs of the selected assets of a training multi-asset in one pool; yield each asset's result."""
     selected = [key.to_user_string() for key in context.selected_asset_keys]
     jobs = [job for key in selected for job in plan[key]]
     trained = iter(train_and_register(context, settings, storage, compute, family, jobs))
