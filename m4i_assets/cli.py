@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from m4i_assets.defs.automation import AUDIT_ASSETS
 from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
@@ -39,17 +40,14 @@ PLANS = {
     "clip": AuditPlan(
         models=["target_clip", "null_control_clip", "reference_clips"],
         helpers=["model_checkpoint", "embeddings"],
-        audit=["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "pseudo_labels",
-               "wsa_attack_model", "wsa_scores", "ref_calibrated_scores", "blind_baseline_scores", "attack_metrics",
-               "audit_report"],
+        audit=AUDIT_ASSETS["clip"],
     ),
     "captioner": AuditPlan(
         models=["target_captioner", "null_control_captioner", "shadow_captioners"],
         helpers=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_attack_models"],
-        audit=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_mb_scores", "m4i_fb_scores",
-               "blind_baseline_scores", "attack_metrics", "m4i_scenarios", "audit_report"],
+        audit=AUDIT_ASSETS["captioner"],
     ),
-}  # fmt: skip
+}
 DAGSTER_YAML = """\
 # Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
 telemetry:

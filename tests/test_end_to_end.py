@@ -124,3 +124,45 @@ def test_dagster_recorded_the_runs(demo_home):
         assert instance.get_latest_materialization_event(AssetKey("attack_metrics")) is not None
     finally:
         del os.environ["DAGSTER_HOME"]
+
+
+def test_a_dropped_checkpoint_is_audited_through_the_sensor(demo_home):
+    """Last in this module: it adds a model version. A checkpoint dropped in watched_models/ is picked up
+    by one sensor tick and its audit job runs; earlier versions' rows are not recomputed."""
+    import time
+
+    from dagster import DagsterInstance, build_sensor_context
+
+    from m4i_assets.defs.definitions import build_definitions
+    from m4i_assets.models import clip
+    from m4i_assets.settings import settings_for
+
+    home = demo_home[0]
+    db = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    before = db.execute("SELECT model_version, attack, computed_at FROM attack_metrics ORDER BY ALL").fetchall()
+    db.close()
+    clip.save_clip(clip.build_clip("m4i-tiny-vit", seed=7), home / "watched_models" / "dropped", {})
+    defs = build_definitions(home=home, settings=settings_for("tiny"))
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    try:
+        instance = DagsterInstance.get()
+        sensor = defs.resolve_sensor_def("watched_models_sensor")
+        resources = {"storage": defs.resources["storage"], "settings": defs.resources["settings"]}
+        result = sensor(build_sensor_context(instance=instance, resources=resources))
+        [request] = result.run_requests
+        instance.add_dynamic_partitions("model_versions", list(result.dynamic_partitions_requests[0].partition_keys))
+        start = time.monotonic()
+        job = defs.resolve_job_def(request.job_name)
+        assert job.execute_in_process(partition_key=request.partition_key, instance=instance).success
+        print(f"re-audit of {request.partition_key}: {time.monotonic() - start:.0f}s")
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    db = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        new = db.execute("SELECT attack FROM attack_metrics WHERE model_version = ?", [request.partition_key])
+        assert {a for (a,) in new.fetchall()} == ATTACKS
+        after = db.execute("SELECT model_version, attack, computed_at FROM attack_metrics WHERE model_version <> ? "
+                           "ORDER BY ALL", [request.partition_key]).fetchall()  # fmt: skip
+        assert after == before  # nothing recomputed for the earlier versions
+    finally:
+        db.close()

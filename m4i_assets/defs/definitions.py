@@ -7,6 +7,7 @@ from pathlib import Path
 from dagster import Definitions, multiprocess_executor
 
 from m4i_assets.defs.assets import attacks, captioning, data, evaluation, models, signals
+from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
@@ -42,9 +43,13 @@ def build_resources(home: Path | None = None, settings: AuditSettings | None = N
 
 
 def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
-    """All assets with their resources. Steps run in parallel processes; warehouse writes queue on a lock."""
+    """All assets with their resources, the per-family audit jobs, the watched-models sensor and the weekly
+    re-audits. Steps run in parallel processes; warehouse writes queue on a lock."""
     return Definitions(
         assets=ASSETS,
+        jobs=list(audit_jobs.values()),
+        sensors=[watched_models_sensor],
+        schedules=reaudit_schedules,
         resources=build_resources(home, settings),
         executor=multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}),
     )
