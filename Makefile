@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 M4I_HOME ?= $(CURDIR)/.m4i
 export M4I_HOME
 
-.PHONY: venv demo demo-captioning test dev report bench clean
+.PHONY: venv demo demo-captioning test dev report ui-check bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test: venv
 
 dev: venv
 	DAGSTER_HOME=$$($(VENV)/bin/m4i home) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Serves the Dagster UI on 127.0.0.1 and saves a headless-Chromium screenshot of the asset graph to
+# $(M4I_HOME)/ui/asset_graph.png (needs Debian's chromium package: apt-get install chromium).
+ui-check: venv
+	$(VENV)/bin/m4i ui-check
 
 bench: venv
 	$(PY) bench/embeddings.py

@@ -3,15 +3,21 @@
 m4i demo [--family clip|captioner|all]   materialize an audit (multiprocess executor, persistent Dagster home)
 m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
 m4i report    print the headline tables from the warehouse
+m4i ui-check  serve the Dagster UI on 127.0.0.1 and screenshot the asset graph with headless Chromium
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -167,13 +173,60 @@ def demo(families: list[str]) -> None:
     )
 
 
+@contextmanager
+def dagster_webserver(home: Path, port: int | None = None, timeout: float = 120) -> Iterator[str]:
+    """The Dagster webserver for `home` on 127.0.0.1 (its base URL) while the block runs."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home))}
+    cmd = [sys.executable, "-m", "dagster_webserver", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1",
+           "-p", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/server_info", timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the Dagster webserver did not come up on {url}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def ui_check(home: Path) -> Path:
+    """Screenshot the asset graph in headless Chromium (Debian's `chromium` package); return the PNG."""
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        raise SystemExit("m4i ui-check needs Chromium: apt-get install chromium")
+    out = home / "ui" / "asset_graph.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    with dagster_webserver(home) as url:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={out}",
+                        f"{url}/asset-groups"], check=True, capture_output=True, timeout=180)  # fmt: skip
+    if not out.is_file() or out.stat().st_size < 10_000:
+        raise SystemExit(f"no usable screenshot at {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="m4i", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("command", choices=["demo", "home", "report"])
+    parser.add_argument("command", choices=["demo", "home", "report", "ui-check"])
     parser.add_argument("--family", choices=[*PLANS, "all"], default="clip", help="which audit the demo runs")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(list(PLANS) if args.family == "all" else [args.family])
+    elif args.command == "ui-check":
+        print(f"m4i ui-check: asset graph saved to {ui_check(m4i_home())}")
     elif args.command == "home":
         print(prepare_dagster_home(m4i_home()))
     else:

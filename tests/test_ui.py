@@ -2,17 +2,12 @@
 asset graph, the asset checks, the sensor and the schedules."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from m4i_assets.cli import dagster_webserver
+
 QUERY = """
 {
   assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } }
@@ -21,15 +16,9 @@ QUERY = """
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def graphql(port: int, query: str) -> dict:
+def graphql(url: str, query: str) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
+        f"{url}/graphql",
         data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -39,26 +28,8 @@ def graphql(port: int, query: str) -> dict:
 
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory):
-    home = tmp_path_factory.mktemp("ui")
-    (home / "dagster").mkdir()
-    port = free_port()
-    env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), "M4I_PROFILE": "tiny"}
-    cmd = [sys.executable, "-m", "dagster_webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None, "the webserver exited"
-                assert time.monotonic() < deadline, "the webserver did not answer within 120 s"
-                time.sleep(1)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with dagster_webserver(tmp_path_factory.mktemp("ui")) as url:
+        yield url
 
 
 def test_graphql_lists_assets_checks_sensor_and_schedules(webserver):
