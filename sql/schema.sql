@@ -123,5 +123,5 @@ CREATE TABLE IF NOT EXISTS m4i_scenarios (     -- M^4I attacks per threat scenar
     shadow_accuracy      DOUBLE,            -- the classifier's accuracy on held-out shadow data (20%)
     mlflow_run_id        VARCHAR,
     computed_at          TIMESTAMP DEFAULT current_timestamp,
-    PRIMARY KEY (model_version, attack, scenario)
+    PRIMARY KEY (model_version, attack, shadow_version)  -- several shadows may share a scenario
 );
