@@ -79,3 +79,54 @@ def test_roles_can_draw_nonmembers_from_a_shifted_pool():
     assert counts == {"member": 10, "nonmember": 20, "known_nonmember": 10, "population": 40}
     with pytest.raises(ValueError, match="shifted pool has 30"):
         assign_roles(ids, RoleSpec(10, 40, 10), shifted)
+
+
+def _png(path, mode: str, size=(24, 24), fmt: str = "PNG"):
+    from PIL import Image
+
+    colour = {"L": 128, "1": 1, "I;16": 40000, "CMYK": (10, 20, 30, 0), "RGBA": (200, 10, 10, 128),
+              "P": 3, "LA": (100, 50)}[mode]  # fmt: skip
+    Image.new(mode, size, colour).save(path, fmt)
+    return path.name
+
+
+def test_odd_image_modes_are_kept_and_load_as_rgb(tmp_path):
+    from m4i_assets.models.captioner import load_image_tensor
+
+    files = [_png(tmp_path / "gray.png", "L"), _png(tmp_path / "bits.png", "1"), _png(tmp_path / "deep.png", "I;16"),
+             _png(tmp_path / "cmyk.jpg", "CMYK", fmt="JPEG"), _png(tmp_path / "alpha.png", "RGBA"),
+             _png(tmp_path / "palette.png", "P"), _png(tmp_path / "gray_alpha.png", "LA")]  # fmt: skip
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": f, "caption": f"image {f}"}) for f in files) + "\n")
+    out = read_manifest(manifest, "modes")
+    assert out.rejects.height == 0 and out.records.height == len(files)
+    pixels = load_image_tensor(out.records["image_uri"].to_list(), 16)
+    assert pixels.shape == (len(files), 3, 16, 16) and bool(((pixels >= 0) & (pixels <= 1)).all())
+
+
+def test_bombs_truncation_and_encodings_are_rejected_with_reasons(tmp_path):
+    big = _png(tmp_path / "big.png", "1", size=(400, 300))
+    ok = _png(tmp_path / "ok.png", "L")
+    full = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])  # truncated
+    (tmp_path / "fake.jpg").write_bytes(b"<html>not a jpeg</html>")  # non-image bytes, image extension
+    lines = [
+        json.dumps({"image": big, "caption": "claims 120k pixels"}).encode(),
+        json.dumps({"image": ok, "caption": "fine"}).encode(),
+        json.dumps({"image": "cut.png", "caption": "truncated"}).encode(),
+        json.dumps({"image": "fake.jpg", "caption": "html"}).encode(),
+        b'{"image": "ok.png", "caption": "caf\xe9 latin-1"}',  # not UTF-8
+        json.dumps({"image": ok, "caption": "x" * 1001}).encode(),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    out = read_manifest(manifest, "bad", max_pixels=100_000)
+    assert out.rows_in == 6 == out.records.height + out.rejects.height and out.records["caption"].to_list() == ["fine"]
+    assert dict(zip(out.rejects["locator"], out.rejects["reason"])) == {
+        "m.jsonl:1": "image_too_large", "m.jsonl:3": "undecodable_image", "m.jsonl:4": "undecodable_image",
+        "m.jsonl:5": "not_utf8", "m.jsonl:6": "overlong_caption"}  # fmt: skip
+
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b"image,caption\nok.png,plain ascii\nok.png,caf\xe9 latin-1\n")
+    out = read_manifest(csv, "csv")
+    assert out.records["caption"].to_list() == ["plain ascii"] and out.rejects["reason"].to_list() == ["not_utf8"]

@@ -6,6 +6,11 @@ two outputs: rows in = records + rejects (PLATFORM.md, storage contract).
 
 `record_id` is a content hash of the image bytes and the caption, so re-ingesting is idempotent and
 an exact duplicate is detected (and rejected with reason `duplicate`).
+
+Usable-but-odd images (grayscale, CMYK, alpha, 16-bit) are kept: every loader converts to RGB. Rows
+that are not UTF-8 (reason `not_utf8`), images whose header claims more than `max_pixels` pixels
+(`image_too_large`, checked before decoding: a decompression bomb never reaches memory), and truncated
+or non-image files (`undecodable_image`) are rejected.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ RECORD_SCHEMA = {
 }
 REJECT_SCHEMA = {"source": pl.Utf8, "locator": pl.Utf8, "reason": pl.Utf8, "detail": pl.Utf8}
 MAX_CAPTION_CHARS = 1000
+MAX_PIXELS = 40_000_000  # far above any real caption dataset's images, far below PIL's bomb limit
 
 
 @dataclass(frozen=True)
@@ -53,26 +59,34 @@ def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                row = {"__not_utf8__": f"byte {exc.start} of the row is not UTF-8"}
             except json.JSONDecodeError as exc:
                 row = {"__malformed__": f"invalid JSON: {exc.msg}"}
             rows.append(row if isinstance(row, dict) else {"__malformed__": "row is not an object"})
         return rows
     if suffix == ".csv":
-        return pl.read_csv(path, infer_schema=False).to_dicts()
+        # Lossy decoding keeps one row per line; a replacement character marks the rows that were not UTF-8.
+        return [
+            {**row, "__not_utf8__": "a field is not UTF-8"} if any("\ufffd" in (v or "") for v in row.values()) else row
+            for row in pl.read_csv(path, infer_schema=False, encoding="utf8-lossy").to_dicts()
+        ]
     if suffix == ".parquet":
         return pl.read_parquet(path).to_dicts()
     raise ValueError(f"{path}: unsupported manifest format {suffix!r} (expected .jsonl, .csv or .parquet)")
 
 
-def _check_row(row: dict, base: Path) -> tuple[str, str] | tuple[None, dict]:
+def _check_row(row: dict, base: Path, max_pixels: int) -> tuple[str, str] | tuple[None, dict]:
     """Return (reason, detail) for an unusable row, or (None, normalised fields)."""
     if "__malformed__" in row:
         return "malformed_row", row["__malformed__"]
+    if "__not_utf8__" in row:
+        return "not_utf8", row["__not_utf8__"]
     image, caption = row.get("image"), row.get("caption")
     if not isinstance(image, str) or not image:
         return "malformed_row", "missing 'image' field"
@@ -89,8 +103,12 @@ def _check_row(row: dict, base: Path) -> tuple[str, str] | tuple[None, dict]:
         return "empty_file", str(path)
     try:
         with Image.open(path) as im:
+            width, height = im.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                return "image_too_large", f"{width}x{height} pixels > {max_pixels} (possible decompression bomb)"
             im.load()
-            width, height = im.size
+    except Image.DecompressionBombError as exc:
+        return "image_too_large", str(exc)
     except Exception as exc:  # PIL raises many types for undecodable input
         return "undecodable_image", f"{type(exc).__name__}: {exc}"
     metadata = row.get("metadata")
@@ -105,14 +123,14 @@ def _check_row(row: dict, base: Path) -> tuple[str, str] | tuple[None, dict]:
     }
 
 
-def read_manifest(path: str | os.PathLike, dataset: str) -> Ingested:
+def read_manifest(path: str | os.PathLike, dataset: str, max_pixels: int = MAX_PIXELS) -> Ingested:
     """Validate every row of a manifest; return usable records and rejects (never raises per row)."""
     path = Path(path)
     rows = _read_rows(path)
     records, rejects, seen = [], [], set()
     for i, row in enumerate(rows):
         locator = f"{path.name}:{i + 1}"
-        reason, fields = _check_row(row, path.parent)
+        reason, fields = _check_row(row, path.parent, max_pixels)
         if reason is None and fields["record_id"] in seen:
             reason, fields = "duplicate", f"same image bytes and caption as an earlier row ({fields['record_id']})"
         if reason is not None:
