@@ -10,10 +10,8 @@ remembers each folder's size, mtime and sha256, so an unchanged folder launches 
 """
 
 import json
-import shutil
 from pathlib import Path
 
-import polars as pl
 from dagster import (
     AssetSelection,
     DefaultScheduleStatus,
@@ -29,9 +27,8 @@ from dagster import (
 
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage
-from m4i_assets.models.checkpoints import model_version_for, sha256_file
+from m4i_assets.models.checkpoints import sha256_file
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 # What one audited model version materializes, per family (the demo CLI runs the same lists).
 AUDIT_ASSETS = {
@@ -77,16 +74,9 @@ def describe_checkpoint(folder: Path) -> tuple[str, str]:
 def register_watched(storage: Storage, audit: str, folder: Path, sha: str) -> tuple[str, str]:
     """Copy a watched checkpoint folder under `models/<version>/` and register it as a target of `audit`."""
     family, arch = describe_checkpoint(folder)
-    version = model_version_for(family, sha)
-    final = storage.models_dir / version
-    if not final.exists():
-        shutil.copytree(folder, final)
-    row = {"model_version": version, "family": family, "arch": arch, "role": "target", "audit": audit,
-           "checkpoint_uri": str(final / "model.safetensors"), "sha256": sha,
+    row = {"family": family, "arch": arch, "role": "target", "audit": audit,
            "train_config": json.dumps({"source": str(folder)})}  # fmt: skip
-    with storage.connect() as conn:
-        replace_rows(conn, "models", pl.DataFrame([row]), model_version=version)
-    return family, version
+    return family, storage.register_model(folder, sha, row, move=False)
 
 
 @sensor(

@@ -1,7 +1,9 @@
 """Dagster resources: where the platform writes (Storage) and how it records runs (Tracking)."""
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ import duckdb
 import polars as pl
 from dagster import ConfigurableResource, InitResourceContext
 
+from m4i_assets.models.checkpoints import model_version_for
 from m4i_assets.storage import warehouse
 
 # Per-(model version, record) signals stored as Parquet and exposed as warehouse views of these names.
@@ -54,6 +57,35 @@ class Storage(ConfigurableResource):
     def attack_model_path(self, model_version: str, filename: str) -> Path:
         """Where a trained attack model of a model version is kept (e.g. `wsa.safetensors`)."""
         return self.models_dir / "attacks" / model_version / filename
+
+    def write_attack_model(self, model_version: str, filename: str, data: bytes) -> dict[str, str]:
+        """Store a trained attack model's bytes; return its path and sha256 (for the asset's metadata)."""
+        path = self.attack_model_path(model_version, filename)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return {"path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def read_attack_model(self, model_version: str, filename: str, asset: str) -> bytes:
+        """A stored attack model's bytes; a clear error naming the `asset` that makes it when it is missing."""
+        path = self.attack_model_path(model_version, filename)
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_version} has no {filename}: materialize {asset} for it ({path})")
+        return path.read_bytes()
+
+    def register_model(self, folder: Path, sha256: str, row: dict[str, Any], move: bool) -> str:
+        """Put a checkpoint folder at `models/<version>/` (moved, or copied when `move` is false), upsert its
+        `models` row and return its model version (the family and the sha256 name it)."""
+        version = model_version_for(row["family"], sha256)
+        final = self.models_dir / version
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(folder), final) if move else shutil.copytree(folder, final)
+        frame = pl.DataFrame(
+            [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / "model.safetensors")}]
+        )
+        with self.connect() as conn:
+            warehouse.replace_rows(conn, "models", frame, model_version=version)
+        return version
 
     def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
         warehouse.refresh_views(conn, {name: self.signal_dir(name) for name in SIGNALS})

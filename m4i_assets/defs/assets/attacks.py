@@ -4,8 +4,6 @@ Every attack is a plain function in `m4i_assets.attacks`; the assets only load s
 store the scores with ground truth attached.
 """
 
-import hashlib
-
 import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
@@ -162,12 +160,9 @@ def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, st
     X = wsa.wsa_features(stack(train["image_embedding"]), stack(train["text_embedding"]))
     y = np.r_[np.ones(pos.height), np.zeros(neg.height)]
     clf = wsa.WsaClassifier(random_state=settings.seed).fit(X, y)
-    data = clf.to_bytes()
-    path = storage.attack_model_path(version, "wsa.safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    stored = storage.write_attack_model(version, "wsa.safetensors", clf.to_bytes())
     return MaterializeResult(metadata={
-        "path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "n_pseudo_members": pos.height,
+        **stored, "n_pseudo_members": pos.height,
         "n_known_nonmembers": neg.height, "epochs": len(clf.history_),
         "val_loss_history": MetadataValue.json(clf.history_),
     })  # fmt: skip
@@ -179,7 +174,7 @@ def wsa_scores(context: AssetExecutionContext, storage: Storage) -> MaterializeR
     from m4i_assets.attacks import wsa
 
     version = context.partition_key
-    clf = wsa.WsaClassifier.from_bytes(storage.attack_model_path(version, "wsa.safetensors").read_bytes())
+    clf = wsa.WsaClassifier.from_bytes(storage.read_attack_model(version, "wsa.safetensors", "wsa_attack_model"))
     cands = candidate_signals(storage, version)
     X = wsa.wsa_features(stack(cands["image_embedding"]), stack(cands["text_embedding"]))
     return write_scores(storage, version, wsa.ATTACK_ID, cands["record_id"], clf.predict_proba(X)[:, 1])

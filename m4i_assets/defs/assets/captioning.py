@@ -6,7 +6,6 @@ Shadow versions and audited versions are different partitions: a shadow's attack
 their files when the target is scored, as reference models' signals are for the calibrated CLIP attack.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -141,25 +140,14 @@ def m4i_attack_models(
     mfe = m4i.train_mfe(uris, data["caption"].to_list(), settings.mfe_spec(), compute.torch_device)
     fb = m4i.ShadowClassifier(tuple(settings.fb_classifiers), random_state=settings.seed)
     fb.fit(m4i.fb_features(mfe, uris, data["generated_caption"].to_list()), y)
-    files = {}
-    for name, blob in ((MB_FILE, mb.to_bytes()), (MFE_FILE, mfe.to_bytes()), (FB_FILE, fb.to_bytes())):
-        path = storage.attack_model_path(version, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
-        files[name] = {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest()}
+    blobs = {MB_FILE: mb.to_bytes(), MFE_FILE: mfe.to_bytes(), FB_FILE: fb.to_bytes()}
+    files = {name: storage.write_attack_model(version, name, blob) for name, blob in blobs.items()}
     return MaterializeResult(metadata={
         "files": MetadataValue.json(files), "n_shadow_members": int(y.sum()), "n_shadow_nonmembers": int((~y).sum()),
         "mb_classifier": mb.kind_, "mb_shadow_accuracy": mb.shadow_accuracy_,
         "fb_classifier": fb.kind_, "fb_shadow_accuracy": fb.shadow_accuracy_,
         "fb_validation_auc": MetadataValue.json(fb.validation_auc_),
     })  # fmt: skip
-
-
-def load_attack_model(storage: Storage, shadow: str, name: str) -> bytes:
-    path = storage.attack_model_path(shadow, name)
-    if not path.is_file():
-        raise FileNotFoundError(f"shadow {shadow} has no {name}: materialize m4i_attack_models for it ({path})")
-    return path.read_bytes()
 
 
 @multi_asset(
@@ -191,15 +179,16 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
     frames = []
     for shadow in storage.shadow_models(info["audit"]):
         scenario = m4i.scenario_of(info["train_dataset"], info["arch"], shadow["train_dataset"], shadow["arch"])
-        mfe = m4i.Mfe.from_bytes(load_attack_model(storage, shadow["model_version"], MFE_FILE))
+        shadow_version = shadow["model_version"]
+        mfe = m4i.Mfe.from_bytes(storage.read_attack_model(shadow_version, MFE_FILE, "m4i_attack_models"))
         for attack, name, X in (
             (m4i.MB, MB_FILE, metrics),
             (m4i.FB, FB_FILE, m4i.fb_features(mfe, uris, generated)),
         ):
-            clf = m4i.ShadowClassifier.from_bytes(load_attack_model(storage, shadow["model_version"], name))
+            clf = m4i.ShadowClassifier.from_bytes(storage.read_attack_model(shadow_version, name, "m4i_attack_models"))
             frames.append(pl.DataFrame({
                 "model_version": version, "attack": attack, "scenario": scenario,
-                "shadow_version": shadow["model_version"], "shadow_dataset": shadow["train_dataset"],
+                "shadow_version": shadow_version, "shadow_dataset": shadow["train_dataset"],
                 "shadow_arch": shadow["arch"], "classifier": clf.kind_, "shadow_accuracy": clf.shadow_accuracy_,
                 "record_id": cands["record_id"], "score": clf.score_samples(X),
                 "predicted_member": clf.predict(X), "is_member": cands["is_member"],

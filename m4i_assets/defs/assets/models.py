@@ -26,7 +26,7 @@ from m4i_assets.data.roles import shadow_split
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
-from m4i_assets.models.checkpoints import model_version_for, safetensors_tensor_count, sha256_file
+from m4i_assets.models.checkpoints import safetensors_tensor_count, sha256_file
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
 
@@ -39,16 +39,7 @@ def register_checkpoint(
     row: dict,
 ) -> str:
     """Move a staged checkpoint folder to `models/<version>/`, upsert its `models` row, add its partition."""
-    version = model_version_for(row["family"], sha256)
-    final = storage.models_dir / version
-    if not final.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged_dir), final)
-    frame = pl.DataFrame(
-        [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / "model.safetensors")}]
-    )
-    with storage.connect() as conn:
-        replace_rows(conn, "models", frame, model_version=version)
+    version = storage.register_model(staged_dir, sha256, row, move=True)
     context.instance.add_dynamic_partitions(model_versions.name, [version])
     return version
 
