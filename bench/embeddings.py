@@ -21,6 +21,7 @@ from m4i_assets.data.corpus import CorpusSpec, generate
 from m4i_assets.data.manifest import read_manifest
 from m4i_assets.defs.resources import Compute
 from m4i_assets.models import clip
+from m4i_assets.models.device import device_for
 from m4i_assets.signals.embeddings import embed_records, encode_batches
 
 
@@ -38,7 +39,7 @@ def main() -> None:
         recs = read_manifest(manifest, "bench").records
         uris, captions = recs["image_uri"].to_list(), recs["caption"].to_list()
         bundle = clip.build_clip(args.arch)
-        device = clip.device_for()
+        device = device_for()
         images = clip.load_images(bundle, uris)
         tokens = bundle.tokenizer(captions)
 

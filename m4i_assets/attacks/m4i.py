@@ -28,6 +28,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from m4i_assets.metrics.captions import normalise_caption
+from m4i_assets.models.device import device_for
 
 MB, FB = "m4i_mb", "m4i_fb"
 SCENARIOS = ("unrestricted", "data_restricted", "arch_restricted", "both_restricted")
@@ -210,7 +211,7 @@ def train_mfe(image_uris: list[str], captions: list[str], spec: MfeSpec, device:
     torch.manual_seed(spec.seed)
     words = tuple(sorted({w for c in captions for w in normalise_caption(c).split()}))
     mfe = Mfe(MultimodalFeatureExtractor(len(words), spec), words, spec)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device_for(device)
     images, bows = load_image_tensor(image_uris, spec.image_size), mfe.bag_of_words(captions)
     model = mfe.model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)

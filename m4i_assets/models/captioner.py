@@ -42,6 +42,7 @@ from torch import nn
 
 from m4i_assets.metrics.captions import PUNCTUATION, normalise_caption
 from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models.device import device_for
 
 FAMILY = "captioner"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -290,10 +291,6 @@ def build_captioner(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
     return ARCHS[spec.arch](vocab, spec)
 
 
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def train_captioner(
     bundle: CaptionerBundle, image_uris: list[str], captions: list[str], device: str | None = None
 ) -> list[float]:
@@ -301,7 +298,7 @@ def train_captioner(
     if bundle.vocab is None:
         raise ValueError("this captioner was loaded without its vocabulary (no m4i.json), so it cannot be trained")
     spec = bundle.spec
-    dev = _device(device)
+    dev = device_for(device)
     images = bundle.pixels(image_uris)
     tokens = torch.tensor([bundle.vocab.encode(c, spec.max_len) for c in captions])
     model = bundle.model.to(dev).train()
@@ -331,7 +328,7 @@ def generate_captions(
     bundle: CaptionerBundle, image_uris: list[str], batch_size: int = 256, device: str | None = None
 ) -> list[str]:
     """Greedy captions for image files, in order."""
-    dev = _device(device)
+    dev = device_for(device)
     model = bundle.model.to(dev).eval()
     out: list[str] = []
     for start in range(0, len(image_uris), batch_size):

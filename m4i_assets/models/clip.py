@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models.device import device_for
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -54,13 +55,6 @@ class ClipBundle:
     preprocess: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     arch: str
-
-
-def device_for(preferred: str | None = None) -> torch.device:
-    """`cuda` when present (or the device asked for), else `cpu`."""
-    if preferred:
-        return torch.device(preferred)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_clip(arch: str, seed: int = 0) -> ClipBundle:

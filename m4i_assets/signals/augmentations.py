@@ -16,7 +16,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader
 
-from m4i_assets.models.clip import ClipBundle, device_for
+from m4i_assets.models.clip import ClipBundle
+from m4i_assets.models.device import device_for
 from m4i_assets.signals.embeddings import ImageFiles
 
 Transform = Callable[[torch.Tensor], torch.Tensor]

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from m4i_assets.models.clip import ClipBundle, device_for
+from m4i_assets.models.clip import ClipBundle
+from m4i_assets.models.device import device_for
 
 
 class ImageFiles(Dataset):
