@@ -8,7 +8,7 @@ seeded logistic regression. If this baseline is well above chance, member and no
 distribution and any attack's AUC measures that shift, not membership (ATTACKS.md section 4).
 """
 
-import os
+import io
 import re
 
 import numpy as np
@@ -18,6 +18,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
+
+from m4i_assets.data.images import read_image_bytes, to_rgb
 
 ATTACK_ID = "blind_baseline"
 IMAGE_STAT_SIZE = 64
@@ -39,13 +41,14 @@ def image_statistics(image_uris: list[str]) -> np.ndarray:
     """Per image: channel means and stds, brightness, edge energy, width, height, file bytes."""
     rows = []
     for uri in image_uris:
-        with Image.open(uri) as im:
+        data = read_image_bytes(uri)
+        with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            rgb = np.asarray(im.convert("RGB").resize((IMAGE_STAT_SIZE, IMAGE_STAT_SIZE)), dtype=np.float64) / 255
+            rgb = np.asarray(to_rgb(im).resize((IMAGE_STAT_SIZE, IMAGE_STAT_SIZE)), dtype=np.float64) / 255
         grey = rgb.mean(axis=2)
         edges = np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
         rows.append([*rgb.mean(axis=(0, 1)), *rgb.std(axis=(0, 1)), grey.mean(), edges, width, height,
-                     os.path.getsize(uri)])  # fmt: skip
+                     len(data)])  # fmt: skip
     return np.asarray(rows, dtype=np.float64)
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from m4i_assets.data.images import open_rgb
 from m4i_assets.metrics.captions import PUNCTUATION, normalise_caption
 from m4i_assets.models.checkpoints import sha256_file
 from m4i_assets.models.device import device_for
@@ -209,10 +210,7 @@ class CaptionerBundle:
         """The model's input tensor for image files (the image processor's `pixel_values` where there is one)."""
         if self.image_processor is None:
             return load_image_tensor(image_uris, self.spec.image_size)
-        images = []
-        for uri in image_uris:
-            with Image.open(uri) as im:
-                images.append(im.convert("RGB"))
+        images = [open_rgb(uri) for uri in image_uris]
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def decode(self, ids: list[list[int]]) -> list[str]:
@@ -226,8 +224,7 @@ def load_image_tensor(uris: list[str], size: int) -> torch.Tensor:
     """Images as float tensors in [0, 1], resized to `size` (bicubic), channels first."""
     arrays = []
     for uri in uris:
-        with Image.open(uri) as im:
-            rgb = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        rgb = open_rgb(uri).resize((size, size), Image.BICUBIC)
         arrays.append(np.asarray(rgb, dtype=np.float32) / 255)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

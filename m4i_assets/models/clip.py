@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from m4i_assets.data.images import open_rgb
 from m4i_assets.models.checkpoints import sha256_file
 from m4i_assets.models.device import device_for
 
@@ -73,11 +74,7 @@ def embed_dim(arch: str) -> int:
 
 def load_images(bundle: ClipBundle, image_uris: list[str]) -> torch.Tensor:
     """Decode and eval-preprocess images into one tensor (small training sets fit in memory)."""
-    out = []
-    for uri in image_uris:
-        with Image.open(uri) as im:
-            out.append(bundle.preprocess(im.convert("RGB")))
-    return torch.stack(out)
+    return torch.stack([bundle.preprocess(open_rgb(uri)) for uri in image_uris])
 
 
 def train_clip(

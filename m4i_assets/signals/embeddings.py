@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from m4i_assets.data.images import open_rgb
 from m4i_assets.models.clip import ClipBundle
 from m4i_assets.models.device import device_for
 
@@ -27,8 +27,7 @@ class ImageFiles(Dataset):
         return len(self.image_uris)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.image_uris[i]) as im:
-            return self.preprocess(im.convert("RGB"))
+        return self.preprocess(open_rgb(self.image_uris[i]))
 
 
 @torch.no_grad()
