@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from m4i_assets.data.sources import shard_partition_keys
+from m4i_assets.defs.assets.data import audit_sources
 from m4i_assets.defs.automation import AUDIT_ASSETS
 from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import verdict_lines
@@ -29,7 +31,7 @@ from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = ["corpus", "records", "record_roles"]
+DATA = ["records", "record_roles"]  # after every shard of `source_shards`
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,14 @@ def demo(families: list[str]) -> None:
     start = time.monotonic()
     print(f"m4i demo: audit {settings.audit!r} of {' and '.join(families)} models, everything under {home}", flush=True)
     logs = home / "logs"
-    models = DATA + [a for f in families for a in PLANS[f].models]
-    _run_phase("corpus, records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
     storage = Storage(home=str(home))
+    shards = shard_partition_keys(audit_sources(settings, storage))
+    _run_phase(
+        "sources, shard by shard",
+        [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
+    )
+    models = DATA + [a for f in families for a in PLANS[f].models]
+    _run_phase("records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
     # One run per model version, two at a time: their warehouse writes queue on the file lock.
     _run_phase(
         "per-version signals of the reference and shadow models",

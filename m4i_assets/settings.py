@@ -38,6 +38,11 @@ class AuditSettings(ConfigurableResource):
     # A second caption domain (the `sketch` style: its own images, vocabulary and phrasing), all of it
     # population, for the data-restricted shadow captioners of the M^4I audit; 0 turns it off.
     second_domain_records: int = 1000
+    # Users' data sources: a registry file (see `m4i_assets.data.sources`; empty = `$M4I_HOME/datasets.yaml`),
+    # and the dataset the audit draws its members, non-members and population from (empty = the embedded
+    # corpus above).
+    dataset_registry: str = ""
+    audit_dataset: str = ""
     # Roles
     n_members: int = 500
     n_nonmembers: int = 500
@@ -109,6 +114,14 @@ class AuditSettings(ConfigurableResource):
     def corpus_specs(self) -> list[CorpusSpec]:
         specs = (self.corpus_spec(), self.shifted_corpus_spec(), self.second_domain_spec())
         return [spec for spec in specs if spec is not None]
+
+    def registry_path(self, home: Path) -> Path:
+        """The dataset registry file: `dataset_registry`, else `datasets.yaml` in the platform's home."""
+        return Path(self.dataset_registry) if self.dataset_registry else home / "datasets.yaml"
+
+    def main_dataset(self) -> str:
+        """The dataset the audit's roles are drawn from."""
+        return self.audit_dataset or self.corpus_spec().name
 
     def role_spec(self) -> RoleSpec:
         return RoleSpec(self.n_members, self.n_nonmembers, self.n_known_nonmembers, seed=self.seed)

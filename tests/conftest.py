@@ -24,3 +24,21 @@ def read_only(home: Path):
     conn = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
     yield conn
     conn.close()
+
+
+def ingest(resources: dict, instance) -> list:
+    """Materialize every source shard, one run per partition as a backfill would, then `records` and
+    `record_roles`; returns the assets built for `resources`."""
+    from dagster import materialize
+
+    from m4i_assets.data.sources import shard_partition_keys
+    from m4i_assets.defs.assets.data import audit_sources
+    from m4i_assets.defs.definitions import build_assets
+
+    assets = build_assets(resources)
+    for key in shard_partition_keys(audit_sources(resources["settings"], resources["storage"])):
+        shard = materialize(assets, resources=resources, instance=instance, selection=["source_shards"],
+                            partition_key=key)  # fmt: skip
+        assert shard.success, key
+    assert materialize(assets, resources=resources, instance=instance, selection=["records", "record_roles"]).success
+    return assets

@@ -13,7 +13,7 @@ def test_definitions_load(tmp_path, monkeypatch):
     graph = build_definitions(home=tmp_path).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {
-        "corpus",
+        "source_shards",
         "records",
         "record_roles",
         "target_clip",

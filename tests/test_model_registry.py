@@ -1,15 +1,16 @@
 """Model versions: training registers a hashed checkpoint as a dynamic partition; an identical
 re-run reuses it instead of training again; `retrain` forces a new training."""
 
+from conftest import ingest
 from dagster import DagsterInstance, materialize
 
-from m4i_assets.defs.definitions import ASSETS, build_resources
+from m4i_assets.defs.definitions import build_assets, build_resources
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.settings import PROFILES, AuditSettings
 
 
 def _train(resources, instance):
-    result = materialize(ASSETS, resources=resources, instance=instance, selection=["target_clip"])
+    result = materialize(build_assets(resources), resources=resources, instance=instance, selection=["target_clip"])
     (event,) = result.get_asset_materialization_events()
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
@@ -18,8 +19,7 @@ def test_identical_training_is_reused_and_retrain_forces_it(tmp_path):
     settings = AuditSettings(**{**PROFILES["tiny"], "audit": "registry"})
     resources = build_resources(home=tmp_path, settings=settings)
     instance = DagsterInstance.ephemeral()
-    assert materialize(ASSETS, resources=resources, instance=instance,
-                       selection=["corpus", "records", "record_roles"]).success  # fmt: skip
+    ingest(resources, instance)
     first = _train(resources, instance)
     again = _train(resources, instance)
     assert first["reused"] is False and again["reused"] is True

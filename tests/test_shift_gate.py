@@ -1,8 +1,9 @@
 """The blind-baseline shift gate fires on a deliberately shifted non-member set and blocks the report."""
 
+from conftest import ingest
 from dagster import AssetKey, DagsterInstance, materialize
 
-from m4i_assets.defs.definitions import ASSETS, build_resources
+from m4i_assets.defs.definitions import build_resources
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.settings import PROFILES, AuditSettings
 
@@ -11,14 +12,11 @@ def test_shift_gate_fails_and_blocks_the_report_on_shifted_nonmembers(tmp_path):
     settings = AuditSettings(**{**PROFILES["tiny"], "audit": "shifted", "shifted_nonmembers": True})
     resources = build_resources(home=tmp_path, settings=settings)
     instance = DagsterInstance.ephemeral()
-    setup = materialize(
-        ASSETS, resources=resources, instance=instance,
-        selection=["corpus", "records", "record_roles", "target_clip"],
-    )  # fmt: skip
-    assert setup.success
+    assets = ingest(resources, instance)
+    assert materialize(assets, resources=resources, instance=instance, selection=["target_clip"]).success
     (version,) = instance.get_dynamic_partitions(model_versions.name)
     audit = materialize(
-        ASSETS, resources=resources, instance=instance, partition_key=version, raise_on_error=False,
+        assets, resources=resources, instance=instance, partition_key=version, raise_on_error=False,
         selection=["model_checkpoint", "embeddings", "csa_scores", "blind_baseline_scores", "attack_metrics",
                    "audit_report"],
     )  # fmt: skip

@@ -16,12 +16,15 @@ or non-image files (`undecodable_image`) are rejected.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 from PIL import Image
 
 RECORD_SCHEMA = {
@@ -55,54 +58,73 @@ def record_id(image_bytes: bytes, caption: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> Iterator[dict]:
+    """The manifest's rows, streamed (JSONL line by line, Parquet batch by batch)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for line in path.read_bytes().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                row = {"__not_utf8__": f"byte {exc.start} of the row is not UTF-8"}
-            except json.JSONDecodeError as exc:
-                row = {"__malformed__": f"invalid JSON: {exc.msg}"}
-            rows.append(row if isinstance(row, dict) else {"__malformed__": "row is not an object"})
-        return rows
-    if suffix == ".csv":
+        with open(path, "rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    row = {"__not_utf8__": f"byte {exc.start} of the row is not UTF-8"}
+                except json.JSONDecodeError as exc:
+                    row = {"__malformed__": f"invalid JSON: {exc.msg}"}
+                yield row if isinstance(row, dict) else {"__malformed__": "row is not an object"}
+    elif suffix == ".csv":
         # Lossy decoding keeps one row per line; a replacement character marks the rows that were not UTF-8.
-        return [
-            {**row, "__not_utf8__": "a field is not UTF-8"} if any("\ufffd" in (v or "") for v in row.values()) else row
-            for row in pl.read_csv(path, infer_schema=False, encoding="utf8-lossy").to_dicts()
-        ]
-    if suffix == ".parquet":
-        return pl.read_parquet(path).to_dicts()
-    raise ValueError(f"{path}: unsupported manifest format {suffix!r} (expected .jsonl, .csv or .parquet)")
+        for row in pl.read_csv(path, infer_schema=False, encoding="utf8-lossy").iter_rows(named=True):
+            lossy = any("\ufffd" in (v or "") for v in row.values())
+            yield {**row, "__not_utf8__": "a field is not UTF-8"} if lossy else row
+    elif suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+    else:
+        raise ValueError(f"{path}: unsupported manifest format {suffix!r} (expected .jsonl, .csv or .parquet)")
 
 
-def _check_row(row: dict, base: Path, max_pixels: int) -> tuple[str, str] | tuple[None, dict]:
-    """Return (reason, detail) for an unusable row, or (None, normalised fields)."""
+def _load_image(row: dict, base: Path | None) -> tuple[str, str] | tuple[None, tuple[str, bytes]]:
+    """(reason, detail) when the row's image cannot be read, else (None, (image_uri, bytes)).
+
+    A row names a local file in `image` (relative to `base`), or carries the bytes already read from a
+    container in `__image_bytes__` with their `__image_uri__` (a WebDataset tar member)."""
+    if "__image_bytes__" in row:
+        return None, (row["__image_uri__"], row["__image_bytes__"])
+    image = row.get("image")
+    if not isinstance(image, str) or not image:
+        return "malformed_row", "missing 'image' field"
+    path = Path(image) if os.path.isabs(image) or base is None else base / image
+    if not path.is_file():
+        return "missing_file", str(path)
+    return None, (str(path.resolve()), path.read_bytes())
+
+
+def check_row(row: dict, base: Path | None, max_pixels: int = MAX_PIXELS) -> tuple[str, str] | tuple[None, dict]:
+    """Return (reason, detail) for an unusable row, or (None, the record's normalised fields)."""
     if "__malformed__" in row:
         return "malformed_row", row["__malformed__"]
     if "__not_utf8__" in row:
         return "not_utf8", row["__not_utf8__"]
-    image, caption = row.get("image"), row.get("caption")
-    if not isinstance(image, str) or not image:
+    if "__unreadable__" in row:
+        return "unreadable_tar_member", row["__unreadable__"]
+    caption = row.get("caption")
+    if "__image_bytes__" not in row and not isinstance(row.get("image"), str):
         return "malformed_row", "missing 'image' field"
     if not isinstance(caption, str) or not caption.strip():
         return "empty_caption", "caption is missing or whitespace"
     caption = " ".join(caption.split())
     if len(caption) > MAX_CAPTION_CHARS:
         return "overlong_caption", f"{len(caption)} characters > {MAX_CAPTION_CHARS}"
-    path = Path(image) if os.path.isabs(image) else base / image
-    if not path.is_file():
-        return "missing_file", str(path)
-    data = path.read_bytes()
+    reason, loaded = _load_image(row, base)
+    if reason is not None:
+        return reason, loaded
+    uri, data = loaded
     if not data:
-        return "empty_file", str(path)
+        return "empty_file", uri
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             width, height = im.size  # from the header: nothing decoded yet
             if width * height > max_pixels:
                 return "image_too_large", f"{width}x{height} pixels > {max_pixels} (possible decompression bomb)"
@@ -114,23 +136,24 @@ def _check_row(row: dict, base: Path, max_pixels: int) -> tuple[str, str] | tupl
     metadata = row.get("metadata")
     return None, {
         "record_id": record_id(data, caption),
-        "image_uri": str(path.resolve()),
+        "image_uri": uri,
         "caption": caption,
         "width": width,
         "height": height,
-        "split": row.get("split"),
+        "split": None if row.get("split") is None else str(row["split"]),
         "metadata": metadata if isinstance(metadata, str) or metadata is None else json.dumps(metadata, sort_keys=True),
     }
 
 
-def read_manifest(path: str | os.PathLike, dataset: str, max_pixels: int = MAX_PIXELS) -> Ingested:
-    """Validate every row of a manifest; return usable records and rejects (never raises per row)."""
-    path = Path(path)
-    rows = _read_rows(path)
-    records, rejects, seen = [], [], set()
-    for i, row in enumerate(rows):
-        locator = f"{path.name}:{i + 1}"
-        reason, fields = _check_row(row, path.parent, max_pixels)
+def ingest_rows(
+    rows: Iterable[tuple[str, dict]], dataset: str, base: Path | None = None, max_pixels: int = MAX_PIXELS
+) -> Ingested:
+    """Validate (locator, row) pairs from any source; every row becomes a record or a reject (never raises
+    per row). Exact duplicates (same image bytes and caption) after the first are rejected."""
+    records, rejects, seen, rows_in = [], [], set(), 0
+    for locator, row in rows:
+        rows_in += 1
+        reason, fields = check_row(row, base, max_pixels)
         if reason is None and fields["record_id"] in seen:
             reason, fields = "duplicate", f"same image bytes and caption as an earlier row ({fields['record_id']})"
         if reason is not None:
@@ -141,5 +164,14 @@ def read_manifest(path: str | os.PathLike, dataset: str, max_pixels: int = MAX_P
     return Ingested(
         records=pl.DataFrame(records, schema=RECORD_SCHEMA),
         rejects=pl.DataFrame(rejects, schema=REJECT_SCHEMA),
-        rows_in=len(rows),
+        rows_in=rows_in,
     )
+
+
+def read_manifest(path: str | os.PathLike, dataset: str, max_pixels: int = MAX_PIXELS) -> Ingested:
+    """Validate every row of a manifest; return usable records and rejects (never raises per row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    rows = ((f"{path.name}:{i + 1}", row) for i, row in enumerate(_read_rows(path)))
+    return ingest_rows(rows, dataset, path.parent, max_pixels)

@@ -12,9 +12,8 @@ from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
 MAX_CONCURRENT_STEPS = 2
-ASSETS = [
-    data.corpus,
-    data.records,
+# Everything but the ingestion assets, whose shard partitions depend on the audit's sources.
+AUDIT_GRAPH = [
     data.record_roles,
     models.clip_models,
     models.captioner_models,
@@ -42,14 +41,20 @@ def build_resources(home: Path | None = None, settings: AuditSettings | None = N
     }
 
 
+def build_assets(resources: dict) -> list:
+    """The platform's assets for these resources: ingestion partitioned by the sources' shards, then the rest."""
+    return [*data.ingestion_assets(data.audit_sources(resources["settings"], resources["storage"])), *AUDIT_GRAPH]
+
+
 def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
     """All assets with their resources, the per-family audit jobs, the watched-models sensor and the weekly
     re-audits. Steps run in parallel processes; warehouse writes queue on a lock."""
+    resources = build_resources(home, settings)
     return Definitions(
-        assets=ASSETS,
+        assets=build_assets(resources),
         jobs=list(audit_jobs.values()),
         sensors=[watched_models_sensor],
         schedules=reaudit_schedules,
-        resources=build_resources(home, settings),
+        resources=resources,
         executor=multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}),
     )

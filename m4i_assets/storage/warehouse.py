@@ -95,3 +95,37 @@ def refresh_views(conn: duckdb.DuckDBPyConnection, parquet_views: dict[str, Path
 
 def query(conn: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pl.DataFrame:
     return conn.sql(sql, params=params or None).pl()
+
+
+def merge_shards(conn: duckdb.DuckDBPyConnection, dataset: str, shards: list[tuple[Path, Path]]) -> None:
+    """Replace `dataset`'s rows of `records` and `rejects` with its shards' (records, rejects) Parquet files,
+    in one transaction. A record id already seen in an earlier shard (or earlier in the same one) becomes a
+    `duplicate` reject, so the outcome does not depend on which shard was ingested last."""
+    record_files = [str(r) for r, _ in shards]
+    reject_files = [str(j) for _, j in shards]
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute("DELETE FROM records WHERE dataset = ?", [dataset])
+        conn.execute("DELETE FROM rejects WHERE source = ?", [dataset])
+        conn.execute(
+            """CREATE OR REPLACE TEMP TABLE _incoming AS
+               SELECT * EXCLUDE (filename, file_row_number),
+                      row_number() OVER w AS copy, first(source_locator) OVER w AS first_locator
+               FROM read_parquet($files, filename = true, file_row_number = true)
+               WINDOW w AS (PARTITION BY record_id ORDER BY list_position($files, filename), file_row_number
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)""",
+            {"files": record_files},
+        )
+        conn.execute("INSERT INTO records BY NAME SELECT * EXCLUDE (copy, first_locator) FROM _incoming WHERE copy = 1")
+        conn.execute(
+            """INSERT INTO rejects BY NAME
+               SELECT dataset AS source, source_locator AS locator, 'duplicate' AS reason,
+                      'same image bytes and caption as ' || first_locator || ' (' || record_id || ')' AS detail
+               FROM _incoming WHERE copy > 1"""
+        )
+        conn.execute("INSERT INTO rejects BY NAME SELECT * FROM read_parquet(?)", [reject_files])
+        conn.execute("DROP TABLE _incoming")
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise

@@ -1,22 +1,27 @@
-"""Data assets: the embedded corpus, the records it ingests into, and the audit's roles."""
+"""Data assets: every source read shard by shard, the `records` they merge into, and the audit's roles."""
+
+import json
+from pathlib import Path
 
 import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
+    AssetExecutionContext,
+    AssetsDefinition,
     MaterializeResult,
     MetadataValue,
+    StaticPartitionsDefinition,
     TableColumn,
     TableSchema,
     asset,
 )
 
-from m4i_assets.data import corpus as corpus_gen
-from m4i_assets.data.manifest import read_manifest
 from m4i_assets.data.roles import assign_roles
+from m4i_assets.data.sources import SourceSpec, load_registry, partition_key, shard_partition_keys
 from m4i_assets.defs.resources import Storage
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
+from m4i_assets.storage.warehouse import merge_shards, replace_rows
 
 
 def schema_of(frame) -> MetadataValue:
@@ -25,59 +30,120 @@ def schema_of(frame) -> MetadataValue:
     )
 
 
-@asset(group_name="data", kinds={"python", "file"})
-def corpus(settings: AuditSettings, storage: Storage) -> MaterializeResult:
-    """The embedded default corpus: seeded image files plus a JSONL manifest (same seed, same bytes);
-    with `shifted_nonmembers`, also the shifted corpus the non-members are drawn from."""
-    metadata = {}
-    for spec in settings.corpus_specs():
-        manifest = corpus_gen.generate(spec, storage.corpus_dir(spec.name))
-        metadata[spec.name] = MetadataValue.json({"manifest": str(manifest), **spec.__dict__})
-    return MaterializeResult(metadata=metadata)
-
-
-@asset(
-    group_name="data",
-    deps=[corpus],
-    kinds={"duckdb"},
-    check_specs=[
-        AssetCheckSpec("rows_accounted_for", asset="records", blocking=True, description="rows in = records + rejects")
-    ],
-)
-def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
-    """The `records` table, read through the manifest reader; unusable rows go to `rejects`."""
-    batches = [
-        read_manifest(storage.corpus_dir(spec.name) / "manifest.jsonl", dataset=spec.name)
+def audit_sources(settings: AuditSettings, storage: Storage) -> list[SourceSpec]:
+    """Every source of the audit: the embedded corpora its settings ask for, then the registry's."""
+    embedded = [
+        SourceSpec(spec.name, "embedded", str(storage.corpus_dir(spec.name)), corpus=spec)
         for spec in settings.corpus_specs()
     ]
-    with storage.connect() as conn:
-        for spec, ingested in zip(settings.corpus_specs(), batches):
-            replace_rows(conn, "records", ingested.records, dataset=spec.name)
-            replace_rows(conn, "rejects", ingested.rejects, source=spec.name)
-        storage.refresh_views(conn)
-    recs = pl.concat([b.records for b in batches])
-    rejects = pl.concat([b.rejects for b in batches])
-    rows_in = sum(b.rows_in for b in batches)
-    reasons = dict(rejects.group_by("reason").len().iter_rows()) if rejects.height else {}
-    counts = {"rows_in": rows_in, "records": recs.height, "rejects": rejects.height}
-    return MaterializeResult(
-        metadata={
-            "dagster/row_count": recs.height,
-            "dagster/column_schema": schema_of(recs),
-            **counts,
-            "reject_reasons": MetadataValue.json(reasons),
-        },
-        check_results=[
-            AssetCheckResult(
-                check_name="rows_accounted_for", passed=rows_in == recs.height + rejects.height, metadata=counts
-            )
-        ],
-    )
+    registered = load_registry(settings.registry_path(storage.root))
+    names = [s.name for s in embedded + registered]
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset names must be unique across the embedded corpora and the registry: {names}")
+    return embedded + registered
+
+
+def shard_outputs(storage: Storage, key: str) -> tuple[Path, Path, Path]:
+    """The records and rejects Parquet files and the counts JSON of one ingested shard."""
+    folder = storage.root / "ingest" / key
+    return folder / "records.parquet", folder / "rejects.parquet", folder / "counts.json"
+
+
+def rows_accounted_for(check_name: str, counts: dict[str, int]) -> AssetCheckResult:
+    """The ingestion invariant as a check result: rows in = records + rejects."""
+    passed = counts["rows_in"] == counts["records"] + counts["rejects"]
+    return AssetCheckResult(check_name=check_name, passed=passed, metadata=counts)
+
+
+def ingestion_assets(sources: list[SourceSpec]) -> list[AssetsDefinition]:
+    """`source_shards`, statically partitioned by `<dataset>/<shard>` (one shard read at a time, in
+    parallel runs or a backfill), and `records`, which merges every shard into the warehouse."""
+    shards = StaticPartitionsDefinition(shard_partition_keys(sources))
+
+    @asset(
+        name="source_shards",
+        group_name="data",
+        partitions_def=shards,
+        kinds={"parquet"},
+        check_specs=[AssetCheckSpec("shard_rows_accounted_for", asset="source_shards", blocking=True,
+                                    description="rows in = records + rejects, for this shard")],
+    )  # fmt: skip
+    def source_shards(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+        """One shard of one source read and validated (the embedded corpus is generated first): usable rows
+        to `records.parquet`, unusable ones with their reason to `rejects.parquet`."""
+        by_key = {
+            partition_key(s, shard): (s, shard) for s in audit_sources(settings, storage) for shard in s.shard_ids()
+        }
+        if context.partition_key not in by_key:
+            raise ValueError(f"shard {context.partition_key!r} is not in the audit's sources any more: reload the code")
+        source, shard = by_key[context.partition_key]
+        ingested = source.read(shard)
+        records_file, rejects_file, counts_file = shard_outputs(storage, context.partition_key)
+        records_file.parent.mkdir(parents=True, exist_ok=True)
+        ingested.records.write_parquet(records_file)
+        ingested.rejects.write_parquet(rejects_file)
+        counts = {"rows_in": ingested.rows_in, "records": ingested.records.height, "rejects": ingested.rejects.height}
+        counts_file.write_text(json.dumps(counts))
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": ingested.records.height,
+                **counts,
+                "format": source.format,
+                "reject_reasons": MetadataValue.json(reasons_of(ingested.rejects)),
+            },
+            check_results=[rows_accounted_for("shard_rows_accounted_for", counts)],
+        )
+
+    @asset(
+        name="records",
+        group_name="data",
+        deps=[source_shards],
+        kinds={"duckdb"},
+        check_specs=[AssetCheckSpec("rows_accounted_for", asset="records", blocking=True,
+                                    description="rows in = records + rejects, over every shard")],
+    )  # fmt: skip
+    def records(settings: AuditSettings, storage: Storage) -> MaterializeResult:
+        """The `records` and `rejects` tables from every ingested shard. A record found again in a later shard
+        of the same dataset is a `duplicate` reject; record ids are content hashes, so re-ingesting is idempotent."""
+        sources = audit_sources(settings, storage)
+        keys = {s.name: [partition_key(s, shard) for shard in s.shard_ids()] for s in sources}
+        missing = [k for ks in keys.values() for k in ks if not shard_outputs(storage, k)[2].is_file()]
+        if missing:
+            raise ValueError(f"shards not ingested yet (materialize source_shards for them first): {missing}")
+        rows_in = sum(json.loads(shard_outputs(storage, k)[2].read_text())["rows_in"] for k in sum(keys.values(), []))
+        with storage.connect() as conn:
+            for name, shard_keys in keys.items():
+                merge_shards(conn, name, [shard_outputs(storage, k)[:2] for k in shard_keys])
+            storage.refresh_views(conn)
+            names = [list(keys)]
+            (n_records,) = conn.execute(
+                "SELECT count(*) FROM records WHERE list_contains(?, dataset)", names
+            ).fetchone()
+            reasons = dict(conn.execute("SELECT reason, count(*) FROM rejects WHERE list_contains(?, source) "
+                                        "GROUP BY reason ORDER BY reason", names).fetchall())  # fmt: skip
+            schema = conn.execute("SELECT * FROM records LIMIT 0").pl()
+        totals = {"rows_in": rows_in, "records": n_records, "rejects": sum(reasons.values())}
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": n_records,
+                "dagster/column_schema": schema_of(schema),
+                **totals,
+                "shards_per_dataset": MetadataValue.json({name: len(ks) for name, ks in keys.items()}),
+                "reject_reasons": MetadataValue.json(reasons),
+            },
+            check_results=[rows_accounted_for("rows_accounted_for", totals)],
+        )
+
+    return [source_shards, records]
+
+
+def reasons_of(rejects: pl.DataFrame) -> dict[str, int]:
+    return dict(sorted(rejects.group_by("reason").len().iter_rows())) if rejects.height else {}
 
 
 @asset(
     group_name="data",
-    deps=[records],
+    deps=["records"],
     kinds={"duckdb"},
     check_specs=[
         AssetCheckSpec(
@@ -92,14 +158,14 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     """Disjoint, seeded member / non-member / known non-member / population sets of the audit (the second
     caption domain, when configured, is all population)."""
 
-    def ids_of(spec) -> list[str]:
-        return storage.read("SELECT record_id FROM records WHERE dataset = ?", [spec.name])["record_id"].to_list()
+    def ids_of(dataset: str) -> list[str]:
+        return storage.read("SELECT record_id FROM records WHERE dataset = ?", [dataset])["record_id"].to_list()
 
-    main = ids_of(settings.corpus_spec())
+    main = ids_of(settings.main_dataset())
     shifted, second = settings.shifted_corpus_spec(), settings.second_domain_spec()
-    roles = assign_roles(main, settings.role_spec(), ids_of(shifted) if shifted else None)
+    roles = assign_roles(main, settings.role_spec(), ids_of(shifted.name) if shifted else None)
     if second:  # the second caption domain is all population (shadow captioners' data)
-        other = pl.DataFrame({"record_id": ids_of(second), "role": "population", "is_member": False})
+        other = pl.DataFrame({"record_id": ids_of(second.name), "role": "population", "is_member": False})
         roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
     roles = roles.with_columns(audit=pl.lit(settings.audit))
     with storage.connect() as conn:
@@ -107,7 +173,7 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
     spec = settings.role_spec()
     expected = {"member": spec.n_members, "nonmember": spec.n_nonmembers, "known_nonmember": spec.n_known_nonmembers}
-    n_expected = len(main) + (spec.n_nonmembers if shifted else 0) + (len(ids_of(second)) if second else 0)
+    n_expected = len(main) + (spec.n_nonmembers if shifted else 0) + (len(ids_of(second.name)) if second else 0)
     passed = (
         all(counts.get(k) == v for k, v in expected.items())
         and roles["record_id"].n_unique() == roles.height == n_expected
