@@ -77,3 +77,14 @@ def test_roc_plot_is_a_png():
     labels = np.array([1, 0, 1, 0], dtype=bool)
     png = roc_plot_png({"csa": (labels, np.array([0.9, 0.1, 0.8, 0.3]))}, "t")
     assert png.startswith(b"\x89PNG")
+
+
+def test_row_problems_flags_out_of_range_metrics_and_unequal_candidates():
+    from m4i_assets.metrics.evaluation import row_problems
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    good = {"attack": "csa", **evaluate_scores(labels, rng.normal(size=100) + labels, n_bootstrap=20).as_row()}
+    assert row_problems([good, {**good, "attack": "aea"}]) == []
+    assert "auc" in row_problems([{**good, "auc": 1.2}])[0]
+    assert "different candidate sets" in row_problems([good, {**good, "attack": "x", "n_members": 49}])[0]

@@ -82,6 +82,22 @@ class AttackEvaluation:
         return row
 
 
+def row_problems(rows: list[dict]) -> list[str]:
+    """What is wrong with a version's metric rows (none when sound): every metric and CI bound in [0, 1]
+    with low <= high, and every attack judged on the same members and non-members. (A percentile bootstrap
+    CI need not contain the point estimate, so that is not required.)"""
+    problems = []
+    for row in rows:
+        for name in (k for k in row if f"{k}_ci_low" in row):
+            low, point, high = row[f"{name}_ci_low"], row[name], row[f"{name}_ci_high"]
+            if not (0 <= point <= 1 and 0 <= low <= high <= 1):
+                problems.append(f"{row['attack']}: {name} {point} or its CI [{low}, {high}] outside [0, 1]")
+    counts = {(r["n_members"], r["n_nonmembers"]) for r in rows}
+    if len(counts) > 1:
+        problems.append(f"attacks judged on different candidate sets (members, non-members): {sorted(counts)}")
+    return problems
+
+
 def evaluate_scores(
     labels: np.ndarray, scores: np.ndarray, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> AttackEvaluation:

@@ -20,7 +20,7 @@ from m4i_assets.defs.assets.attacks import score_assets, wsa_attack_model
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage, Tracking
 from m4i_assets.metrics import report
-from m4i_assets.metrics.evaluation import evaluate_scores, roc_plot_png
+from m4i_assets.metrics.evaluation import evaluate_scores, roc_plot_png, row_problems
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
 
@@ -64,6 +64,8 @@ def shift_gate(rows: list[dict], max_auc: float) -> AssetCheckResult:
                        description="AUC and TPR@1%FPR recomputed by scikit-learn match"),
         AssetCheckSpec("shift_gate", asset="attack_metrics", blocking=True,
                        description="blocks reporting when the blind baseline's AUC CI lies above the gate"),
+        AssetCheckSpec("metrics_in_range", asset="attack_metrics", blocking=True,
+                       description="metrics and CIs in [0, 1], every attack on the same candidates"),
     ],
 )  # fmt: skip
 def attack_metrics(
@@ -117,6 +119,11 @@ def attack_metrics(
         check_results=[
             AssetCheckResult(check_name="agrees_with_sklearn", passed=gap < 1e-9, metadata={"max_gap": gap}),
             shift_gate(rows, settings.shift_gate_max_auc),
+            AssetCheckResult(
+                check_name="metrics_in_range",
+                passed=not (problems := row_problems(rows)),
+                metadata={"problems": MetadataValue.json(problems)},
+            ),
         ],
         metadata={
             "dagster/row_count": table.height,
