@@ -55,16 +55,24 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
 
 
 def test_describe_checkpoint_names_what_is_wrong(tmp_path):
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="neither model.json"):
         describe_checkpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError, match="neither model.json"):
         describe_checkpoint(tmp_path)
     (tmp_path / "model.json").write_text("{broken")
-    with pytest.raises(ValueError, match="is not JSON"):
+    with pytest.raises(ValueError, match="is not valid JSON"):
         describe_checkpoint(tmp_path)
     (tmp_path / "model.json").write_text(json.dumps({"family": "clip", "arch": "m4i-tiny-rn"}))
-    assert describe_checkpoint(tmp_path) == ("clip", "m4i-tiny-rn")
+    assert describe_checkpoint(tmp_path) == ("clip", "m4i-tiny-rn", tmp_path / "model.safetensors")
+    (tmp_path / "epoch_3.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"2 weights files \(epoch_3.pt, model.safetensors\)"):
+        describe_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    assert describe_checkpoint(tmp_path).weights == tmp_path / "epoch_3.pt"
+    (tmp_path / "epoch_3.pt").unlink()
+    with pytest.raises(ValueError, match="no weights file"):
+        describe_checkpoint(tmp_path)
 
 
 def test_weekly_schedules_reaudit_the_latest_target(tmp_path):

@@ -60,15 +60,15 @@ def test_checkpoint_round_trip_and_clear_errors(tiny, tmp_path):
     path, sha = clip.save_clip(bundle, tmp_path / "m", {"role": "test"})
     assert sha == sha256_file(path) and model_version_for("clip", sha) == f"clip-{sha[:12]}"
     assert safetensors_tensor_count(path) == len(bundle.model.state_dict())
-    loaded = clip.load_clip("m4i-tiny-vit", path, device="cpu")
+    loaded = clip.load_clip(path, "m4i-tiny-vit", device="cpu")
     for (k, v), (_, w) in zip(bundle.model.state_dict().items(), loaded.model.state_dict().items()):
         assert torch.equal(v.cpu(), w), k
     with pytest.raises(FileNotFoundError, match="not found"):
-        clip.load_clip("m4i-tiny-vit", tmp_path / "missing.safetensors")
+        clip.load_clip(tmp_path / "missing.safetensors", "m4i-tiny-vit")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.safetensors"):
-        clip.load_clip("m4i-tiny-vit", tmp_path / "bad.safetensors")
+        clip.load_clip(tmp_path / "bad.safetensors", "m4i-tiny-vit")
     with pytest.raises(ValueError, match="bad.safetensors"):
         safetensors_tensor_count(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="does not match architecture"):
-        clip.load_clip("m4i-tiny-rn", path)
+        clip.load_clip(path, "m4i-tiny-rn")

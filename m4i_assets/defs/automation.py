@@ -2,15 +2,26 @@
 a weekly schedule that re-audits the latest target of each family.
 
 The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one checkpoint in a layout
-`describe_checkpoint` knows (a CLIP: `model.safetensors` + `model.json` naming `arch`, as the platform
-saves them; a captioner: `model.safetensors` + `config.json`, this platform's CNN+LSTM or any Hugging
-Face VisionEncoderDecoder directory). A new or changed checkpoint is copied under `models/`,
-registered as a `target` of the audit, added as a model-version partition and audited; the cursor
-remembers each folder's size, mtime and sha256, so an unchanged folder launches nothing.
+`describe_checkpoint` knows:
+
+- an open_clip CLIP: `model.json` with `{"family": "clip", "arch": <open_clip architecture>}` and exactly one
+  weights file, `model.safetensors` (as the platform saves them) or a torch file `*.pt`, `*.pth`, `*.bin`
+  (as open_clip's training writes them);
+- a Hugging Face CLIP directory: `config.json` with model_type "clip", `model.safetensors` or
+  `pytorch_model.bin`, tokenizer files and `preprocessor_config.json` (arch: our `m4i.json`'s, else
+  "hf-clip");
+- a captioner: `model.safetensors` + `config.json`, this platform's CNN+LSTM or any Hugging Face
+  VisionEncoderDecoder directory.
+
+A new or changed checkpoint is copied under `models/`, registered as a `target` of the audit (its
+`checkpoint_uri` the weights file, whose sha256 names the model version), added as a model-version
+partition and audited; the cursor remembers each folder's weights file size, mtime and sha256, so an
+unchanged folder launches nothing. A folder that is not a checkpoint is logged once per reason.
 """
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from dagster import (
     AssetSelection,
@@ -27,7 +38,13 @@ from dagster import (
 
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage
-from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models.checkpoints import (
+    WEIGHT_SUFFIXES,
+    hf_clip_arch,
+    hf_weights_file,
+    read_json_object,
+    sha256_file,
+)
 from m4i_assets.settings import AuditSettings
 
 # What one audited model version materializes, per family (the demo CLI runs the same lists).
@@ -50,33 +67,63 @@ audit_jobs = {
 WATCHED = "watched_models"
 
 
-def describe_checkpoint(folder: Path) -> tuple[str, str]:
-    """(family, arch) of a checkpoint folder; a ValueError naming the folder when it is not one."""
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{folder}: no model.safetensors")
+class WatchedCheckpoint(NamedTuple):
+    """A watched folder's model family, arch and weights file (whose sha256 names the version)."""
+
+    family: str
+    arch: str
+    weights: Path
+
+
+def _required(weights: Path | None, folder: Path, expected: str) -> Path:
+    if weights is None or not weights.is_file():
+        raise ValueError(f"{folder}: no {expected}")
+    return weights
+
+
+def _single_weights_file(folder: Path) -> Path:
+    """The one weights file of an open_clip folder (`model.safetensors`, `*.pt`, `*.pth` or `*.bin`)."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(found) > 1:
+        raise ValueError(f"{folder}: {len(found)} weights files ({', '.join(p.name for p in found)}), expected one")
+    return _required(found[0] if found else None, folder, "weights file (model.safetensors, *.pt, *.pth or *.bin)")
+
+
+def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
+    """(family, arch, weights file) of a checkpoint folder in a layout of the module docstring; a ValueError
+    naming the folder or file when it is not one."""
     for name in ("model.json", "config.json"):
         path = folder / name
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{path} is not JSON: {exc}") from exc
-            if config.get("family") == "clip" and "arch" in config:
-                return "clip", config["arch"]
-            if config.get("family") == "captioner":
-                return "captioner", config.get("spec", {}).get("arch", "cnn-lstm")
-            if config.get("model_type") == "vision-encoder-decoder":
-                return "captioner", "vit-gpt2" if (folder / "m4i.json").is_file() else "hf-vision-encoder-decoder"
-    raise ValueError(f"{folder}: neither model.json (a CLIP: family, arch) nor a captioner config.json")
+        if not path.is_file():
+            continue
+        config = read_json_object(path)
+        if config.get("family") == "clip" and isinstance(config.get("arch"), str):
+            return WatchedCheckpoint("clip", config["arch"], _single_weights_file(folder))
+        if config.get("model_type") == "clip":
+            weights = _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
+            return WatchedCheckpoint("clip", hf_clip_arch(folder), weights)
+        if config.get("family") == "captioner":
+            arch = config.get("spec", {}).get("arch", "cnn-lstm")
+            return WatchedCheckpoint(
+                "captioner", arch, _required(folder / "model.safetensors", folder, "model.safetensors")
+            )
+        if config.get("model_type") == "vision-encoder-decoder":
+            arch = "vit-gpt2" if (folder / "m4i.json").is_file() else "hf-vision-encoder-decoder"
+            return WatchedCheckpoint(
+                "captioner", arch, _required(folder / "model.safetensors", folder, "model.safetensors")
+            )
+    raise ValueError(
+        f"{folder}: neither model.json (an open_clip CLIP: family, arch) nor config.json (a Hugging Face CLIP, "
+        "or a captioner)"
+    )
 
 
-def register_watched(storage: Storage, audit: str, folder: Path, sha: str) -> tuple[str, str]:
+def register_watched(storage: Storage, audit: str, folder: Path, checkpoint: WatchedCheckpoint, sha: str) -> str:
     """Copy a watched checkpoint folder under `models/<version>/` and register it as a target of `audit`."""
-    family, arch = describe_checkpoint(folder)
-    row = {"family": family, "arch": arch, "role": "target", "audit": audit,
+    row = {"family": checkpoint.family, "arch": checkpoint.arch, "role": "target", "audit": audit,
            "train_config": json.dumps({"source": str(folder)})}  # fmt: skip
-    return family, storage.register_model(folder, sha, row, move=False)
+    weights = checkpoint.weights.relative_to(folder).as_posix()
+    return storage.register_model(folder, sha, row, move=False, weights=weights)
 
 
 @sensor(
@@ -90,24 +137,24 @@ def watched_models_sensor(context: SensorEvaluationContext, storage: Storage, se
     watch = storage.root / WATCHED
     runs, versions = [], []
     for folder in sorted(p for p in watch.glob("*") if p.is_dir()) if watch.is_dir() else []:
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            continue  # still being copied, or not a checkpoint
-        stat = weights.stat()
+        try:
+            checkpoint = describe_checkpoint(folder)
+        except ValueError as exc:  # still being copied, or not a checkpoint: said once per reason
+            if seen.get(folder.name) != [str(exc)]:
+                context.log.warning(f"skipping {folder}: {exc}")
+            seen[folder.name] = [str(exc)]
+            continue
+        stat = checkpoint.weights.stat()
         previous = seen.get(folder.name)
         if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
             continue  # unchanged since the last tick: not even re-hashed
-        sha = sha256_file(weights)
+        sha = sha256_file(checkpoint.weights)
         seen[folder.name] = [stat.st_size, stat.st_mtime_ns, sha]
-        if previous and previous[2] == sha:
-            continue
-        try:
-            family, version = register_watched(storage, settings.audit, folder, sha)
-        except ValueError as exc:
-            context.log.warning(f"skipping {folder}: {exc}")
-            continue
+        if previous and len(previous) == 3 and previous[2] == sha:
+            continue  # touched, same bytes
+        version = register_watched(storage, settings.audit, folder, checkpoint, sha)
         versions.append(version)
-        runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[family].name))
+        runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[checkpoint.family].name))
     return SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[model_versions.build_add_request(versions)] if versions else [],

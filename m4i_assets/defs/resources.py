@@ -72,16 +72,19 @@ class Storage(ConfigurableResource):
             raise FileNotFoundError(f"{model_version} has no {filename}: materialize {asset} for it ({path})")
         return path.read_bytes()
 
-    def register_model(self, folder: Path, sha256: str, row: dict[str, Any], move: bool) -> str:
+    def register_model(
+        self, folder: Path, sha256: str, row: dict[str, Any], move: bool, weights: str = "model.safetensors"
+    ) -> str:
         """Put a checkpoint folder at `models/<version>/` (moved, or copied when `move` is false), upsert its
-        `models` row and return its model version (the family and the sha256 name it)."""
+        `models` row and return its model version (the family and the sha256 of the folder's `weights` file
+        name it; that file is the row's `checkpoint_uri`)."""
         version = model_version_for(row["family"], sha256)
         final = self.models_dir / version
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(folder), final) if move else shutil.copytree(folder, final)
         frame = pl.DataFrame(
-            [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / "model.safetensors")}]
+            [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / weights)}]
         )
         with self.connect() as conn:
             warehouse.replace_rows(conn, "models", frame, model_version=version)

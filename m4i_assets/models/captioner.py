@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tokenizers
 import torch
 import transformers
 from PIL import Image
@@ -41,19 +39,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from m4i_assets.data.images import open_rgb
-from m4i_assets.metrics.captions import PUNCTUATION, normalise_caption
-from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.metrics.captions import normalise_caption
+from m4i_assets.models.checkpoints import read_json_object, sha256_file
 from m4i_assets.models.device import device_for
+from m4i_assets.models.vocabulary import caption_words, tokenize, word_level_tokenizer
 
 FAMILY = "captioner"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
 M4I_FILE = "m4i.json"  # our spec and info beside a Hugging Face directory's own files
-
-
-def tokenize(text: str) -> list[str]:
-    """The words of a caption under the caption metrics' normalisation (one tokenisation for both)."""
-    return normalise_caption(text).split()
 
 
 @dataclass(frozen=True)
@@ -63,9 +57,7 @@ class Vocabulary:
     @classmethod
     def build(cls, captions: list[str], min_count: int = 1) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
-        counts = Counter(w for c in captions for w in tokenize(c))
-        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(words=SPECIALS + tuple(kept))
+        return cls(words=SPECIALS + caption_words(captions, min_count))
 
     def encode(self, caption: str, max_len: int) -> list[int]:
         """BOS, word ids, EOS, padded or cut to `max_len + 2` ids."""
@@ -84,23 +76,8 @@ class Vocabulary:
 
     def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
         """The vocabulary as a Hugging Face tokenizer: same normalisation and ids as `encode`, without padding."""
-        tok = tokenizers.Tokenizer(
-            tokenizers.models.WordLevel({w: i for i, w in enumerate(self.words)}, unk_token=SPECIALS[UNK])
-        )
-        tok.normalizer = tokenizers.normalizers.Sequence(
-            [
-                tokenizers.normalizers.Lowercase(),
-                tokenizers.normalizers.Replace(tokenizers.Regex(PUNCTUATION.pattern), " "),
-            ]
-        )
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-        tok.post_processor = tokenizers.processors.TemplateProcessing(
-            single=f"{SPECIALS[BOS]} $A {SPECIALS[EOS]}", special_tokens=[(SPECIALS[BOS], BOS), (SPECIALS[EOS], EOS)]
-        )
         pad, bos, eos, unk = SPECIALS
-        return transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk
-        )
+        return word_level_tokenizer(self.words, pad=pad, bos=bos, eos=eos, unk=unk)
 
 
 @dataclass(frozen=True)
@@ -355,15 +332,7 @@ def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: di
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"captioner checkpoint incomplete: {path} not found")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, "not found: captioner checkpoint incomplete")
 
 
 def _load_cnn_lstm(folder: Path, config: dict[str, Any]) -> CaptionerBundle:

@@ -1,8 +1,19 @@
-"""CLIP model adapter over open_clip: one way to build, train, save and load any CLIP.
+"""CLIP model adapter: one way to build, train, save and load any CLIP, open_clip's or Hugging Face's.
 
-Architectures come from open_clip's config registry; the project's small CPU-trainable configs live
-in `configs/` and are registered at import (open_clip builds them offline with `pretrained=None`).
-Checkpoints are safetensors state dicts with a sha256; `model_version` derives from that hash.
+Architectures: open_clip's config registry (the project's small CPU-trainable configs live in `configs/`
+and are registered at import; open_clip builds them offline with `pretrained=None`), and the project's
+Hugging Face configs in `hf_clip.CONFIGS` (a `transformers.CLIPModel` behind the same interface, its word
+vocabulary built from the training captions). `build_clip(arch)` builds either kind.
+
+Checkpoints, by what the path is (`load_clip`):
+- a weights file of an open_clip architecture: `model.safetensors` as this module saves it (no metadata,
+  beside a `model.json` naming the arch), or a torch file (`.pt`, `.pth`, `.bin`) as open_clip's training
+  writes it (`{"state_dict": ...}`, keys possibly prefixed `module.`) or a bare state dict, read
+  weights-only (`checkpoints.read_state_dict`);
+- a Hugging Face CLIP directory (`config.json` with model_type "clip", `model.safetensors` or
+  `pytorch_model.bin`, tokenizer files, `preprocessor_config.json`), or its weights file.
+The sha256 of the weights file names the model version. A missing, corrupt or mismatched checkpoint is a
+FileNotFoundError or ValueError naming the file (and for a mismatch the arch and the first mismatched key).
 
 Training is open_clip's symmetric InfoNCE (`ClipLoss`) on the eval-preprocessed images, with no
 augmentation by default: the embedded default deliberately trains a target that memorises its
@@ -13,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +32,20 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+import transformers
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from m4i_assets.data.images import open_rgb
-from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models import hf_clip
+from m4i_assets.models.checkpoints import (
+    HF_WEIGHTS_FILES,
+    M4I_FILE,
+    TORCH_SUFFIXES,
+    hf_clip_arch,
+    load_weights,
+    sha256_file,
+)
 from m4i_assets.models.device import device_for
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -50,25 +70,51 @@ class ClipTrainSpec:
 
 @dataclass
 class ClipBundle:
-    """A built CLIP with the functions that prepare its inputs."""
+    """A built CLIP with the functions that prepare its inputs. `preprocess` is a torchvision Compose
+    ending in Normalize; `tokenizer` returns a LongTensor (n, context length). A Hugging Face CLIP's
+    `model` is an `hf_clip.HFClip` and it carries its image processor (saved with it)."""
 
     model: torch.nn.Module
     preprocess: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     arch: str
+    embed_dim: int
+    image_processor: transformers.BaseImageProcessor | None = None
+
+    @property
+    def is_hugging_face(self) -> bool:
+        return isinstance(self.model, hf_clip.HFClip)
 
 
-def build_clip(arch: str, seed: int = 0) -> ClipBundle:
-    """Build an untrained CLIP of a registered architecture with seeded initialisation."""
+def _hugging_face_bundle(parts: hf_clip.Parts, arch: str) -> ClipBundle:
+    return ClipBundle(
+        parts.model, parts.preprocess, parts.tokenizer, arch, parts.model.embed_dim, parts.image_processor
+    )
+
+
+def build_clip(arch: str, seed: int = 0, captions: Sequence[str] | None = None) -> ClipBundle:
+    """Build an untrained CLIP with seeded initialisation: an open_clip registered architecture, or a
+    Hugging Face config of `hf_clip.CONFIGS`, whose vocabulary is built from `captions`."""
+    if arch in hf_clip.CONFIGS:
+        if captions is None:
+            raise ValueError(f"{arch} builds its vocabulary from the training captions: pass captions")
+        torch.manual_seed(seed)
+        return _hugging_face_bundle(hf_clip.build(arch, captions), arch)
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP architecture {arch!r}; registered: {sorted(open_clip.list_models())[:8]}...")
+        raise ValueError(
+            f"unknown CLIP architecture {arch!r}; registered: {sorted(hf_clip.CONFIGS)}, "
+            f"{sorted(open_clip.list_models())[:8]}..."
+        )
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(arch), arch=arch)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, embed_dim=embed_dim(arch))
 
 
 def embed_dim(arch: str) -> int:
-    """The joint embedding width of a registered architecture."""
+    """The joint embedding width of a registered architecture (open_clip's or a Hugging Face config)."""
+    if arch in hf_clip.CONFIGS:
+        return int(hf_clip.CONFIGS[arch]["projection_dim"])
     return int(open_clip.get_model_config(arch)["embed_dim"])
 
 
@@ -134,7 +180,7 @@ def train_and_save(
     threads) as in the caller's."""
     if threads:
         torch.set_num_threads(threads)
-    bundle = build_clip(spec.arch, seed=spec.seed)
+    bundle = build_clip(spec.arch, seed=spec.seed, captions=captions)
     history = train_clip(bundle, image_uris, captions, spec, device)
     _, sha = save_clip(
         bundle, out_dir, {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
@@ -142,32 +188,71 @@ def train_and_save(
     return sha, history, sum(p.numel() for p in bundle.model.parameters())
 
 
-def save_clip(bundle: ClipBundle, out_dir: str | os.PathLike, info: dict[str, Any]) -> tuple[Path, str]:
-    """Save weights as safetensors plus a JSON sidecar; return (checkpoint path, sha256)."""
+def save_clip(
+    bundle: ClipBundle, out_dir: str | os.PathLike, info: dict[str, Any], weights: str = "model.safetensors"
+) -> tuple[Path, str]:
+    """Save a CLIP folder; return (weights file, its sha256).
+
+    open_clip: the weights as `weights` (`model.safetensors`, no metadata; or a `.pt`/`.pth`/`.bin` torch
+    file in open_clip's training layout, `{"state_dict": ...}`) plus a `model.json` sidecar (arch, family,
+    info). Hugging Face: `save_pretrained` of model, tokenizer and image processor (`model.safetensors`)
+    plus `m4i.json` (arch, family, info)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "model.safetensors"
+    sidecar = json.dumps({"arch": bundle.arch, "family": FAMILY, **info}, indent=2, default=str)
+    if bundle.is_hugging_face:
+        if weights != HF_WEIGHTS_FILES[0]:
+            raise ValueError(f"a Hugging Face CLIP is saved as {HF_WEIGHTS_FILES[0]}, not {weights}")
+        parts = hf_clip.Parts(bundle.model, bundle.preprocess, bundle.tokenizer, bundle.image_processor)
+        ckpt = hf_clip.save(parts, out)
+        (out / M4I_FILE).write_text(sidecar)
+        return ckpt, sha256_file(ckpt)
+    ckpt = out / weights
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
-    # No safetensors metadata: it is a hash map whose order varies between runs, and the file's sha256
-    # must depend on the weights alone (arch and family are in the JSON sidecar).
-    save_file(state, str(ckpt))
-    (out / "model.json").write_text(json.dumps({"arch": bundle.arch, "family": FAMILY, **info}, indent=2, default=str))
+    if ckpt.suffix in TORCH_SUFFIXES:
+        torch.save({"state_dict": state}, ckpt)
+    elif ckpt.suffix == ".safetensors":
+        # No safetensors metadata: it is a hash map whose order varies between runs, and the file's sha256
+        # must depend on the weights alone (arch and family are in the JSON sidecar).
+        save_file(state, str(ckpt))
+    else:
+        raise ValueError(f"{weights}: a CLIP is saved as .safetensors or {', '.join(TORCH_SUFFIXES)}")
+    (out / "model.json").write_text(sidecar)
     return ckpt, sha256_file(ckpt)
 
 
-def load_clip(arch: str, checkpoint: str | os.PathLike, device: str | None = None) -> ClipBundle:
-    """Load a CLIP checkpoint; a missing, corrupt or mismatched file is a clear error naming it."""
+def _sidecar_arch(path: Path) -> str:
+    """The arch named by the `model.json` beside an open_clip weights file."""
+    sidecar = path.parent / "model.json"
+    try:
+        config = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: no architecture given (arch=...) and no readable {sidecar} naming one") from exc
+    if not isinstance(config, dict) or config.get("family") != FAMILY or not isinstance(config.get("arch"), str):
+        raise ValueError(f"{path}: no architecture given (arch=...) and {sidecar} does not name one (family, arch)")
+    return config["arch"]
+
+
+def load_clip(checkpoint: str | os.PathLike, arch: str | None = None, device: str | None = None) -> ClipBundle:
+    """Load a CLIP checkpoint (see the module docstring): a Hugging Face CLIP directory or its weights file,
+    or an open_clip weights file of `arch` (by default the arch of the `model.json` beside it).
+
+    A missing, corrupt or mismatched checkpoint is a FileNotFoundError or ValueError naming the file."""
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    bundle = build_clip(arch)
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
-    try:
-        bundle.model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not match architecture {arch!r}: {str(exc).splitlines()[0]}") from exc
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() or (arch not in open_clip.list_models() and hf_clip.is_clip_dir(folder)):
+        parts = hf_clip.load(folder, weights=None if path.is_dir() else path)
+        bundle = _hugging_face_bundle(parts, hf_clip_arch(folder))
+    else:
+        arch = arch or _sidecar_arch(path)
+        if arch not in open_clip.list_models():
+            raise ValueError(
+                f"{path}: {arch!r} is not an open_clip architecture, and {folder} is not a Hugging Face CLIP "
+                "directory (config.json with model_type 'clip')"
+            )
+        bundle = build_clip(arch)
+        load_weights(bundle.model, path, f"architecture {arch!r}")
     bundle.model.to(device_for(device)).eval()
     return bundle

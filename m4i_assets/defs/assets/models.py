@@ -26,7 +26,7 @@ from m4i_assets.data.roles import shadow_split
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
-from m4i_assets.models.checkpoints import safetensors_tensor_count, sha256_file
+from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
 
@@ -244,13 +244,13 @@ def captioner_models(context: AssetExecutionContext, settings: AuditSettings, st
 
 @asset(group_name="models", partitions_def=model_versions, deps=[clip_models, captioner_models], kinds={"pytorch"})
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
-    """One model version: its checkpoint verified against the registered sha256 and its header parsed
+    """One model version: its checkpoint verified against the registered sha256 and its tensors counted
     (weights are loaded by the signal assets, which name the file in any error)."""
     info = storage.model_info(context.partition_key)
     actual = sha256_file(info["checkpoint_uri"])
     if actual != info["sha256"]:
         raise ValueError(f"{info['checkpoint_uri']}: sha256 {actual} differs from the registered {info['sha256']}")
-    n_tensors = safetensors_tensor_count(info["checkpoint_uri"])
+    n_tensors = checkpoint_tensor_count(info["checkpoint_uri"])
     return MaterializeResult(
         metadata={
             "n_tensors": n_tensors,

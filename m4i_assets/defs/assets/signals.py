@@ -43,7 +43,7 @@ def embeddings(
     version = context.partition_key
     info = storage.model_info(version)
     recs = storage.audit_records(info["audit"], EMBEDDED_ROLES)
-    bundle = clip.load_clip(info["arch"], info["checkpoint_uri"], compute.torch_device)
+    bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     img, txt = embed_records(
         bundle,
         recs["image_uri"].to_list(),
@@ -63,7 +63,7 @@ def embeddings(
     )
     path = write_signal(storage, "embeddings", version, frame)
     norms = np.r_[np.linalg.norm(img, axis=1), np.linalg.norm(txt, axis=1)]
-    dim = clip.embed_dim(info["arch"])
+    dim = bundle.embed_dim
     check = AssetCheckResult(
         check_name="finite_unit_embeddings",
         passed=bool(
@@ -125,7 +125,7 @@ def augmentation_deltas(
     info = storage.model_info(version)
     cands = storage.audit_records(info["audit"], CANDIDATE_ROLES).select("record_id", "image_uri")
     emb = load_signal(storage, "embeddings", version).join(cands, on="record_id").sort("record_id")
-    bundle = clip.load_clip(info["arch"], info["checkpoint_uri"], compute.torch_device)
+    bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     transforms = transform_registry(settings.seed)
     augmented = augmented_image_embeddings(bundle, emb["image_uri"].to_list(), transforms, settings.embed_batch_size,
                                            compute.loader_workers, compute.torch_device)  # fmt: skip
