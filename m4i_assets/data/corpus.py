@@ -433,3 +433,11 @@ def generate(spec: CorpusSpec, out_dir: str | os.PathLike) -> Path:
     manifest.write_text("\n".join(lines) + "\n")
     spec_file.write_text(json.dumps(asdict(spec), sort_keys=True))
     return manifest
+
+
+def generate_pairs(spec: CorpusSpec, out_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """`generate`, then (image paths, captions) in manifest order: for benchmarks and tests that need the
+    corpus's pairs without the ingestion path."""
+    manifest = generate(spec, out_dir)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    return [str(Path(out_dir) / r["image"]) for r in rows], [r["caption"] for r in rows]
