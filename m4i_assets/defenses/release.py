@@ -1,0 +1,154 @@
+"""Release-time defenses: output perturbation of what a trained model releases, with no retraining.
+
+Each one degrades the signal a membership-inference attack reads from the model's outputs, at some
+cost in utility that `m4i_assets.metrics.utility` measures; they carry over to multi-modal models the
+output-side mitigations of Shokri et al. (S&P 2017: coarser precision of released scores, higher
+entropy of the released distribution) and output perturbation in general (e.g. Jia et al. 2019, MemGuard):
+
+- `noisy_embeddings`: Gaussian noise on released CLIP embeddings, re-normalised to unit length.
+- `round_similarities`: released similarity scores rounded to a few decimals.
+- `sample_next_token`: sampled decoding (temperature, top-k) for captioners instead of greedy.
+
+`RELEASE_DEFENSES` names them and says what each one's `strength` parameter is. Everything is
+deterministic given a seed (or a seeded `torch.Generator`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+SAMPLED_DECODING_TOP_K = 10
+"""Top-k of the `sampled_decoding` defense: its strength is the temperature, k stays fixed."""
+
+
+@dataclass(frozen=True)
+class ReleaseDefense:
+    """Metadata of one release-time defense: the model family it applies to, the name of its strength
+    parameter, the strength that means "no defense", which direction is stronger, and a description."""
+
+    applies_to: Literal["clip", "captioner"]
+    strength: str
+    off: float | None
+    stronger: Literal["larger", "smaller"]
+    description: str
+
+
+RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
+    "embedding_noise": ReleaseDefense(
+        applies_to="clip",
+        strength="sigma",
+        off=0.0,
+        stronger="larger",
+        description="Gaussian noise N(0, sigma^2) added to each coordinate of the released L2-normalised image "
+        "and text embeddings, then re-normalised to unit length (`noisy_embeddings`).",
+    ),
+    "similarity_rounding": ReleaseDefense(
+        applies_to="clip",
+        strength="decimals",
+        off=None,
+        stronger="smaller",
+        description="Released image-text cosine similarities rounded to `decimals` decimal places "
+        "(`round_similarities`); no rounding is no defense.",
+    ),
+    "sampled_decoding": ReleaseDefense(
+        applies_to="captioner",
+        strength="temperature",
+        off=0.0,
+        stronger="larger",
+        description=f"Captions decoded by sampling from softmax(logits / temperature) over the top "
+        f"{SAMPLED_DECODING_TOP_K} tokens instead of greedily; temperature 0 is greedy (`sample_next_token`).",
+    ),
+}
+
+
+def _key_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator seeded by (seed, sha256 of the key): the same record always gets the same stream."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return np.random.default_rng(np.random.SeedSequence([seed, int.from_bytes(digest, "big")]))
+
+
+def noisy_embeddings(emb: np.ndarray, sigma: float, seed: int, keys: Sequence[str] | None = None) -> np.ndarray:
+    """Gaussian output perturbation of released embeddings, re-normalised to unit length.
+
+    `emb` is (n, d), rows L2-normalised (as CLIP releases them). Every coordinate gets independent
+    N(0, sigma^2) noise, then every row is scaled back to unit length, so the released embedding is
+    still a unit vector as CLIP users expect. Returns float32 (n, d); `sigma = 0` returns an unchanged
+    copy.
+
+    Which noise a row gets:
+
+    - `keys=None`: one `np.random.default_rng(seed)` draws the (n, d) noise in row order. Simple, but a
+      record's noise then depends on its position, so embedding it in another batch or order releases
+      a different vector.
+    - `keys` given (one string per row, e.g. record ids): row i's noise comes from its own generator
+      seeded by (seed, sha256 of keys[i]), so a record's released embedding depends only on its
+      embedding, the key, sigma and the seed, not on which other records were released with it
+      (re-releasing it cannot average the noise away). Rows with equal keys get equal noise.
+
+    Use different seeds for the image side and the text side of the same records: with the same seed
+    and keys both would get the same noise vector, which correlates them.
+    """
+    emb = np.asarray(emb)
+    if emb.ndim != 2:
+        raise ValueError(f"emb must be a 2-d (n, d) array, got shape {emb.shape}")
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if keys is not None:
+        if isinstance(keys, str):
+            raise ValueError("keys must be a sequence of strings (one per row), not a string")
+        if len(keys) != emb.shape[0]:
+            raise ValueError(f"keys must have one entry per row: got {len(keys)} keys for {emb.shape[0]} rows")
+    if sigma == 0:
+        return emb.astype(np.float32, copy=True)
+    n, d = emb.shape
+    if keys is None:
+        noise = np.random.default_rng(seed).standard_normal((n, d))
+    else:
+        noise = np.empty((n, d), dtype=np.float64)
+        for i, key in enumerate(keys):
+            noise[i] = _key_rng(seed, str(key)).standard_normal(d)
+    out = emb.astype(np.float64) + sigma * noise
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, np.finfo(np.float64).tiny)).astype(np.float32)
+
+
+def round_similarities(sim: np.ndarray, decimals: int) -> np.ndarray:
+    """Released similarity scores rounded to `decimals` decimal places (`np.round`: halves to even).
+
+    The "rounding of similarities" output-perturbation defense: an attack thresholding or comparing
+    scores sees only coarse values, and close scores tie. Same shape and dtype as `sim`; raises
+    ValueError when `decimals` < 0.
+    """
+    if isinstance(decimals, bool) or int(decimals) != decimals or decimals < 0:
+        raise ValueError(f"decimals must be an integer >= 0, got {decimals!r}")
+    return np.round(np.asarray(sim), int(decimals))
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """One step of sampled decoding for captioners (temperature and top-k sampling; Fan et al. 2018).
+
+    `logits` is (batch, vocab). Returns int64 token ids (batch,): each row samples from
+    softmax(logits / temperature) restricted to its `top_k` largest logits (`top_k` larger than the
+    vocabulary means all of it). `temperature <= 0` or `top_k == 1` is greedy decoding, the argmax
+    (first index on ties), and uses no randomness. Reproducible for the same generator state, device
+    and torch version; `generator` must live on `logits`' device.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    k = min(int(top_k), logits.shape[-1])
+    values, indices = torch.topk(logits.float(), k, dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
