@@ -168,3 +168,16 @@ def test_bad_hugging_face_directories_are_clear_errors(vit_gpt2, tmp_path):
     (bad / "m4i.json").write_text("[]")
     with pytest.raises(ValueError, match="m4i.json"):
         load_captioner(bad)
+
+
+def test_sampled_decoding_is_seeded_and_differs_from_greedy(corpus, vit_gpt2):
+    """The sampled-decoding defense: temperature 0 is greedy; a temperature samples top-k tokens, the same seed
+    giving the same captions and another seed others, for both architectures."""
+    uris, captions = corpus
+    cnn = build_captioner(Vocabulary.build(captions), CaptionerSpec(arch="cnn-lstm", max_len=12, seed=3))
+    for bundle in (cnn, vit_gpt2[0]):
+        greedy = generate_captions(bundle, uris, device="cpu")
+        assert generate_captions(bundle, uris, device="cpu", temperature=0.0, seed=5) == greedy
+        hot = generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=5)
+        assert hot == generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=5)
+        assert hot != greedy and hot != generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=6)

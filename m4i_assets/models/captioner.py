@@ -17,6 +17,12 @@ caption metrics use). Both architectures share one teacher-forced training loop 
 sha256 of `model.safetensors` (written without varying metadata) names the model version, as for CLIPs;
 the bytes are reproducible for the same spec, data and torch thread count.
 
+Training-time defenses (`spec.defense`, `m4i_assets.defenses`) run in the same loop: DP-SGD with Opacus for
+cnn-lstm (built with group norm instead of batch norm, `CaptionerSpec.norm`; its LSTM trained as
+`defenses.dp.SequenceLSTM` and saved under nn.LSTM's names; the loss averaged per caption, so that each
+caption's gradient depends on that caption alone), training-time augmentation, weight decay and early
+stopping on validation pairs. A defended checkpoint is an ordinary checkpoint of its arch.
+
 Speed (500 images of 32 px, 30 epochs, batch 64, max_len 48, one CPU thread): vit-gpt2 at its default
 sizes (width 128, 2 + 2 layers, patch 8; 1.0M parameters) about 53 s, cnn-lstm at the paper's sizes
 (2.1M parameters) about 100 s.
@@ -39,6 +45,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from m4i_assets.data.images import open_rgb
+from m4i_assets.defenses.regularisation import EarlyStopping, TrainingDefense, augmenter, split_pairs
+from m4i_assets.defenses.release import SAMPLED_DECODING_TOP_K, sample_next_token
 from m4i_assets.metrics.captions import normalise_caption
 from m4i_assets.models.checkpoints import read_json_object, sha256_file
 from m4i_assets.models.device import device_for
@@ -81,11 +89,12 @@ class Vocabulary:
 
 
 @dataclass(frozen=True)
-class CaptionerSpec:
-    """Architecture and training recipe of a captioner. `seed` fixes init and batch order.
+class CaptionerSpec(TrainingDefense):
+    """Architecture and training recipe of a captioner. `seed` fixes init and batch order; the training-time
+    defense fields, all off by default, are inherited from `TrainingDefense`.
 
-    cnn-lstm reads `feature_dim`, `embed_dim`, `hidden_dim`; vit-gpt2 reads `width`, `layers`, `heads`
-    (for the encoder and the decoder alike, MLPs 4 x width) and `patch_size`."""
+    cnn-lstm reads `feature_dim`, `embed_dim`, `hidden_dim` and `norm`; vit-gpt2 reads `width`, `layers`,
+    `heads` (for the encoder and the decoder alike, MLPs 4 x width) and `patch_size`."""
 
     arch: str = "cnn-lstm"
     image_size: int = 32
@@ -104,6 +113,21 @@ class CaptionerSpec:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def norm(self) -> str:
+        """cnn-lstm's normalisation after each convolution: "batch", or "group" under DP-SGD (batch norm mixes
+        the examples of a batch); `extra["norm"]` sets it explicitly (e.g. an undefended group-norm baseline)."""
+        norm = self.extra.get("norm", "group" if self.dp_noise_multiplier is not None else "batch")
+        if norm not in ("batch", "group"):
+            raise ValueError(f"captioner norm {norm!r} must be 'batch' or 'group'")
+        return norm
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    """Batch norm, or group norm in 8 groups (4 to 16 channels each: one channel per group, instance norm, is
+    ill-conditioned on the corpus's flat backgrounds)."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(8, channels)
+
 
 class CnnLstmCaptioner(nn.Module):
     """CNN encoder -> linear feature_dim -> initial LSTM state; LSTM decoder over word embeddings, with the
@@ -112,12 +136,14 @@ class CnnLstmCaptioner(nn.Module):
 
     def __init__(self, vocab_size: int, spec: CaptionerSpec) -> None:
         super().__init__()
+        norm = spec.norm
         self.encoder = nn.Sequential(
             # Batch norm after each convolution: it learns the input scale, which differs between domains
-            # (the sketch corpus's bright paper, raw [0, 1] pixels) and made the encoder learn slowly.
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            # (the sketch corpus's bright paper, raw [0, 1] pixels) and made the encoder learn slowly. Group
+            # norm under DP-SGD (`CaptionerSpec.norm`).
+            nn.Conv2d(3, 32, 3, padding=1), _norm_layer(norm, 32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), _norm_layer(norm, 64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), _norm_layer(norm, 128), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
             nn.Flatten(), nn.Linear(128 * 4, spec.feature_dim), nn.ReLU(),
         )  # fmt: skip
         self.init_h = nn.Linear(spec.feature_dim, spec.hidden_dim)
@@ -139,15 +165,18 @@ class CnnLstmCaptioner(nn.Module):
         return self.out(out)
 
     @torch.no_grad()
-    def greedy(self, images: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Greedy decoding (the paper's): ids of shape (batch, max_len + 1), stopping at EOS."""
+    def generate(
+        self, images: torch.Tensor, max_len: int, temperature: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Greedy decoding (the paper's; `temperature` 0) or top-k sampled decoding (the `sampled_decoding`
+        defense): ids of shape (batch, max_len + 1), stopping at EOS."""
         f = self.encoder(images)
         state = self._state(f)
         token = torch.full((len(images), 1), BOS, dtype=torch.long, device=images.device)
         out = []
         for _ in range(max_len + 1):
             step, state = self.lstm(self._inputs(token, f), state)
-            token = self.out(step).argmax(-1)
+            token = sample_next_token(self.out(step)[:, -1], temperature, SAMPLED_DECODING_TOP_K, generator)[:, None]
             out.append(token)
         return torch.cat(out, dim=1)
 
@@ -167,9 +196,19 @@ class VisionEncoderDecoderCaptioner(nn.Module):
         ).logits
 
     @torch.no_grad()
-    def greedy(self, pixels: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Greedy decoding by `generate`: ids of shape (batch, at most max_len + 2), the start token first."""
-        return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1)
+    def generate(
+        self, pixels: torch.Tensor, max_len: int, temperature: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Greedy (`temperature` 0) or top-k sampled decoding by `transformers`' `generate`: ids of shape (batch,
+        at most max_len + 2), the start token first. `generate` samples from torch's global generator, so it
+        is seeded from `generator` inside a forked RNG state."""
+        if temperature <= 0:
+            return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=True, num_beams=1,
+                                    temperature=temperature, top_k=SAMPLED_DECODING_TOP_K)  # fmt: skip
 
 
 @dataclass
@@ -266,48 +305,155 @@ def build_captioner(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
 
 
 def train_captioner(
-    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], device: str | None = None
+    bundle: CaptionerBundle,
+    image_uris: list[str],
+    captions: list[str],
+    device: str | None = None,
+    facts: dict[str, Any] | None = None,
+    validation: tuple[list[str], list[str]] | None = None,
 ) -> list[float]:
-    """Teacher-forced cross-entropy training in place; returns the mean loss of each epoch."""
+    """Teacher-forced cross-entropy training in place, with `bundle.spec.defense` switched on; returns the
+    mean loss of each epoch. What the defense did (pairs trained on and held out, epochs, best epoch, DP's
+    sampling, steps and epsilon) is written into `facts` when given. `validation` (image uris, captions) are
+    held-out pairs for early stopping, instead of a `validation_fraction` of the training pairs."""
     if bundle.vocab is None:
         raise ValueError("this captioner was loaded without its vocabulary (no m4i.json), so it cannot be trained")
     spec = bundle.spec
+    defense = spec.defense
     dev = device_for(device)
-    images = bundle.pixels(image_uris)
+    image_uris, captions, train_idx, val_idx = split_pairs(image_uris, captions, validation, spec)
+    if defense.augment > 0:  # keep [0, 1] pixels: augment them per batch, then apply the model's normalisation
+        images = load_image_tensor(image_uris, spec.image_size)
+        augment = augmenter(defense.augment, spec.seed)
+        normalise = _pixel_normalisation(bundle)
+    else:
+        images, augment, normalise = bundle.pixels(image_uris), None, None
     tokens = torch.tensor([bundle.vocab.encode(c, spec.max_len) for c in captions])
     model = bundle.model.to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    private = None
+    if defense.dp:
+        if not isinstance(model, CnnLstmCaptioner):
+            raise ValueError(f"DP-SGD is implemented for the cnn-lstm captioner, not {spec.arch}")
+        from m4i_assets.defenses import dp  # Opacus, imported only for DP training
+
+        private = dp.PrivateTraining(
+            model,
+            lambda params: torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay),
+            len(train_idx), spec.batch_size, spec.epochs, defense, spec.seed, dev, coupled=False,
+        )  # fmt: skip
+        net, trained, opt = private.module, private.private, private.optimizer
+    else:
+        net = trained = model
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(spec.seed)
+
+    def batches():
+        if private is not None:
+            return private.batches()
+        order = torch.randperm(len(train_idx), generator=gen)
+        return (order[start : start + spec.batch_size] for start in range(0, len(order), spec.batch_size))
+
+    def inputs(idx: torch.Tensor, train: bool) -> torch.Tensor:
+        x = images[idx]
+        if normalise is not None:
+            x = normalise(augment(x) if train else x)
+        return x.to(dev)
+
+    stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
     history = []
-    for _ in range(spec.epochs):
-        order = torch.randperm(len(images), generator=gen)
+    for epoch in range(spec.epochs):
         losses = []
-        for start in range(0, len(order), spec.batch_size):
-            idx = order[start : start + spec.batch_size]
+        for positions in batches():
+            if len(positions) == 0:  # only under DP's Poisson sampling: a noise-only step
+                private.noise_step()
+                continue
+            idx = train_idx[positions]
             tok = tokens[idx].to(dev)
-            logits = model(images[idx].to(dev), tok)
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), ignore_index=PAD
-            )
+            logits = net(inputs(idx, True), tok)
+            loss = _caption_loss(logits, tok, per_caption=private is not None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        history.append(float(np.mean(losses)))
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+        if stopping is not None and stopping.update(epoch, _validation_loss(net, inputs, tokens, val_idx, spec, dev),
+                                                    trained):  # fmt: skip
+            break
+    restored = stopping is not None and stopping.restore_best(trained)
+    if private is not None:
+        private.export(model)
     model.eval()
+    if facts is not None:
+        facts.update({"n_train": len(train_idx), "n_validation": len(val_idx), "epochs_trained": len(history)})
+        if len(val_idx):
+            facts.update({**stopping.facts(), "restored_best_epoch": restored})
+            if validation is None or not len(validation[0]):  # held out of the given training pairs
+                facts["validation_indices"] = val_idx.tolist()
+        if private is not None:
+            facts["dp"] = private.facts()
     return history
 
 
+def _caption_loss(logits: torch.Tensor, tok: torch.Tensor, per_caption: bool) -> torch.Tensor:
+    """Cross-entropy of the next tokens: the mean over the batch's tokens, or (`per_caption`, for DP-SGD) the
+    mean over captions of each caption's mean, so that no caption's loss depends on another's length."""
+    if not per_caption:
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), ignore_index=PAD
+        )
+    target = tok[:, 1:]
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="none")
+    real = (target != PAD).float()
+    return ((token_loss * real).sum(1) / real.sum(1).clamp(min=1)).mean()
+
+
+@torch.no_grad()
+def _validation_loss(
+    net: nn.Module, inputs: Callable, tokens: torch.Tensor, val_idx: torch.Tensor, spec: CaptionerSpec,
+    dev: torch.device,
+) -> float:  # fmt: skip
+    """The mean token cross-entropy on the held-out pairs."""
+    net.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val_idx), spec.batch_size):
+        idx = val_idx[start : start + spec.batch_size]
+        tok = tokens[idx].to(dev)
+        logits = net(inputs(idx, False), tok)
+        target = tok[:, 1:].reshape(-1)
+        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=PAD,
+                                             reduction="sum").item()  # fmt: skip
+        count += int((target != PAD).sum())
+    net.train()
+    return total / max(count, 1)
+
+
+def _pixel_normalisation(bundle: CaptionerBundle) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[0, 1] images to the model's input: identity for cnn-lstm, the image processor's mean and std otherwise."""
+    processor = bundle.image_processor
+    if processor is None or not getattr(processor, "do_normalize", False):
+        return lambda x: x
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+    return lambda x: (x - mean.to(x.device)) / std.to(x.device)
+
+
 def generate_captions(
-    bundle: CaptionerBundle, image_uris: list[str], batch_size: int = 256, device: str | None = None
+    bundle: CaptionerBundle,
+    image_uris: list[str],
+    batch_size: int = 256,
+    device: str | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy captions for image files, in order."""
+    """Captions for image files, in order: greedy, or with `temperature` > 0 sampled from the top-k tokens
+    (`defenses.release.sample_next_token`; seeded, so the same inputs, batch size and seed give the same captions)."""
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
+    generator = torch.Generator(device=dev).manual_seed(seed)
     out: list[str] = []
     for start in range(0, len(image_uris), batch_size):
         pixels = bundle.pixels(image_uris[start : start + batch_size]).to(dev)
-        out += bundle.decode(model.greedy(pixels, bundle.spec.max_len).cpu().tolist())
+        out += bundle.decode(model.generate(pixels, bundle.spec.max_len, temperature, generator).cpu().tolist())
     return out
 
 
@@ -415,13 +561,21 @@ def train_and_save(
     info: dict[str, Any],
     device: str | None = None,
     threads: int | None = None,
-) -> tuple[str, list[float], int]:
+    validation: tuple[list[str], list[str]] | None = None,
+) -> tuple[str, list[float], int, dict[str, Any]]:
     """Build the vocabulary from `captions`, then build, train and save one captioner; return (sha256,
-    loss per epoch, parameter count). Arguments are plain values, so this runs as well in a spawn worker
-    process (with `threads` torch threads) as in the caller's."""
+    loss per epoch, parameter count, facts): what `train_captioner` reports the defense did, also saved beside
+    the spec (as "defense") for a defended spec. `validation` (image uris, captions): held-out pairs for early
+    stopping (see `train_captioner`); the vocabulary comes from the training captions alone. Arguments are
+    plain values, so this runs as well in a spawn worker process (with `threads` torch threads) as in the
+    caller's."""
     if threads:
         torch.set_num_threads(threads)
     bundle = build_captioner(Vocabulary.build(captions), spec)
-    history = train_captioner(bundle, image_uris, captions, device)
-    _, sha = save_captioner(bundle, out_dir, {**info, "n_train": len(image_uris), "loss_history": history})
-    return sha, history, sum(p.numel() for p in bundle.model.parameters())
+    facts: dict[str, Any] = {}
+    history = train_captioner(bundle, image_uris, captions, device, facts, validation)
+    saved = {**info, "n_train": len(image_uris), "loss_history": history}
+    if spec.defense.active:
+        saved["defense"] = facts
+    _, sha = save_captioner(bundle, out_dir, saved)
+    return sha, history, sum(p.numel() for p in bundle.model.parameters()), facts

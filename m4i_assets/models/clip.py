@@ -18,6 +18,11 @@ FileNotFoundError or ValueError naming the file (and for a mismatch the arch and
 Training is open_clip's symmetric InfoNCE (`ClipLoss`) on the eval-preprocessed images, with no
 augmentation by default: the embedded default deliberately trains a target that memorises its
 members, so membership ground truth produces a measurable signal (ATTACKS.md section 1).
+
+Training-time defenses (`spec.defense`, `m4i_assets.defenses`): DP-SGD with Opacus (open_clip ViT archs; what
+the reported epsilon does and does not cover for the contrastive loss is in `defenses.dp`), training-time
+augmentation, weight decay and early stopping on a validation split, all switched on by the spec and run by
+the one training loop below; a defended checkpoint is an ordinary checkpoint of its arch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from m4i_assets.data.images import open_rgb
+from m4i_assets.defenses.regularisation import EarlyStopping, TrainingDefense, augmenter, split_pairs
 from m4i_assets.models import hf_clip
 from m4i_assets.models.checkpoints import (
     HF_WEIGHTS_FILES,
@@ -52,11 +58,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 FAMILY = "clip"
+# Frozen under DP-SGD besides what Opacus cannot sample (`defenses.dp`): a dense per-sample gradient of the
+# 49408-token embedding table costs 1.6 GB and several seconds per step of 64 pairs.
+DP_FROZEN = ("token_embedding.weight",)
 
 
 @dataclass(frozen=True)
-class ClipTrainSpec:
-    """How to train a CLIP. `seed` fixes initialisation and batch order."""
+class ClipTrainSpec(TrainingDefense):
+    """How to train a CLIP. `seed` fixes initialisation and batch order (and a defense's randomness); the
+    training-time defense fields, all off by default, are inherited from `TrainingDefense`."""
 
     arch: str = "m4i-tiny-vit"
     epochs: int = 40
@@ -124,17 +134,53 @@ def load_images(bundle: ClipBundle, image_uris: list[str]) -> torch.Tensor:
 
 
 def train_clip(
-    bundle: ClipBundle, image_uris: list[str], captions: list[str], spec: ClipTrainSpec, device: str | None = None
+    bundle: ClipBundle,
+    image_uris: list[str],
+    captions: list[str],
+    spec: ClipTrainSpec,
+    device: str | None = None,
+    facts: dict[str, Any] | None = None,
+    validation: tuple[list[str], list[str]] | None = None,
 ) -> list[float]:
-    """Train `bundle.model` in place on matched pairs; return the mean loss of each epoch."""
+    """Train `bundle.model` in place on matched pairs, with `spec.defense` switched on; return the mean loss
+    of each epoch. What the defense did (pairs trained on and held out, epochs, best epoch, DP's sampling,
+    steps and epsilon) is written into `facts` when given. `validation` (image uris, captions) are held-out
+    pairs for early stopping, instead of a `validation_fraction` of the training pairs."""
+    defense = spec.defense
     dev = device_for(device)
-    images = load_images(bundle, image_uris)
+    image_uris, captions, train_idx, val_idx = split_pairs(image_uris, captions, validation, spec)
+    n = len(image_uris)
+    if 0 < len(val_idx) < 2:
+        raise ValueError(f"the contrastive validation loss needs 2 held-out pairs; {len(val_idx)} of {n} held out")
+    if defense.augment > 0:  # keep [0, 1] pixels: augment them per batch, then normalise
+        from m4i_assets.signals.augmentations import split_normalisation
+
+        to_unit, normalise = split_normalisation(bundle.preprocess)
+        images = torch.stack([to_unit(open_rgb(uri)) for uri in image_uris])
+        augment = augmenter(defense.augment, spec.seed)
+    else:
+        images, normalise, augment = load_images(bundle, image_uris), None, None
     tokens = bundle.tokenizer(captions)
     model = bundle.model.to(dev).train()
     loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    n = len(images)
-    steps_per_epoch = max(1, n // spec.batch_size)
+    private = None
+    if defense.dp:
+        if bundle.is_hugging_face:
+            raise ValueError(f"DP-SGD is implemented for open_clip ViT CLIPs, not the Hugging Face {bundle.arch}")
+        from m4i_assets.defenses import dp  # Opacus, imported only for DP training
+
+        private = dp.PrivateTraining(
+            model,
+            lambda params: torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay),
+            len(train_idx), spec.batch_size, spec.epochs, defense, spec.seed, dev, coupled=True,
+            freeze=DP_FROZEN,
+        )  # fmt: skip
+        net, trained, opt = private.module, private.private, private.optimizer
+        steps_per_epoch = private.steps_per_epoch
+    else:
+        net = trained = model
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        steps_per_epoch = max(1, len(train_idx) // spec.batch_size)
     total = steps_per_epoch * spec.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -143,26 +189,76 @@ def train_clip(
         ),
     )
     gen = torch.Generator().manual_seed(spec.seed)
-    use_amp = dev.type == "cuda"
+
+    def batches():
+        if private is not None:
+            return private.batches()
+        order = torch.randperm(len(train_idx), generator=gen)
+        return (order[step * spec.batch_size : (step + 1) * spec.batch_size] for step in range(steps_per_epoch))
+
+    def inputs(idx: torch.Tensor, train: bool) -> torch.Tensor:
+        x = images[idx]
+        if normalise is not None:
+            x = normalise(augment(x) if train else x)
+        return x.to(dev)
+
+    use_amp = dev.type == "cuda" and private is None  # DP-SGD runs in fp32
+    stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
     history = []
-    for _ in range(spec.epochs):
-        order = torch.randperm(n, generator=gen)
+    for epoch in range(spec.epochs):
         losses = []
-        for step in range(steps_per_epoch):
-            idx = order[step * spec.batch_size : (step + 1) * spec.batch_size]
+        for positions in batches():
+            if len(positions) < 2:  # only under DP's Poisson sampling: no contrastive loss, a noise-only step
+                private.noise_step()
+                sched.step()
+                continue
+            idx = train_idx[positions]
             with torch.autocast(dev.type, enabled=use_amp):
-                img_f, txt_f, scale = model(images[idx].to(dev), tokens[idx].to(dev))[:3]
+                img_f, txt_f, scale = net(inputs(idx, True), tokens[idx].to(dev))[:3]
                 loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():  # open_clip clamps the learned temperature at 100
-                model.logit_scale.clamp_(0, np.log(100))
+                trained.logit_scale.clamp_(0, np.log(100))
             losses.append(loss.item())
-        history.append(float(np.mean(losses)))
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+        if stopping is not None:
+            with torch.no_grad(), torch.autocast(dev.type, enabled=use_amp):
+                val_loss = _validation_loss(net, inputs, tokens, val_idx, spec.batch_size, loss_fn, dev)
+            if stopping.update(epoch, val_loss, trained):
+                break
+    restored = stopping is not None and stopping.restore_best(trained)
+    if private is not None:
+        private.export(model)
     model.eval()
+    if facts is not None:
+        facts.update({"n_train": len(train_idx), "n_validation": len(val_idx), "epochs_trained": len(history)})
+        if len(val_idx):
+            facts.update({**stopping.facts(), "restored_best_epoch": restored})
+            if validation is None or not len(validation[0]):  # held out of the given training pairs
+                facts["validation_indices"] = val_idx.tolist()
+        if private is not None:
+            facts["dp"] = private.facts()
     return history
+
+
+def _validation_loss(
+    net: torch.nn.Module, inputs: Callable, tokens: torch.Tensor, val_idx: torch.Tensor, batch_size: int, loss_fn,
+    dev: torch.device,
+) -> float:  # fmt: skip
+    """The contrastive loss on the held-out pairs, in fixed batches (a last single pair joins no batch)."""
+    net.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val_idx), batch_size):
+        idx = val_idx[start : start + batch_size]
+        if len(idx) >= 2:
+            img_f, txt_f, scale = net(inputs(idx, False), tokens[idx].to(dev))[:3]
+            total += loss_fn(img_f, txt_f, scale).item() * len(idx)
+            count += len(idx)
+    net.train()
+    return total / count
 
 
 def train_and_save(
@@ -173,19 +269,24 @@ def train_and_save(
     info: dict[str, Any],
     device: str | None = None,
     threads: int | None = None,
-) -> tuple[str, list[float], int]:
-    """Build, train and save one CLIP; return (sha256, loss per epoch, parameter count).
+    validation: tuple[list[str], list[str]] | None = None,
+) -> tuple[str, list[float], int, dict[str, Any]]:
+    """Build, train and save one CLIP; return (sha256, loss per epoch, parameter count, facts): what
+    `train_clip` reports the defense did, also in the `model.json` sidecar (as "defense") for a defended spec.
+    `validation` (image uris, captions): held-out pairs for early stopping (see `train_clip`).
 
     Arguments are plain values, so this runs as well in a worker process (with `threads` torch
     threads) as in the caller's."""
     if threads:
         torch.set_num_threads(threads)
     bundle = build_clip(spec.arch, seed=spec.seed, captions=captions)
-    history = train_clip(bundle, image_uris, captions, spec, device)
-    _, sha = save_clip(
-        bundle, out_dir, {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
-    )
-    return sha, history, sum(p.numel() for p in bundle.model.parameters())
+    facts: dict[str, Any] = {}
+    history = train_clip(bundle, image_uris, captions, spec, device, facts, validation)
+    sidecar = {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
+    if spec.defense.active:
+        sidecar["defense"] = facts
+    _, sha = save_clip(bundle, out_dir, sidecar)
+    return sha, history, sum(p.numel() for p in bundle.model.parameters()), facts
 
 
 def save_clip(
