@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import polars as pl
+
 from m4i_assets.data.sources import shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources
 from m4i_assets.defs.automation import AUDIT_ASSETS
@@ -37,11 +39,13 @@ DATA = ["records", "record_roles"]  # after every shard of `source_shards`
 @dataclass(frozen=True)
 class AuditPlan:
     """What the demo materializes for one model family: the models (one unpartitioned run), per helper
-    version (reference CLIPs, shadow captioners) what the audit needs of it, per audited version the rest."""
+    version (reference CLIPs, shadow captioners) what the audit needs of it, per audited version the rest;
+    with `--defenses`, the defended versions as well."""
 
     models: list[str]
     helpers: list[str]
     audit: list[str]
+    defended: str
 
 
 PLANS = {
@@ -49,11 +53,13 @@ PLANS = {
         models=["target_clip", "null_control_clip", "reference_clips"],
         helpers=["model_checkpoint", "embeddings"],
         audit=AUDIT_ASSETS["clip"],
+        defended="defended_clips",
     ),
     "captioner": AuditPlan(
         models=["target_captioner", "null_control_captioner", "shadow_captioners"],
         helpers=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_attack_models"],
         audit=AUDIT_ASSETS["captioner"],
+        defended="defended_captioners",
     ),
 }
 DAGSTER_YAML = """\
@@ -140,7 +146,14 @@ def helper_versions(storage: Storage, settings: AuditSettings, family: str) -> l
     return [m["model_version"] for m in storage.shadow_models(settings.audit)]
 
 
-def demo(families: list[str]) -> None:
+def defended_versions(storage: Storage, target: str) -> list[str]:
+    """The defended versions of a target, in registration order."""
+    rows = storage.read("SELECT model_version FROM models WHERE role = 'defended' AND base_version = ? "
+                        "ORDER BY defense, defense_strength", [target])  # fmt: skip
+    return rows["model_version"].to_list()
+
+
+def demo(families: list[str], defenses: bool = False) -> None:
     home = m4i_home()
     env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home))}
     settings = settings_for()
@@ -153,7 +166,7 @@ def demo(families: list[str]) -> None:
         "sources, shard by shard",
         [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
     )
-    models = DATA + [a for f in families for a in PLANS[f].models]
+    models = DATA + [a for f in families for a in PLANS[f].models] + [PLANS[f].defended for f in families if defenses]
     _run_phase("records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
     # One run per model version, two at a time: their warehouse writes queue on the file lock.
     _run_phase(
@@ -163,10 +176,15 @@ def demo(families: list[str]) -> None:
     )  # fmt: skip
     audited = {f: [storage.latest_versions(settings.audit, role, family=f)[0] for role in ("target", "null_control")]
                for f in families}  # fmt: skip
+    if defenses:
+        for f in families:
+            audited[f] += defended_versions(storage, audited[f][0])
     _run_phase(
-        "audit of the targets and the null controls",
+        "audit of the targets, the null controls" + " and the defended versions" * defenses,
         [partial(_materialize, PLANS[f].audit, env, logs / f"{v}.log", v) for f in families for v in audited[f]],
     )
+    if defenses:
+        _run_phase("defense evaluations", [partial(_materialize, ["defense_evaluations"], env, logs / "defenses.log")])
     versions = [v for f in families for v in audited[f]]
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
     print(report(storage, versions))
@@ -174,6 +192,11 @@ def demo(families: list[str]) -> None:
         rows = storage.read("SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version])
         print(f"\n{rows['model_role'][0]} {version}:")
         print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
+    if defenses:
+        with storage.connect() as conn:
+            table = warehouse.query(conn, warehouse.sql_file("queries/defense_evaluations.sql"))
+        with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):
+            print(f"\nDefenses (sql/queries/defense_evaluations.sql; every attack in defense_evaluations):\n{table}")
     print(
         f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
         f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}"
@@ -229,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="m4i", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("command", choices=["demo", "home", "report", "ui-check"])
     parser.add_argument("--family", choices=[*PLANS, "all"], default="clip", help="which audit the demo runs")
+    parser.add_argument("--defenses", action="store_true", help="also train, audit and evaluate defended versions")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        demo(list(PLANS) if args.family == "all" else [args.family])
+        demo(list(PLANS) if args.family == "all" else [args.family], defenses=args.defenses)
     elif args.command == "ui-check":
         print(f"m4i ui-check: asset graph saved to {ui_check(m4i_home())}")
     elif args.command == "home":

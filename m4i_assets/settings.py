@@ -71,6 +71,17 @@ class AuditSettings(ConfigurableResource):
     fb_classifiers: list[str] = ["logreg", "mlp"]  # chosen on a shadow validation split
     mfe_dim: int = 256
     mfe_epochs: int = 20
+    # Defenses (ATTACKS.md section 3): strengths per defense for the defended versions of each family's
+    # target (`m4i_assets.defenses.grid`); DP-SGD's clipping norm and delta; early stopping's validation
+    # records, drawn from the population (never a candidate).
+    clip_defenses: dict[str, list[float]] = {
+        "dp_sgd": [0.0, 0.5, 1.0, 2.0], "augmentation": [0.5], "weight_decay": [0.5], "early_stopping": [3],
+        "embedding_noise": [0.02, 0.05, 0.1], "similarity_rounding": [2],
+    }  # fmt: skip
+    captioner_defenses: dict[str, list[float]] = {"dp_sgd": [0.0, 0.5, 1.0, 2.0], "sampled_decoding": [0.7, 1.0]}
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    n_validation: int = 100
     # Attacks
     n_reference_models: int = 4  # reference CLIPs for the calibrated attack, each on half the population
     aea_aggregation: str = "mean"
@@ -161,6 +172,19 @@ PROFILES: dict[str, dict] = {
     # paper's lambda = 1.5 puts tau (0.96) above every member's CS (members: 0.91 +- 0.02). Measured on
     # the demo target: lambda = 1.0 keeps 443 pseudo-members with a 12.6% pseudo-label error rate.
     "default": {"wsa_lambda": 1.0},
+    # `make demo-defenses`: both families' defenses in under 20 minutes on 2 cores, so half-size role sets
+    # drawn from the same corpus (its own audit, sharing the records of a home's default audit), two
+    # reference CLIPs and one shadow architecture (the defenses are judged by the same attacks).
+    "defenses": {
+        "audit": "defenses",
+        "wsa_lambda": 1.0,
+        "n_members": 250,
+        "n_nonmembers": 250,
+        "n_known_nonmembers": 250,
+        "n_reference_models": 2,
+        "shadow_archs": ["cnn-lstm"],
+        "n_bootstrap": 300,
+    },
     "tiny": {
         "audit": "tiny",
         "corpus_records": 240,

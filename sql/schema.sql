@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS models (
 );
 ALTER TABLE models ADD COLUMN IF NOT EXISTS train_fingerprint VARCHAR;  -- warehouses made before it
 ALTER TABLE models ADD COLUMN IF NOT EXISTS train_dataset VARCHAR;  -- dataset(s) of the training records
+-- Defended versions (role 'defended'): the defense, its strength, the undefended target it defends, and
+-- what the defense reports (JSON: epsilon at delta for DP-SGD, the best epoch for early stopping, ...).
+ALTER TABLE models ADD COLUMN IF NOT EXISTS defense VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS defense_strength DOUBLE;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS base_version VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS defense_facts VARCHAR;
 
 CREATE TABLE IF NOT EXISTS membership_scores (
     model_version VARCHAR NOT NULL,
@@ -124,4 +130,37 @@ CREATE TABLE IF NOT EXISTS m4i_scenarios (     -- M^4I attacks per threat scenar
     mlflow_run_id        VARCHAR,
     computed_at          TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack, shadow_version)  -- several shadows may share a scenario
+);
+
+CREATE TABLE IF NOT EXISTS model_utility (      -- what a model version is good for, on held-out records
+    model_version VARCHAR NOT NULL,
+    metric        VARCHAR NOT NULL,        -- i2t_recall@k, t2i_recall@k, zero_shot_accuracy; bleu4, rougeL, cider
+    value         DOUBLE NOT NULL,
+    n_records     INTEGER NOT NULL,        -- the held-out records (the audit's non-members)
+    audit         VARCHAR NOT NULL,
+    computed_at   TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, metric)
+);
+
+CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each defended version (ATTACKS.md 3)
+    audit                    VARCHAR NOT NULL,
+    family                   VARCHAR NOT NULL,    -- clip | captioner
+    defense                  VARCHAR NOT NULL,    -- 'none' for the undefended target, the curves' reference
+    strength                 DOUBLE,
+    epsilon                  DOUBLE,              -- DP-SGD: Opacus's accountant at the stated delta
+    epsilon_conservative     DOUBLE,              -- CLIP DP-SGD: a valid bound for the coupled InfoNCE loss
+    attack                   VARCHAR NOT NULL,
+    auc                      DOUBLE,
+    auc_ci_low               DOUBLE,
+    auc_ci_high              DOUBLE,
+    tpr_at_1pct_fpr          DOUBLE,
+    tpr_at_1pct_fpr_ci_low   DOUBLE,
+    tpr_at_1pct_fpr_ci_high  DOUBLE,
+    utility_metric           VARCHAR NOT NULL,
+    utility                  DOUBLE,
+    utility_relative         DOUBLE,              -- utility / the undefended target's
+    model_version            VARCHAR NOT NULL,
+    mlflow_run_id            VARCHAR,             -- the version's audit run
+    computed_at              TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, attack)
 );

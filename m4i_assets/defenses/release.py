@@ -152,3 +152,37 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, gene
     probs = torch.softmax(values / temperature, dim=-1)
     choice = torch.multinomial(probs, num_samples=1, generator=generator)
     return indices.gather(-1, choice).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a model version releases: its release-time defense (None: the raw outputs) and strength.
+
+    The signal assets pass every output through it, so every attack sees exactly what the defended
+    release exposes: embeddings with keyed noise (image and text sides on separate streams, an
+    augmented query keyed by its transform as well), similarities rounded, captions sampled."""
+
+    defense: str | None = None
+    strength: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.defense is not None and self.defense not in RELEASE_DEFENSES:
+            raise ValueError(f"unknown release defense {self.defense!r}; known: {sorted(RELEASE_DEFENSES)}")
+
+    def embeddings(self, emb: np.ndarray, keys: Sequence[str], side: str) -> np.ndarray:
+        """Released embeddings of one side (`image` or `text`), one key per row (record id, or id/transform)."""
+        if self.defense != "embedding_noise":
+            return emb
+        return noisy_embeddings(emb, float(self.strength), self.seed, [f"{side}:{k}" for k in keys])
+
+    def similarities(self, sim: np.ndarray) -> np.ndarray:
+        """Released similarity scores."""
+        if self.defense != "similarity_rounding":
+            return sim
+        return round_similarities(sim, int(self.strength))
+
+    @property
+    def temperature(self) -> float:
+        """The decoding temperature of released captions (0: greedy)."""
+        return float(self.strength) if self.defense == "sampled_decoding" else 0.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dagster import Definitions, multiprocess_executor
 
-from m4i_assets.defs.assets import attacks, captioning, data, evaluation, models, signals
+from m4i_assets.defs.assets import attacks, captioning, data, defenses, evaluation, models, signals
 from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
@@ -24,6 +24,7 @@ AUDIT_GRAPH = [
     evaluation.attack_metrics,
     evaluation.audit_report,
     *captioning.captioning_assets,
+    *defenses.defense_assets,
 ]
 
 

@@ -90,6 +90,20 @@ class Storage(ConfigurableResource):
             warehouse.replace_rows(conn, "models", frame, model_version=version)
         return version
 
+    def register_release(self, base: dict[str, Any], defense: str, strength: float, facts: dict[str, Any]) -> str:
+        """Register a release-time defense of the version `base` (its `models` row): a version of its own, with
+        the same checkpoint, role `defended`; return the version."""
+        from m4i_assets.defenses.grid import release_version
+
+        version = release_version(base["model_version"], defense, strength)
+        row = {k: base[k] for k in ("family", "arch", "audit", "checkpoint_uri", "sha256", "n_params", "train_config",
+                                    "train_dataset")}  # fmt: skip
+        row |= {"model_version": version, "role": "defended", "defense": defense, "defense_strength": strength,
+                "base_version": base["model_version"], "defense_facts": json.dumps(facts)}  # fmt: skip
+        with self.connect() as conn:
+            warehouse.replace_rows(conn, "models", pl.DataFrame([row]), model_version=version)
+        return version
+
     def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
         warehouse.refresh_views(conn, {name: self.signal_dir(name) for name in SIGNALS})
 

@@ -26,7 +26,7 @@ from m4i_assets.attacks import m4i
 from m4i_assets.defs.assets.attacks import SCORES_CHECK, write_scores
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.evaluation import attack_metrics
-from m4i_assets.defs.assets.models import model_checkpoint
+from m4i_assets.defs.assets.models import model_checkpoint, release_of
 from m4i_assets.defs.assets.signals import load_signal, signal_asset, write_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
@@ -50,17 +50,18 @@ def captioner_info(storage: Storage, version: str) -> dict:
 def generated_captions(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
-    """Step 1 of both M^4I attacks: the captioner's greedy caption for each record it is queried on (the
-    candidates; for a shadow model, its known members and non-members), batched."""
+    """Step 1 of both M^4I attacks: the captioner's released caption (greedy; sampled for the sampled-decoding
+    defense) for each record it is queried on (the candidates; for a shadow model, its known members and
+    non-members), batched."""
     from m4i_assets.models import captioner
 
     version = context.partition_key
     info = captioner_info(storage, version)
     recs = storage.captioned_records(version)
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
-    captions = captioner.generate_captions(
-        bundle, recs["image_uri"].to_list(), settings.caption_batch_size, compute.torch_device
-    )
+    release = release_of(info, settings.seed)  # sampled decoding, for that release-time defense
+    captions = captioner.generate_captions(bundle, recs["image_uri"].to_list(), settings.caption_batch_size,
+                                           compute.torch_device, release.temperature, settings.seed)  # fmt: skip
     frame = pl.DataFrame({"model_version": version, "record_id": recs["record_id"], "generated_caption": captions})
     path = write_signal(storage, "generated_captions", version, frame)
     n_empty = sum(not c.strip() for c in captions)

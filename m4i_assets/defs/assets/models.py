@@ -23,6 +23,8 @@ import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
 from m4i_assets.data.roles import shadow_split
+from m4i_assets.defenses.regularisation import recipe
+from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
@@ -44,6 +46,13 @@ def register_checkpoint(
     return version
 
 
+def release_of(info: dict, seed: int) -> Release:
+    """What a registered model version releases: its release-time defense, if it has one (else raw outputs)."""
+    if info.get("defense") in RELEASE_DEFENSES:
+        return Release(info["defense"], info["defense_strength"], seed)
+    return Release()
+
+
 def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     """`n` rows of `frame` chosen with `seed`, in their original order."""
     if n >= frame.height:
@@ -54,26 +63,35 @@ def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
 @dataclass(frozen=True)
 class TrainJob:
     """One model to train: its role, training records and recipe (a ClipTrainSpec or CaptionerSpec).
-    A shadow model also names its known non-members, kept in `shadow_records` beside its members."""
+    A shadow model also names its known non-members, kept in `shadow_records` beside its members; a
+    defended model its (defense, strength, base version) and, for early stopping, its validation records."""
 
     role: str
     train: pl.DataFrame
     spec: Any
     shadow_nonmembers: pl.DataFrame | None = None
+    defense: tuple[str, float, str] | None = None
+    validation: pl.DataFrame | None = None
 
     @property
     def fingerprint(self) -> str:
         """sha256 of the recipe and the record ids (which hash image bytes and captions): the reuse key."""
         held_out = [] if self.shadow_nonmembers is None else self.shadow_nonmembers["record_id"].to_list()
-        payload = {"spec": asdict(self.spec), "records": self.train["record_id"].to_list()}
+        # `recipe`: the spec without defense fields left off, so undefended fingerprints predate those fields
+        payload = {"spec": recipe(self.spec), "records": self.train["record_id"].to_list()}
         if held_out:
             payload["shadow_nonmembers"] = held_out
+        if self.validation is not None:
+            payload["validation"] = self.validation["record_id"].to_list()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def arguments(self, audit: str, staged: Path, device: str | None, threads: int | None) -> tuple:
         """The arguments of a family's `train_and_save` (plain values: they cross into worker processes)."""
         uris, captions = self.train["image_uri"].to_list(), self.train["caption"].to_list()
-        return self.spec, uris, captions, staged, {"role": self.role, "audit": audit}, device, threads
+        validation = None
+        if self.validation is not None:
+            validation = (self.validation["image_uri"].to_list(), self.validation["caption"].to_list())
+        return self.spec, uris, captions, staged, {"role": self.role, "audit": audit}, device, threads, validation
 
 
 def train_and_register(
@@ -111,7 +129,7 @@ def train_and_register(
         fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, None))
                   for _, job, staged in todo]  # fmt: skip
 
-    for (i, job, staged), (sha, history, n_params) in zip(todo, fitted):
+    for (i, job, staged), (sha, history, n_params, facts) in zip(todo, fitted):
         context.log.info(
             f"{job.role} {job.spec.arch}: {job.spec.epochs} epochs on {job.train.height} records, "
             f"final loss {history[-1]:.4f}"
@@ -120,6 +138,10 @@ def train_and_register(
                "n_params": n_params, "train_config": json.dumps(asdict(job.spec)),
                "train_fingerprint": job.fingerprint,
                "train_dataset": ",".join(sorted(set(job.train["dataset"].to_list())))}  # fmt: skip
+        if job.defense is not None:
+            defense, strength, base = job.defense
+            row |= {"defense": defense, "defense_strength": strength, "base_version": base,
+                    "defense_facts": json.dumps(facts, default=str)}  # fmt: skip
         version = register_checkpoint(context, storage, staged, sha, row)
         shutil.rmtree(staged, ignore_errors=True)
         results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}

@@ -8,7 +8,7 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Mat
 
 from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
-from m4i_assets.defs.assets.models import model_checkpoint
+from m4i_assets.defs.assets.models import model_checkpoint, release_of
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
 from m4i_assets.settings import AuditSettings
@@ -36,7 +36,8 @@ EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 def embeddings(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
-    """L2-normalised image and text embeddings and their cosine similarity, for the audit's records."""
+    """L2-normalised image and text embeddings and their cosine similarity, for the audit's records, as the
+    model version releases them (a release-time defense perturbs them here, so every attack sees it)."""
     from m4i_assets.models import clip
     from m4i_assets.signals.embeddings import embed_records
 
@@ -52,13 +53,15 @@ def embeddings(
         num_workers=compute.loader_workers,
         device=compute.torch_device,
     )
+    release, ids = release_of(info, settings.seed), recs["record_id"].to_list()
+    img, txt = release.embeddings(img, ids, "image"), release.embeddings(txt, ids, "text")
     frame = pl.DataFrame(
         {
             "model_version": [version] * recs.height,
             "record_id": recs["record_id"],
             "image_embedding": img.astype(np.float32),
             "text_embedding": txt.astype(np.float32),
-            "cosine_similarity": cosine_similarity(img, txt).astype(np.float64),
+            "cosine_similarity": release.similarities(cosine_similarity(img, txt).astype(np.float64)),
         }
     )
     path = write_signal(storage, "embeddings", version, frame)
@@ -132,8 +135,10 @@ def augmentation_deltas(
     txt = np.stack(emb["text_embedding"].to_numpy())
     cs_clean = emb["cosine_similarity"].to_numpy()
     frames = []
-    for name, img in augmented.items():
-        cs_aug = cosine_similarity(img, txt)
+    release, ids = release_of(info, settings.seed), emb["record_id"].to_list()
+    for name, img in augmented.items():  # an augmented query is released like any other (keyed by transform)
+        img = release.embeddings(img, [f"{i}/{name}" for i in ids], "image")
+        cs_aug = release.similarities(cosine_similarity(img, txt))
         frames.append(pl.DataFrame({
             "model_version": version, "record_id": emb["record_id"], "transform": name,
             "cs_clean": cs_clean, "cs_augmented": cs_aug, "delta": cs_clean - cs_aug,

@@ -1,0 +1,239 @@
+"""Defense assets (ATTACKS.md section 3): defended versions of each family's target, every version's
+utility on held-out records, and the privacy-utility evaluation that sets them beside the target.
+
+A defended version is an ordinary model version (role `defended`, its defense and strength in `models`):
+a training-time defense retrains the target's recipe with the defense switched on, a release-time defense
+registers the target's checkpoint again with its outputs perturbed; either way the audit jobs run on it
+unchanged.
+"""
+
+import base64
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from m4i_assets.defenses.grid import defended_spec, grid, is_release
+from m4i_assets.defenses.release import RELEASE_DEFENSES
+from m4i_assets.defs.assets.models import TrainJob, release_of, seeded_sample, train_and_register
+from m4i_assets.defs.assets.signals import load_signal
+from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.resources import Compute, Storage, Tracking
+from m4i_assets.metrics import privacy_utility as pu
+from m4i_assets.settings import AuditSettings
+from m4i_assets.storage.warehouse import replace_rows
+
+FAMILIES = ("clip", "captioner")
+
+
+def latest_target(storage: Storage, audit: str, family: str) -> dict:
+    versions = storage.latest_versions(audit, "target", family=family)
+    if not versions:
+        raise ValueError(f"audit {audit!r} has no {family} target yet: materialize target_{family} first")
+    return storage.model_info(versions[0])
+
+
+def defend(
+    context: AssetExecutionContext,
+    settings: AuditSettings,
+    storage: Storage,
+    compute: Compute,
+    family: str,
+    defenses: dict[str, list[float]],
+) -> MaterializeResult:
+    """Register the release-time defenses of the family's latest target and train its training-time ones
+    (the target's recipe on the members, one defense switched on; early stopping validates on population
+    records, never on a candidate)."""
+    from m4i_assets.models import captioner, clip
+
+    module = clip if family == "clip" else captioner
+    target = latest_target(storage, settings.audit, family)
+    base = settings.clip_train_spec(0) if family == "clip" else settings.captioner_spec(settings.captioner_arch, 0)
+    members = storage.audit_records(settings.audit, ("member",))
+    population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
+    validation = seeded_sample(population, settings.n_validation, settings.seed + 300)
+    released, jobs = [], []
+    for defense, strength in grid(defenses, family):
+        if is_release(defense):
+            facts = {"release": RELEASE_DEFENSES[defense].description, "seed": settings.seed}
+            released.append(storage.register_release(target, defense, strength, facts))
+            continue
+        spec = defended_spec(base, defense, strength)
+        if defense == "dp_sgd":
+            spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
+        jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
+                             validation=validation if defense == "early_stopping" else None))  # fmt: skip
+    context.instance.add_dynamic_partitions(model_versions.name, released)
+    trained = train_and_register(context, settings, storage, compute, module, jobs)
+    table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)]
+    table += [{"defense": v.split("+")[1].split("=")[0], "model_version": v, "release": True} for v in released]
+    return MaterializeResult(
+        metadata={
+            "base_version": target["model_version"],
+            "defended_versions": MetadataValue.json(table),
+            "dagster/row_count": len(table),
+        }
+    )
+
+
+@asset(group_name="defenses", deps=["target_clip"], kinds={"pytorch"})
+def defended_clips(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+) -> MaterializeResult:
+    """Defended versions of the CLIP target: DP-SGD, augmentation, weight decay, early stopping (retrained),
+    embedding noise and similarity rounding (released), at the strengths of `clip_defenses`."""
+    return defend(context, settings, storage, compute, "clip", settings.clip_defenses)
+
+
+@asset(group_name="defenses", deps=["target_captioner"], kinds={"pytorch"})
+def defended_captioners(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+) -> MaterializeResult:
+    """Defended versions of the captioner target: DP-SGD (retrained) and sampled decoding (released), at the
+    strengths of `captioner_defenses`."""
+    return defend(context, settings, storage, compute, "captioner", settings.captioner_defenses)
+
+
+def clip_utility(storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame) -> dict:
+    """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
+    released embeddings (prompts released like any text query)."""
+    import torch
+
+    from m4i_assets.metrics import utility
+    from m4i_assets.models import clip
+
+    emb = load_signal(storage, "embeddings", info["model_version"]).join(held.select("record_id"), on="record_id")
+    emb = emb.sort("record_id")
+    img, txt = np.stack(emb["image_embedding"].to_numpy()), np.stack(emb["text_embedding"].to_numpy())
+    values = utility.retrieval_recall(img, txt, ks=(1, 5, 10))
+    query = "SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE list_contains(?, record_id)"
+    meta = storage.read(query, [emb["record_id"].to_list()]).sort("record_id")
+    classes, labels = utility.zero_shot_task(meta["metadata"].to_list())
+    if any(label is not None for label in labels):
+        prompts = utility.zero_shot_prompts(classes, settings.corpus_style)
+        flat = [p for per_class in prompts for p in per_class]
+        bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
+        with torch.no_grad():
+            tokens = bundle.tokenizer(flat).to(next(bundle.model.parameters()).device)
+            text = bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+        text = release_of(info, settings.seed).embeddings(text, flat, "text")
+        values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
+                                                                  labels)  # fmt: skip
+    return values
+
+
+def captioner_utility(storage: Storage, info: dict, held: pl.DataFrame) -> dict:
+    """BLEU-4, ROUGE-L and CIDEr of the version's (released) captions of held-out records, against all their
+    references (the per-record values `caption_metrics` computed, averaged)."""
+    metrics = load_signal(storage, "caption_metrics", info["model_version"]).join(
+        held.select("record_id"), on="record_id"
+    )
+    return {name: float(metrics[name].mean()) for name in ("bleu4", "rougeL", "cider") if name in metrics.columns}
+
+
+@asset(
+    group_name="defenses",
+    partitions_def=model_versions,
+    deps=["embeddings", "caption_metrics"],
+    kinds={"duckdb"},
+    check_specs=[AssetCheckSpec("utility_in_range", asset="model_utility", blocking=True,
+                                description="every metric finite; recalls, accuracy, BLEU and ROUGE in [0, 1]")],
+)  # fmt: skip
+def model_utility(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+) -> MaterializeResult:
+    """What the model version is good for, measured on the audit's non-members (held out from the target's
+    training): a CLIP's retrieval recall and zero-shot accuracy, a captioner's BLEU-4, ROUGE-L and CIDEr."""
+    version = context.partition_key
+    info = storage.model_info(version)
+    held = storage.audit_records(info["audit"], ("nonmember",))
+    if info["family"] == "clip":
+        values = clip_utility(storage, settings, compute, info, held)
+    else:
+        values = captioner_utility(storage, info, held)
+    frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
+                          "n_records": held.height, "audit": info["audit"]})  # fmt: skip
+    with storage.connect() as conn:
+        replace_rows(conn, "model_utility", frame, model_version=version)
+    bounded = {k: v for k, v in values.items() if k != "cider"}
+    passed = all(np.isfinite(list(values.values()))) and all(0 <= v <= 1 for v in bounded.values())
+    return MaterializeResult(
+        metadata={"dagster/row_count": frame.height, "n_records": held.height, **values},
+        check_results=[AssetCheckResult(check_name="utility_in_range", passed=bool(passed), metadata=values)],
+    )
+
+
+@asset(
+    group_name="defenses",
+    deps=["attack_metrics", model_utility, defended_clips, defended_captioners],
+    kinds={"duckdb", "mlflow"},
+    check_specs=[AssetCheckSpec("every_defense_evaluated", asset="defense_evaluations",
+                                description="every defended version of each target has attack metrics and utility")],
+)  # fmt: skip
+def defense_evaluations(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
+) -> MaterializeResult:
+    """The privacy-utility table of each family's latest target and its defended versions (every attack's
+    AUC and TPR@1%FPR with CIs, epsilon for DP-SGD, the primary utility), a privacy-utility plot per family,
+    and the defense with the lowest worst-case TPR@1%FPR at most 10% below the target's utility."""
+    tables, metadata, artifacts, missing = [], {}, {}, []
+    for family in FAMILIES:
+        if not storage.latest_versions(settings.audit, "target", family=family):
+            continue
+        target = latest_target(storage, settings.audit, family)["model_version"]
+        models = storage.read(
+            """SELECT model_version, role, defense, defense_strength, defense_facts FROM models
+               WHERE model_version = ? OR (role = 'defended' AND base_version = ?)""",
+            [target, target],
+        )
+        ids = models["model_version"].to_list()
+        metrics = storage.read("SELECT * FROM attack_metrics WHERE list_contains(?, model_version)", [ids])
+        utility = storage.read("SELECT * FROM model_utility WHERE list_contains(?, model_version)", [ids])
+        done = set(metrics["model_version"]) & set(utility["model_version"])
+        missing += [v for v in ids if v not in done]
+        if target not in done or len(done) < 2:
+            context.log.warning(f"{family}: the target and at least one defended version need attack_metrics and "
+                                f"model_utility first; audited so far: {sorted(done)}")  # fmt: skip
+            continue
+        rows = pu.defense_rows(models.filter(pl.col("model_version").is_in(done)), metrics, utility, family)
+        tables.append(rows.with_columns(audit=pl.lit(settings.audit), family=pl.lit(family)))
+        png = pu.privacy_utility_png(rows, f"{family} defenses, audit {settings.audit}")
+        artifacts[f"privacy_utility_{family}.png"] = png
+        best = pu.best_defense(rows)
+        metadata[f"{family}_table"] = MetadataValue.md(pu.defense_markdown(rows))
+        metadata[f"{family}_plot"] = MetadataValue.md(
+            f"![{family}](data:image/png;base64,{base64.b64encode(png).decode()})"
+        )
+        metadata[f"{family}_best_within_10pct_utility"] = MetadataValue.json(best or {})
+    if not tables:
+        raise ValueError("no family has an audited target and defended version yet: run the audits first")
+    table = pl.concat(tables)
+    artifacts["defense_evaluations.csv"] = table.write_csv().encode()
+    run_id = tracking.log_run(
+        run_name=f"{settings.audit}/defense_evaluations",
+        params={"audit": settings.audit, "clip_defenses": settings.clip_defenses,
+                "captioner_defenses": settings.captioner_defenses, "dp_delta": settings.dp_delta,
+                "dp_max_grad_norm": settings.dp_max_grad_norm},
+        metrics={f"{r['model_version']}.{r['attack']}.tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"] for r in table.to_dicts()},
+        tags={"audit": settings.audit, "kind": "defense_evaluations", "dagster_run_id": context.run_id},
+        artifacts=artifacts,
+    )  # fmt: skip
+    with storage.connect() as conn:
+        replace_rows(conn, "defense_evaluations", table, audit=settings.audit)
+    return MaterializeResult(
+        metadata={"dagster/row_count": table.height, "mlflow_run_id": run_id, **metadata,
+                  "not_yet_evaluated": MetadataValue.json(missing)},
+        check_results=[AssetCheckResult(check_name="every_defense_evaluated", passed=not missing,
+                                        metadata={"missing": MetadataValue.json(missing)})],
+    )  # fmt: skip
+
+
+defense_assets = [defended_clips, defended_captioners, model_utility, defense_evaluations]

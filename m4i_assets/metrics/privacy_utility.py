@@ -1,0 +1,134 @@
+"""Privacy-utility evaluation of defenses (ATTACKS.md section 3): every defended version's attack results
+beside its utility on held-out data, relative to the undefended target it defends.
+
+Privacy is read at low FPR (Carlini et al. 2022): a defense's point on the curve is the strongest attack's
+TPR at 1% FPR against the version's utility (one primary utility metric per model family). The
+undefended target is the reference point of every curve.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import polars as pl
+
+PRIMARY_UTILITY = {"clip": "i2t_recall@5", "captioner": "cider"}
+NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the data, not the defense
+UNDEFENDED = "none"
+
+
+def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFrame, family: str) -> pl.DataFrame:
+    """One row per (model version, attack): the defense and its strength (`none` for the undefended target),
+    epsilon when DP, AUC and TPR@1%FPR with CIs, the family's primary utility, and the utility relative to the
+    target's. `models` holds the target and its defended versions (columns model_version, role, defense,
+    defense_strength, defense_facts), `metrics` their `attack_metrics` rows, `utility` their `model_utility`."""
+    metric = PRIMARY_UTILITY[family]
+    facts = [json.loads(f) if f else {} for f in models["defense_facts"].to_list()]
+    versions = models.select(
+        "model_version",
+        defense=pl.when(pl.col("role") == "target").then(pl.lit(UNDEFENDED)).otherwise(pl.col("defense")),
+        strength=pl.col("defense_strength"),
+        epsilon=pl.Series([f.get("dp", {}).get("epsilon") for f in facts], dtype=pl.Float64),
+        epsilon_conservative=pl.Series([f.get("dp", {}).get("epsilon_conservative") for f in facts], dtype=pl.Float64),
+    )
+    value = utility.filter(pl.col("metric") == metric).select("model_version", utility=pl.col("value"))
+    (reference,) = versions.filter(pl.col("defense") == UNDEFENDED).join(value, on="model_version")["utility"]
+    return (
+        versions.join(metrics.filter(~pl.col("attack").is_in(NOT_AN_ATTACK)), on="model_version")
+        .join(value, on="model_version", how="left")
+        .select(
+            "defense",
+            "strength",
+            "epsilon",
+            "epsilon_conservative",
+            "attack",
+            "auc",
+            "auc_ci_low",
+            "auc_ci_high",
+            "tpr_at_1pct_fpr",
+            "tpr_at_1pct_fpr_ci_low",
+            "tpr_at_1pct_fpr_ci_high",
+            utility_metric=pl.lit(metric),
+            utility="utility",
+            utility_relative=pl.col("utility") / reference if reference else pl.lit(None, dtype=pl.Float64),
+            model_version="model_version",
+            mlflow_run_id="mlflow_run_id",
+        )  # fmt: skip
+        .sort("defense", "strength", "attack", nulls_last=False)
+    )
+
+
+def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
+    """Per version: the strongest attack's TPR@1%FPR (and which), with its defense, strength and utility."""
+    return (
+        rows.sort("tpr_at_1pct_fpr", descending=True)
+        .group_by("model_version", maintain_order=True)
+        .first()
+        .select(
+            "defense",
+            "strength",
+            "epsilon",
+            "model_version",
+            "utility",
+            "utility_relative",
+            worst_attack="attack",
+            tpr_at_1pct_fpr="tpr_at_1pct_fpr",
+            auc="auc",
+        )  # fmt: skip
+        .sort("defense", "strength")
+    )
+
+
+def best_defense(rows: pl.DataFrame, max_relative_loss: float = 0.10) -> dict | None:
+    """The defended version with the lowest worst-case TPR@1%FPR among those losing at most
+    `max_relative_loss` of the target's utility (ties: the higher utility); None when none qualifies."""
+    points = curve_points(rows).filter(
+        (pl.col("defense") != UNDEFENDED) & (pl.col("utility_relative") >= 1 - max_relative_loss)
+    )
+    if points.height == 0:
+        return None
+    return points.sort(["tpr_at_1pct_fpr", "utility"], descending=[False, True]).row(0, named=True)
+
+
+def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
+    """Worst-case attack TPR@1%FPR against utility, one line per defense ordered by strength, the undefended
+    target as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve_points(rows)
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    for (defense,), group in points.group_by(["defense"], maintain_order=True):
+        if defense == UNDEFENDED:
+            continue
+        group = group.sort("strength")
+        ax.plot(group["utility"], group["tpr_at_1pct_fpr"], marker="o", label=defense)
+        for r in group.iter_rows(named=True):
+            ax.annotate(f"{r['strength']:g}", (r["utility"], r["tpr_at_1pct_fpr"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    target = points.filter(pl.col("defense") == UNDEFENDED)
+    ax.scatter(target["utility"], target["tpr_at_1pct_fpr"], marker="*", s=200, c="k", zorder=5, label="undefended")
+    ax.set(xlabel=f"utility: {rows['utility_metric'][0]} (held-out)", ylabel="worst attack TPR @ 1% FPR", title=title)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def defense_markdown(rows: pl.DataFrame) -> str:
+    """The curve points as a markdown table (worst attack per version)."""
+    lines = ["| defense | strength | epsilon | worst attack | TPR@1%FPR | AUC | utility | relative |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in curve_points(rows).iter_rows(named=True):
+        strength = "" if r["strength"] is None else f"{r['strength']:g}"
+        eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        rel = "" if r["utility_relative"] is None else f"{r['utility_relative']:.3f}"
+        lines.append(f"| {r['defense']} | {strength} | {eps} | {r['worst_attack']} | {r['tpr_at_1pct_fpr']:.3f} | "
+                     f"{r['auc']:.3f} | {r['utility']:.4f} | {rel} |")  # fmt: skip
+    return "\n".join(lines)
