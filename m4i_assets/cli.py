@@ -70,12 +70,20 @@ telemetry:
 
 
 def prepare_dagster_home(home: Path) -> Path:
-    """Create `$M4I_HOME/dagster` with a dagster.yaml; runs and event logs persist there."""
+    """Create `$M4I_HOME/dagster` with a dagster.yaml and its storage; runs and event logs persist there.
+
+    The storage (SQLite run, event-log and schedule databases) is created here, once: runs launched in
+    parallel on a fresh home would otherwise race to create the same tables ("table ... already exists")."""
+    from dagster import DagsterInstance
+
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
+    instance = DagsterInstance.from_config(str(dagster_home))
+    instance.get_runs(limit=1)
+    instance.dispose()
     return dagster_home
 
 
