@@ -9,6 +9,7 @@ m4i ui-check  serve the Dagster UI on 127.0.0.1 and screenshot the asset graph w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ import polars as pl
 from m4i_assets.data.sources import shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources
 from m4i_assets.defs.automation import AUDIT_ASSETS
+from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
 from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
@@ -90,11 +92,17 @@ def prepare_dagster_home(home: Path) -> Path:
 def _materialize(
     selection: list[str], env: dict[str, str], log: Path, partition: str | None = None
 ) -> tuple[subprocess.Popen, Path]:
-    """Launch one Dagster run (CLI, so the definitions' multiprocess executor runs it); log to `log`."""
+    """Launch one Dagster run through the CLI; log to `log`. A partition's run (one shard, one model version)
+    executes its steps in process, one after the other: the demo runs two such runs side by side, and a
+    process per step would spend about 5 s starting each of its dozen steps. An unpartitioned run uses the
+    multiprocess executor (at most MAX_CONCURRENT_STEPS steps at once)."""
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-f", str(REPO / "definitions.py"),
            "--select", ",".join(selection)]  # fmt: skip
     if partition:
-        cmd += ["--partition", partition]
+        cmd += ["--partition", partition, "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})]
+    else:
+        execution = {"multiprocess": {"max_concurrent": MAX_CONCURRENT_STEPS}}
+        cmd += ["--config-json", json.dumps({"execution": {"config": execution}})]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT), log

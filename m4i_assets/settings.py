@@ -32,6 +32,7 @@ class AuditSettings(ConfigurableResource):
     corpus_records: int = 2500
     corpus_image_size: int = 64
     corpus_style: str = "default"
+    corpus_name: str = "synthetic_shapes"  # its `records.dataset`; a profile of another size needs its own
     # Draw the non-members from a deliberately different distribution (the `shifted` corpus style),
     # to see the blind-baseline shift gate fire.
     shifted_nonmembers: bool = False
@@ -95,7 +96,11 @@ class AuditSettings(ConfigurableResource):
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(
-            n_records=self.corpus_records, image_size=self.corpus_image_size, seed=self.seed, style=self.corpus_style
+            n_records=self.corpus_records,
+            image_size=self.corpus_image_size,
+            seed=self.seed,
+            style=self.corpus_style,
+            name=self.corpus_name,
         )
 
     def shifted_corpus_spec(self) -> CorpusSpec | None:
@@ -172,18 +177,22 @@ PROFILES: dict[str, dict] = {
     # paper's lambda = 1.5 puts tau (0.96) above every member's CS (members: 0.91 +- 0.02). Measured on
     # the demo target: lambda = 1.0 keeps 443 pseudo-members with a 12.6% pseudo-label error rate.
     "default": {"wsa_lambda": 1.0},
-    # `make demo-defenses`: both families' defenses in under 20 minutes on 2 cores, so half-size role sets
-    # drawn from the same corpus (its own audit, sharing the records of a home's default audit), two
-    # reference CLIPs and one shadow architecture (the defenses are judged by the same attacks).
+    # `make demo-defenses`: both families' defenses in under 20 minutes on 2 cores: a 1000-record corpus of
+    # its own (its own audit too, beside a home's default one), 200 members / non-members / known
+    # non-members, two reference CLIPs, one shadow captioner (unrestricted scenario), and a reduced grid.
     "defenses": {
         "audit": "defenses",
         "wsa_lambda": 1.0,
-        "n_members": 250,
-        "n_nonmembers": 250,
-        "n_known_nonmembers": 250,
+        "corpus_records": 1000,
+        "corpus_name": "synthetic_shapes_1k",
+        "n_members": 200,
+        "n_nonmembers": 200,
+        "n_known_nonmembers": 200,
         "n_reference_models": 2,
+        "second_domain_records": 0,
         "shadow_archs": ["cnn-lstm"],
         "n_bootstrap": 300,
+        "captioner_defenses": {"dp_sgd": [0.0, 1.0, 4.0], "sampled_decoding": [1.0]},
     },
     "tiny": {
         "audit": "tiny",

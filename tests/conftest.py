@@ -42,3 +42,31 @@ def ingest(resources: dict, instance) -> list:
         assert shard.success, key
     assert materialize(assets, resources=resources, instance=instance, selection=["records", "record_roles"]).success
     return assets
+
+
+def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]]):
+    """On a tiny demo home: register / train the family's defended versions, run each one's audit job in
+    process, then `defense_evaluations`; returns (defended versions, the evaluation's materialize result)."""
+    from dagster import DagsterInstance, materialize
+
+    from m4i_assets.defs.automation import AUDIT_ASSETS
+    from m4i_assets.defs.definitions import build_assets, build_resources
+    from m4i_assets.settings import PROFILES, AuditSettings
+
+    settings = AuditSettings(**{**PROFILES["tiny"], f"{family}_defenses": defenses})
+    resources = build_resources(home=home, settings=settings)
+    assets = build_assets(resources)
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    try:
+        instance = DagsterInstance.get()
+        kwargs = {"resources": resources, "instance": instance}
+        assert materialize(assets, selection=[f"defended_{family}s"], **kwargs).success
+        storage = resources["storage"]
+        versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
+        for version in versions["model_version"]:
+            assert materialize(assets, selection=AUDIT_ASSETS[family], partition_key=version, **kwargs).success
+        evaluation = materialize(assets, selection=["defense_evaluations"], **kwargs)
+        assert evaluation.success
+        return versions["model_version"].to_list(), evaluation
+    finally:
+        del os.environ["DAGSTER_HOME"]

@@ -1,9 +1,11 @@
 """The M^4I captioning audit through Dagster's CLI on the tiny profile (`m4i demo --family captioner`):
 captioners, shadows, generated captions, both attacks under four scenarios, tables and MLflow."""
 
+import json
+
 import numpy as np
 import pytest
-from conftest import read_only, run_demo
+from conftest import defend_in_process, read_only, run_demo
 from sklearn.metrics import roc_auc_score
 
 SCENARIOS = {"unrestricted", "data_restricted", "arch_restricted", "both_restricted"}
@@ -102,3 +104,32 @@ def test_demo_prints_the_scenario_table_and_mlflow_has_it(demo_home, db):
         assert run.data.metrics["m4i_fb.unrestricted.attack_success_rate"] == pytest.approx(rate)
         assert {"m4i_scenarios.json", "m4i_scenarios.md", "audit_report.md"} <= {
             a.path for a in client.list_artifacts(run_id)}  # fmt: skip
+
+
+def test_defended_captioners_are_audited_and_set_against_utility(demo_home):
+    """A DP-SGD retraining and a sampled-decoding release of the captioner target, judged by m4i_mb and
+    m4i_fb, with BLEU-4 / ROUGE-L / CIDEr on the non-members, in the privacy-utility table."""
+    home = demo_home[0]
+    defended, evaluation = defend_in_process(home, "captioner", {"dp_sgd": [1.0], "sampled_decoding": [1.0]})
+    db = next(read_only(home))
+    try:
+        (target,) = db.execute("SELECT model_version FROM models WHERE role = 'target'").fetchone()
+        rows = db.execute("SELECT model_version, defense, defense_facts FROM models WHERE role = 'defended' "
+                          "ORDER BY defense").fetchall()  # fmt: skip
+        assert [r[1] for r in rows] == ["dp_sgd", "sampled_decoding"] and sorted(defended) == sorted(r[0] for r in rows)
+        assert 0 < json.loads(rows[0][2])["dp"]["epsilon"] < float("inf")
+        sampled, greedy = (db.execute("SELECT generated_caption FROM generated_captions WHERE model_version = ? "
+                                      "ORDER BY record_id", [v]).fetchall() for v in (rows[1][0], target))  # fmt: skip
+        assert len(sampled) == len(greedy) and sampled != greedy
+        table = db.execute("SELECT DISTINCT defense, attack, utility_metric FROM defense_evaluations").fetchall()
+        assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd", "sampled_decoding")
+                                                 for a in ("m4i_mb", "m4i_fb")}  # fmt: skip
+        assert {r[2] for r in table} == {"cider"}
+        metrics = {
+            m for (m,) in db.execute("SELECT metric FROM model_utility WHERE model_version = ?", [target]).fetchall()
+        }
+        assert metrics == {"bleu4", "rougeL", "cider"}
+    finally:
+        db.close()
+    (check,) = evaluation.get_asset_check_evaluations()
+    assert check.passed

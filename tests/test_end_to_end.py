@@ -1,13 +1,14 @@
 """The whole asset graph, materialized through Dagster's CLI and multiprocess executor (as `make demo`
 does) on the tiny profile, then checked table by table."""
 
+import json
 import os
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-from conftest import read_only, run_demo
+from conftest import defend_in_process, read_only, run_demo
 from sklearn.metrics import roc_auc_score, roc_curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,45 @@ def test_dagster_recorded_the_runs(demo_home):
         assert instance.get_latest_materialization_event(AssetKey("attack_metrics")) is not None
     finally:
         del os.environ["DAGSTER_HOME"]
+
+
+def test_defended_versions_are_audited_and_set_against_utility(demo_home):
+    """Defenses on the demo home (before the sensor test, which adds a target): a DP-SGD retraining and an
+    embedding-noise release of the target, each audited by every CLIP attack, with utility, in the
+    privacy-utility table, its plot in the metadata."""
+    home = demo_home[0]
+    defended, evaluation = defend_in_process(home, "clip", {"dp_sgd": [1.0], "embedding_noise": [0.05]})
+    db = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        (target,) = db.execute("SELECT model_version FROM models WHERE role = 'target'").fetchone()
+        rows = db.execute("SELECT model_version, defense, defense_strength, base_version, checkpoint_uri, "
+                          "defense_facts FROM models WHERE role = 'defended' ORDER BY defense").fetchall()  # fmt: skip
+        assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("embedding_noise", 0.05, target)]
+        dp_facts = json.loads(rows[0][5])["dp"]
+        assert 0 < dp_facts["epsilon"] < dp_facts["epsilon_conservative"] and dp_facts["noise_multiplier"] == 1.0
+        target_ckpt = db.execute("SELECT checkpoint_uri FROM models WHERE model_version = ?", [target]).fetchone()
+        assert rows[1][4] == target_ckpt[0]  # a release-time defense keeps the target's checkpoint
+        noisy, clean = (np.stack(db.execute("SELECT image_embedding FROM embeddings WHERE model_version = ? "
+                                            "ORDER BY record_id", [v]).pl()["image_embedding"].to_numpy())
+                        for v in (rows[1][0], target))  # fmt: skip
+        assert np.allclose(np.linalg.norm(noisy, axis=1), 1, atol=1e-5) and not np.allclose(noisy, clean, atol=1e-3)
+        table = db.execute("SELECT defense, attack, utility_metric, utility_relative, model_version "
+                           "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
+        assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd", "embedding_noise")
+                                                 for a in ATTACKS - {"blind_baseline"}}  # fmt: skip
+        assert {r[2] for r in table} == {"i2t_recall@5"}
+        assert all(r[3] == 1.0 for r in table if r[0] == "none")
+        utility = dict(
+            db.execute("SELECT metric, value FROM model_utility WHERE model_version = ?", [target]).fetchall()
+        )
+        assert {"i2t_recall@1", "t2i_recall@10", "zero_shot_accuracy"} <= {m for m, _ in utility}
+    finally:
+        db.close()
+    assert sorted(defended) == sorted(r[0] for r in rows)
+    (check,) = evaluation.get_asset_check_evaluations()
+    assert check.check_name == "every_defense_evaluated" and check.passed
+    (event,) = evaluation.get_asset_materialization_events()
+    assert "data:image/png;base64" in event.materialization.metadata["clip_plot"].value
 
 
 def test_a_dropped_checkpoint_is_audited_through_the_sensor(demo_home):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import Definitions, multiprocess_executor
+from dagster import Definitions, multi_or_in_process_executor
 
 from m4i_assets.defs.assets import attacks, captioning, data, defenses, evaluation, models, signals
 from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
@@ -49,7 +49,9 @@ def build_assets(resources: dict) -> list:
 
 def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
     """All assets with their resources, the per-family audit jobs, the watched-models sensor and the weekly
-    re-audits. Steps run in parallel processes; warehouse writes queue on a lock."""
+    re-audits. A run's steps run in parallel processes by default, or in process when its run config asks
+    (`execution: {config: {in_process: {}}}`, as the demo does for per-partition runs); warehouse writes
+    queue on a lock."""
     resources = build_resources(home, settings)
     return Definitions(
         assets=build_assets(resources),
@@ -57,5 +59,5 @@ def build_definitions(home: Path | None = None, settings: AuditSettings | None =
         sensors=[watched_models_sensor],
         schedules=reaudit_schedules,
         resources=resources,
-        executor=multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}),
+        executor=multi_or_in_process_executor,
     )

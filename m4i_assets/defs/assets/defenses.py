@@ -8,6 +8,7 @@ unchanged.
 """
 
 import base64
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +33,12 @@ from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.warehouse import replace_rows
 
 FAMILIES = ("clip", "captioner")
+
+
+def metric_name(row: dict) -> str:
+    """An MLflow metric name for one row (MLflow allows letters, digits, `_-. /`: no `+` or `=`)."""
+    strength = "" if row["strength"] is None else f"{row['strength']:g}"
+    return re.sub(r"[^\w\-. /]", "_", f"{row['family']}.{row['defense']}{strength}.{row['attack']}.tpr_at_1pct_fpr")
 
 
 def latest_target(storage: Storage, audit: str, family: str) -> dict:
@@ -222,7 +229,7 @@ def defense_evaluations(
         params={"audit": settings.audit, "clip_defenses": settings.clip_defenses,
                 "captioner_defenses": settings.captioner_defenses, "dp_delta": settings.dp_delta,
                 "dp_max_grad_norm": settings.dp_max_grad_norm},
-        metrics={f"{r['model_version']}.{r['attack']}.tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"] for r in table.to_dicts()},
+        metrics={metric_name(r): r["tpr_at_1pct_fpr"] for r in table.to_dicts()},
         tags={"audit": settings.audit, "kind": "defense_evaluations", "dagster_run_id": context.run_id},
         artifacts=artifacts,
     )  # fmt: skip

@@ -187,7 +187,7 @@ def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage
     single-threaded worker per core measured 15% more throughput than one model on two threads)."""
     from m4i_assets.models import clip
 
-    population = storage.audit_records(settings.audit, ("population",), dataset=settings.corpus_spec().name)
+    population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
     plan = {
         "target_clip": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),
                                  settings.clip_train_spec(0))],
@@ -241,7 +241,7 @@ def captioner_models(context: AssetExecutionContext, settings: AuditSettings, st
     """The audit's captioners, trained in one step so that all of them share the cores."""
     from m4i_assets.models import captioner
 
-    main = settings.corpus_spec().name
+    main = settings.main_dataset()
     population = storage.audit_records(settings.audit, ("population",), dataset=main)
     datasets = [main, *([settings.second_domain_spec().name] if settings.second_domain_spec() else [])]
     shadows = []
