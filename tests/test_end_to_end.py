@@ -156,7 +156,7 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         utility = dict(
             db.execute("SELECT metric, value FROM model_utility WHERE model_version = ?", [target]).fetchall()
         )
-        assert {"i2t_recall@1", "t2i_recall@10", "zero_shot_accuracy"} <= {m for m, _ in utility}
+        assert {"i2t_recall@1", "t2i_recall@10", "zero_shot_accuracy"} <= set(utility)
     finally:
         db.close()
     assert sorted(defended) == sorted(r[0] for r in rows)
