@@ -71,17 +71,17 @@ def defend(
     for defense, strength in grid(defenses, family):
         if is_release(defense):
             facts = {"release": RELEASE_DEFENSES[defense].description, "seed": settings.seed}
-            released.append(storage.register_release(target, defense, strength, facts))
+            version = storage.register_release(target, defense, strength, facts)
+            released.append({"defense": defense, "strength": strength, "model_version": version, "release": True})
             continue
         spec = defended_spec(base, defense, strength)
         if defense == "dp_sgd":
             spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
-    context.instance.add_dynamic_partitions(model_versions.name, released)
+    context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
     trained = train_and_register(context, settings, storage, compute, module, jobs)
-    table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)]
-    table += [{"defense": v.split("+")[1].split("=")[0], "model_version": v, "release": True} for v in released]
+    table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)] + released
     return MaterializeResult(
         metadata={
             "base_version": target["model_version"],
