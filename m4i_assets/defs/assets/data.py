@@ -80,6 +80,7 @@ def ingestion_assets(sources: list[SourceSpec]) -> list[AssetsDefinition]:
         ingested = source.read(shard)
         records_file, rejects_file, counts_file = shard_outputs(storage, context.partition_key)
         records_file.parent.mkdir(parents=True, exist_ok=True)
+        counts_file.unlink(missing_ok=True)  # written last: its presence says the shard's files are complete
         ingested.records.write_parquet(records_file)
         ingested.rejects.write_parquet(rejects_file)
         counts = {"rows_in": ingested.rows_in, "records": ingested.records.height, "rejects": ingested.rejects.height}
