@@ -195,3 +195,43 @@ def augmenter(strength: float, seed: int, flip: bool = False) -> Callable[[torch
             return torch.stack([transform(image) for image in images]).clamp(0, 1)
 
     return apply
+
+
+def batch_inputs(
+    images: torch.Tensor,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """The model inputs of a batch of positions: `images` as they are, or (with `normalise`, i.e. when
+    augmenting) [0, 1] pixels augmented for training batches, then normalised; on `device`."""
+
+    def inputs(idx: torch.Tensor, train: bool) -> torch.Tensor:
+        x = images[idx]
+        if normalise is not None:
+            x = normalise(augment(x) if train else x)
+        return x.to(device)
+
+    return inputs
+
+
+def training_facts(
+    history: list[float],
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    validation: tuple[list[str], list[str]] | None,
+    stopping: EarlyStopping | None,
+    restored: bool,
+    private: Any = None,
+) -> dict[str, Any]:
+    """What a training run's defense did, for the checkpoint's facts: pairs trained on and held out, epochs,
+    early stopping's validation losses and best epoch, and DP-SGD's sampling, steps and epsilon (`private`:
+    a `dp.PrivateTraining`)."""
+    facts: dict[str, Any] = {"n_train": len(train_idx), "n_validation": len(val_idx), "epochs_trained": len(history)}
+    if len(val_idx):
+        facts.update({**stopping.facts(), "restored_best_epoch": restored})
+        if validation is None or not len(validation[0]):  # held out of the given training pairs
+            facts["validation_indices"] = val_idx.tolist()
+    if private is not None:
+        facts["dp"] = private.facts()
+    return facts

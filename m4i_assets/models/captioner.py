@@ -45,7 +45,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from m4i_assets.data.images import open_rgb
-from m4i_assets.defenses.regularisation import EarlyStopping, TrainingDefense, augmenter, split_pairs
+from m4i_assets.defenses.regularisation import (
+    EarlyStopping,
+    TrainingDefense,
+    augmenter,
+    batch_inputs,
+    split_pairs,
+    training_facts,
+)
 from m4i_assets.defenses.release import SAMPLED_DECODING_TOP_K, sample_next_token
 from m4i_assets.metrics.captions import normalise_caption
 from m4i_assets.models.checkpoints import read_json_object, sha256_file
@@ -353,11 +360,7 @@ def train_captioner(
         order = torch.randperm(len(train_idx), generator=gen)
         return (order[start : start + spec.batch_size] for start in range(0, len(order), spec.batch_size))
 
-    def inputs(idx: torch.Tensor, train: bool) -> torch.Tensor:
-        x = images[idx]
-        if normalise is not None:
-            x = normalise(augment(x) if train else x)
-        return x.to(dev)
+    inputs = batch_inputs(images, augment, normalise, dev)
 
     stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
     history = []
@@ -384,13 +387,7 @@ def train_captioner(
         private.export(model)
     model.eval()
     if facts is not None:
-        facts.update({"n_train": len(train_idx), "n_validation": len(val_idx), "epochs_trained": len(history)})
-        if len(val_idx):
-            facts.update({**stopping.facts(), "restored_best_epoch": restored})
-            if validation is None or not len(validation[0]):  # held out of the given training pairs
-                facts["validation_indices"] = val_idx.tolist()
-        if private is not None:
-            facts["dp"] = private.facts()
+        facts.update(training_facts(history, train_idx, val_idx, validation, stopping, restored, private))
     return history
 
 

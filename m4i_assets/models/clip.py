@@ -42,7 +42,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from m4i_assets.data.images import open_rgb
-from m4i_assets.defenses.regularisation import EarlyStopping, TrainingDefense, augmenter, split_pairs
+from m4i_assets.defenses.regularisation import (
+    EarlyStopping,
+    TrainingDefense,
+    augmenter,
+    batch_inputs,
+    split_pairs,
+    training_facts,
+)
 from m4i_assets.models import hf_clip
 from m4i_assets.models.checkpoints import (
     HF_WEIGHTS_FILES,
@@ -196,11 +203,7 @@ def train_clip(
         order = torch.randperm(len(train_idx), generator=gen)
         return (order[step * spec.batch_size : (step + 1) * spec.batch_size] for step in range(steps_per_epoch))
 
-    def inputs(idx: torch.Tensor, train: bool) -> torch.Tensor:
-        x = images[idx]
-        if normalise is not None:
-            x = normalise(augment(x) if train else x)
-        return x.to(dev)
+    inputs = batch_inputs(images, augment, normalise, dev)
 
     use_amp = dev.type == "cuda" and private is None  # DP-SGD runs in fp32
     stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
@@ -234,13 +237,7 @@ def train_clip(
         private.export(model)
     model.eval()
     if facts is not None:
-        facts.update({"n_train": len(train_idx), "n_validation": len(val_idx), "epochs_trained": len(history)})
-        if len(val_idx):
-            facts.update({**stopping.facts(), "restored_best_epoch": restored})
-            if validation is None or not len(validation[0]):  # held out of the given training pairs
-                facts["validation_indices"] = val_idx.tolist()
-        if private is not None:
-            facts["dp"] = private.facts()
+        facts.update(training_facts(history, train_idx, val_idx, validation, stopping, restored, private))
     return history
 
 
