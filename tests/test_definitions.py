@@ -52,3 +52,16 @@ def test_settings_overrides_from_the_environment(monkeypatch):
         monkeypatch.setenv("M4I_SETTINGS", bad)
         with pytest.raises(ValueError, match=message):
             settings_for("tiny")
+
+
+def test_tracking_makes_metric_names_mlflow_accepts(tmp_path):
+    """A release-time defense's version carries `+` and `=`, which MLflow refuses in metric names."""
+    import mlflow
+
+    from m4i_assets.defs.resources import Tracking
+
+    tracking = Tracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "artifacts"))
+    run_id = tracking.log_run("r", params={}, metrics={"clip-ab+embedding_noise=0.05.csa": 0.5}, tags={},
+                              artifacts={})  # fmt: skip
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics == {"clip-ab_embedding_noise_0.05.csa": 0.5}

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -219,6 +220,14 @@ class Compute(ConfigurableResource):
         return None if self.device == "auto" else self.device
 
 
+def _metrics(metrics: dict[str, float], timestamp_ms: int) -> list:
+    """MLflow metrics; a name's characters MLflow refuses (anything but letters, digits and `_-. /`, e.g. the
+    `+` and `=` of a release-time defense's version) become `_`."""
+    from mlflow.entities import Metric
+
+    return [Metric(re.sub(r"[^\w\-. /]", "_", k), float(v), timestamp_ms, 0) for k, v in metrics.items()]
+
+
 class Tracking(ConfigurableResource):
     """MLflow tracking (sqlite store beside the warehouse). Writers are serialised by a file lock,
     and the experiment is created once under it: SQLite MLflow races on schema init otherwise."""
@@ -249,12 +258,10 @@ class Tracking(ConfigurableResource):
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
         """Add metrics and files to an existing MLflow run."""
-        from mlflow.entities import Metric
-
         with warehouse.file_lock(self._lock):
             client, _ = self._client_and_experiment()
             now_ms = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()])
+            client.log_batch(run_id, metrics=_metrics(metrics, now_ms))
             self._upload(client, run_id, artifacts)
 
     @property
@@ -280,7 +287,7 @@ class Tracking(ConfigurableResource):
         artifacts: dict[str, bytes],
     ) -> str:
         """Create one finished MLflow run with params, metrics and artifacts; return its id."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         with warehouse.file_lock(self._lock):
             client, exp_id = self._client_and_experiment()
@@ -289,7 +296,7 @@ class Tracking(ConfigurableResource):
             now_ms = int(time.time() * 1000)
             client.log_batch(
                 run_id,
-                metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()],
+                metrics=_metrics(metrics, now_ms),
                 params=[Param(k, v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in params.items()],
                 tags=[RunTag(k, v) for k, v in tags.items()],
             )
