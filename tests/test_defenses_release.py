@@ -153,3 +153,15 @@ def test_sample_next_token_rejects_bad_input():
         sample_next_token(torch.zeros(5), 1.0, 3, torch.Generator())
     with pytest.raises(ValueError):
         sample_next_token(torch.zeros(2, 5), 1.0, 0, torch.Generator())
+
+
+def test_each_release_defense_names_the_interface_it_perturbs_and_what_it_rules_out():
+    from m4i_assets.defenses.release import DEFAULT_INTERFACE, attack_skip_reason
+
+    assert {d: r.interface for d, r in RELEASE_DEFENSES.items()} == {
+        "embedding_noise": "embeddings", "similarity_rounding": "similarities", "sampled_decoding": "captions"
+    }  # fmt: skip
+    assert DEFAULT_INTERFACE == {"clip": "embeddings", "captioner": "captions"}
+    assert attack_skip_reason("wsa", "embeddings") is None
+    assert "needs embeddings" in attack_skip_reason("wsa", "similarities")
+    assert attack_skip_reason("csa", "similarities") is None

@@ -2,14 +2,21 @@
 
 import json
 
+import numpy as np
 import polars as pl
+import pytest
 
+from m4i_assets.metrics.evaluation import roc_auc
 from m4i_assets.metrics.privacy_utility import (
+    best_at_utility,
     best_defense,
     curve_points,
     defense_markdown,
     defense_rows,
+    interpolate_tpr,
+    matched_utility,
     privacy_utility_png,
+    worst_attack_heldout,
 )
 
 
@@ -46,3 +53,51 @@ def test_rows_points_and_best_defense():
     assert best_defense(rows, max_relative_loss=0.0) is None
     assert "| dp_sgd | 2 | 2 | csa | 0.050 |" in defense_markdown(rows)
     assert privacy_utility_png(rows, "clip").startswith(b"\x89PNG")
+
+
+def _points():
+    return pl.DataFrame({
+        "defense": ["none", "dp_sgd", "dp_sgd", "dp_sgd", "noise", "noise"],
+        "strength": [None, 0.5, 1.0, 2.0, 0.05, 0.1],
+        "utility": [0.80, 0.70, 0.50, 0.30, 0.75, 0.60],
+        "tpr_at_1pct_fpr": [0.50, 0.10, 0.05, 0.02, 0.30, 0.20],
+    })  # fmt: skip
+
+
+def test_interpolation_stays_inside_a_curve():
+    dp = _points().filter(pl.col("defense") == "dp_sgd")
+    assert interpolate_tpr(dp, 0.60) == pytest.approx(0.075)
+    assert interpolate_tpr(dp, 0.30) == pytest.approx(0.02)
+    assert interpolate_tpr(dp, 0.75) is None and interpolate_tpr(dp, 0.2) is None
+
+
+def test_frontier_at_matched_utility_compares_each_point_with_the_other_curves():
+    frontier = {(r["defense"], r["strength"]): r for r in matched_utility(_points()).iter_rows(named=True)}
+    # noise at 0.1 keeps 0.60 utility with TPR 0.20; DP-SGD at the same utility has 0.075: not on the frontier
+    assert frontier[("noise", 0.1)]["frontier_defense"] == "dp_sgd"
+    assert frontier[("noise", 0.1)]["frontier_tpr"] == pytest.approx(0.075)
+    assert not frontier[("noise", 0.1)]["on_frontier"]
+    # dp_sgd at 0.5 (utility 0.70) is inside noise's range [0.60, 0.75] and below it
+    assert frontier[("dp_sgd", 0.5)]["frontier_tpr"] == pytest.approx(0.2 + (0.70 - 0.60) / 0.15 * 0.1)
+    assert frontier[("dp_sgd", 0.5)]["on_frontier"]
+    # no other curve reaches utility 0.30: nothing to compare, so it is on the frontier by default
+    assert frontier[("dp_sgd", 2.0)]["frontier_defense"] is None and frontier[("dp_sgd", 2.0)]["on_frontier"]
+    assert best_at_utility(_points(), 0.65)["defense"] == "dp_sgd"
+    assert best_at_utility(_points(), 0.79) is None
+
+
+def test_worst_attack_on_held_out_halves_is_not_biased_upward_by_the_pick():
+    """Ten attacks that are all pure noise: the max of their AUCs on all records is biased above 0.5, the
+    attack picked on one half and measured on the other is not."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    maxima, heldout = [], []
+    for rep in range(20):
+        scores = {f"a{i}": rng.standard_normal(400) for i in range(10)}
+        maxima.append(max(roc_auc(labels, s) for s in scores.values()))
+        heldout.append(worst_attack_heldout(labels, scores, roc_auc, seed=rep)["value"])
+    assert np.mean(maxima) > 0.53
+    assert abs(np.mean(heldout) - 0.5) < 0.015
+    strong = {"weak": rng.standard_normal(400), "strong": rng.standard_normal(400) + 2 * labels}
+    picked = worst_attack_heldout(labels, strong, roc_auc)
+    assert picked["attack_first_half"] == picked["attack_second_half"] == "strong" and picked["value"] > 0.9

@@ -240,3 +240,17 @@ def test_caption_utility_identical_beats_unrelated():
     assert other["rougeL"] < 0.2
     with pytest.raises(ValueError):
         caption_utility([], [])
+
+
+def test_chance_levels():
+    from m4i_assets.metrics.utility import caption_chance, retrieval_chance, zero_shot_chance
+
+    assert retrieval_chance((1, 5), n_texts=200, n_images=100) == {
+        "i2t_recall@1": 0.005, "i2t_recall@5": 0.025, "t2i_recall@1": 0.01, "t2i_recall@5": 0.05
+    }  # fmt: skip
+    assert zero_shot_chance(4) == 0.25
+    refs = [["a red circle on the left"], ["a blue square above a green triangle"], ["two yellow stars"]]
+    chance = caption_chance(refs)
+    assert set(chance) == {"bleu4", "rougeL", "cider"} and all(0 <= v < 0.5 for v in chance.values())
+    with pytest.raises(ValueError):
+        caption_chance(refs[:1])

@@ -27,12 +27,36 @@ SAMPLED_DECODING_TOP_K = 10
 """Top-k of the `sampled_decoding` defense: its strength is the temperature, k stays fixed."""
 
 
+Interface = Literal["embeddings", "similarities", "captions"]
+INTERFACES: dict[str, str] = {
+    "embeddings": "the L2-normalised image and text embeddings of any query (and so every similarity)",
+    "similarities": "only the image-text similarity score of a queried (image, caption) pair",
+    "captions": "only the generated caption of a queried image (black box, Hu et al. 2022 section 3)",
+}
+"""What an attacker can query of a model version, from most to least: the defense applies at this interface."""
+DEFAULT_INTERFACE: dict[str, Interface] = {"clip": "embeddings", "captioner": "captions"}
+ATTACK_NEEDS: dict[str, Interface] = {"wsa": "embeddings"}
+"""Attacks that need more than similarities: WSA's MLP reads the embeddings themselves (Ko et al. 2023, 3.4).
+Every other CLIP attack needs similarity scores of chosen pairs only (AEA's augmented queries, clip_loss's
+negatives and the calibrated attacks' references included), and the captioner attacks need captions."""
+
+
+def attack_skip_reason(attack: str, interface: Interface) -> str | None:
+    """Why an attack cannot run against a release of `interface` (None when it can)."""
+    needs = ATTACK_NEEDS.get(attack)
+    if needs is None or interface == needs:
+        return None
+    return f"{attack} needs {needs} ({INTERFACES[needs]}); this version releases {interface} only"
+
+
 @dataclass(frozen=True)
 class ReleaseDefense:
-    """Metadata of one release-time defense: the model family it applies to, the name of its strength
-    parameter, the strength that means "no defense", which direction is stronger, and a description."""
+    """Metadata of one release-time defense: the model family it applies to, the interface it perturbs (what
+    the defended model releases), the name of its strength parameter, the strength that means "no defense",
+    which direction is stronger, and a description."""
 
     applies_to: Literal["clip", "captioner"]
+    interface: Interface
     strength: str
     off: float | None
     stronger: Literal["larger", "smaller"]
@@ -42,6 +66,7 @@ class ReleaseDefense:
 RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     "embedding_noise": ReleaseDefense(
         applies_to="clip",
+        interface="embeddings",
         strength="sigma",
         off=0.0,
         stronger="larger",
@@ -50,6 +75,7 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     ),
     "similarity_rounding": ReleaseDefense(
         applies_to="clip",
+        interface="similarities",
         strength="decimals",
         off=None,
         stronger="smaller",
@@ -58,6 +84,7 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     ),
     "sampled_decoding": ReleaseDefense(
         applies_to="captioner",
+        interface="captions",
         strength="temperature",
         off=0.0,
         stronger="larger",

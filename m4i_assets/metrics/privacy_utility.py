@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import polars as pl
+
+from m4i_assets.metrics.privacy import stratified_halves
 
 PRIMARY_UTILITY = {"clip": "i2t_recall@5", "captioner": "cider"}
 NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the data, not the defense
@@ -132,3 +135,68 @@ def defense_markdown(rows: pl.DataFrame) -> str:
         lines.append(f"| {r['defense']} | {strength} | {eps} | {r['worst_attack']} | {r['tpr_at_1pct_fpr']:.3f} | "
                      f"{r['auc']:.3f} | {r['utility']:.4f} | {rel} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
+    """One defense's worst-attack TPR@1%FPR at `utility`, linear between its two strengths that bracket it
+    (None outside the utilities its strengths reach: no extrapolation)."""
+    curve = curve.drop_nulls(["utility", "tpr_at_1pct_fpr"]).sort("utility")
+    if curve.height == 0:
+        return None
+    u, t = curve["utility"].to_numpy(), curve["tpr_at_1pct_fpr"].to_numpy()
+    if utility < u[0] or utility > u[-1]:
+        return None
+    return float(np.interp(utility, u, t))
+
+
+def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
+    """The frontier at matched utility: for each defended point (a `curve_points` row), every other defense's
+    worst-attack TPR@1%FPR interpolated at that point's utility, and the lowest of them (`frontier_tpr`, by
+    `frontier_defense`). A point whose own TPR is at or below the frontier is the most private at its utility;
+    comparing at one strength each would set a defense that kept less utility against one that kept more."""
+    defended = points.filter(pl.col("defense") != UNDEFENDED)
+    curves = {d: g for (d,), g in defended.group_by(["defense"], maintain_order=True)}
+    rows = []
+    for r in defended.iter_rows(named=True):
+        others = {d: interpolate_tpr(g, r["utility"]) for d, g in curves.items() if d != r["defense"]}
+        others = {d: t for d, t in others.items() if t is not None}
+        best = min(others, key=others.get) if others else None
+        rows.append({
+            "defense": r["defense"], "strength": r["strength"], "utility": r["utility"],
+            "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"], "frontier_defense": best,
+            "frontier_tpr": others.get(best) if best else None,
+            "on_frontier": best is None or r["tpr_at_1pct_fpr"] <= others[best],
+        })  # fmt: skip
+    schema = {"defense": pl.Utf8, "strength": pl.Float64, "utility": pl.Float64, "tpr_at_1pct_fpr": pl.Float64,
+              "frontier_defense": pl.Utf8, "frontier_tpr": pl.Float64, "on_frontier": pl.Boolean}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
+
+
+def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
+    """The defense whose curve is lowest (worst-attack TPR@1%FPR, interpolated) at `utility`, with that TPR;
+    None when no defense's strengths reach that utility."""
+    defended = points.filter(pl.col("defense") != UNDEFENDED)
+    at = {d: interpolate_tpr(g, utility) for (d,), g in defended.group_by(["defense"], maintain_order=True)}
+    at = {d: t for d, t in at.items() if t is not None}
+    if not at:
+        return None
+    best = min(at, key=at.get)
+    return {"defense": best, "utility": utility, "tpr_at_1pct_fpr": at[best]}
+
+
+def worst_attack_heldout(
+    labels: np.ndarray, scores: dict[str, np.ndarray], metric, seed: int = 0
+) -> dict[str, float | str]:
+    """The strongest attack without the upward bias of a max over noisy estimates: on a seeded stratified split,
+    the attack with the best `metric(labels, scores)` on one half is measured on the other, both ways, and the
+    two measurements averaged. Returns the attack picked on each half and the held-out value."""
+    labels = np.asarray(labels, dtype=bool)
+    if not scores:
+        raise ValueError("need at least one attack's scores")
+    half, other = stratified_halves(labels, seed)
+    picked, measured = [], []
+    for select, measure in ((half, other), (other, half)):
+        name = max(sorted(scores), key=lambda a: metric(labels[select], np.asarray(scores[a])[select]))
+        picked.append(name)
+        measured.append(metric(labels[measure], np.asarray(scores[name])[measure]))
+    return {"attack_first_half": picked[0], "attack_second_half": picked[1], "value": float(np.mean(measured))}

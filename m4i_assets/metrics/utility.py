@@ -209,3 +209,31 @@ def caption_utility(generated: Sequence[str], references: Sequence[Sequence[str]
         list(generated), [r if isinstance(r, str) else list(r) for r in references], metrics
     )
     return {name: float(features[:, j].mean()) for j, name in enumerate(metrics)}
+
+
+def retrieval_chance(ks: Sequence[int], n_texts: int, n_images: int) -> dict[str, float]:
+    """Recall@k of a model that ranks at random: k over the gallery size (texts for image-to-text, distinct
+    images for text-to-image), the floor beside which a retrieval figure means something."""
+    if n_texts < 1 or n_images < 1:
+        raise ValueError(f"galleries must be non-empty, got {n_texts} texts and {n_images} images")
+    return {
+        **{f"i2t_recall@{k}": min(1.0, k / n_texts) for k in ks},
+        **{f"t2i_recall@{k}": min(1.0, k / n_images) for k in ks},
+    }
+
+
+def zero_shot_chance(n_classes: int) -> float:
+    """Accuracy of a zero-shot classifier that guesses: one over the number of classes."""
+    if n_classes < 1:
+        raise ValueError(f"need at least one class, got {n_classes}")
+    return 1.0 / n_classes
+
+
+def caption_chance(references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """The caption metrics of a captioner that ignores its image: each held-out record captioned with the first
+    reference of the next record (in the given order, cyclically), scored like a model's captions. Needs two
+    records or more."""
+    if len(references) < 2:
+        raise ValueError("caption_chance needs at least two records")
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    return caption_utility([refs[(i + 1) % len(refs)][0] for i in range(len(refs))], refs)
