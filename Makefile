@@ -39,9 +39,12 @@ test: venv
 dev: venv
 	DAGSTER_HOME=$$($(VENV)/bin/m4i home) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# Serves the Dagster UI on 127.0.0.1 and saves a headless-Chromium screenshot of the asset graph to
-# $(M4I_HOME)/ui/asset_graph.png (needs Debian's chromium package: apt-get install chromium).
+# Serves the Dagster UI on 127.0.0.1 and saves what a person looks at, checked, under $(M4I_HOME)/ui/: the
+# expanded asset graph, the target's attack_metrics materialization and its ROC plot (after `make demo`).
+# Installs Debian's chromium when missing (as root; otherwise it says how).
 ui-check: venv
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q chromium; } \
+		|| { echo "make ui-check needs Chromium: run 'apt-get install chromium' as root"; exit 1; }
 	$(VENV)/bin/m4i ui-check
 
 bench: venv

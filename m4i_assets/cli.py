@@ -247,21 +247,63 @@ def dagster_webserver(home: Path, port: int | None = None, timeout: float = 120)
         proc.wait(timeout=30)
 
 
-def ui_check(home: Path) -> Path:
-    """Screenshot the asset graph in headless Chromium (Debian's `chromium` package); return the PNG."""
-    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+"""Headless Chromium on a machine with no network: without the background-networking flags it keeps dialling out."""
+
+
+def ui_check(home: Path) -> list[Path]:
+    """What a person sees in the Dagster UI, as PNGs under `home/ui/`, each checked to show what it should: the
+    whole asset graph with every group expanded (Dagster's "Join the community" dialog dismissed), the latest
+    target's `attack_metrics` materialization with its metrics table, and its log-log ROC plot. Drives Debian's
+    Chromium with Playwright; needs a home where an audit has run (`make demo`)."""
+    import duckdb
+    from playwright.sync_api import sync_playwright
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
     if browser is None:
-        raise SystemExit("m4i ui-check needs Chromium: apt-get install chromium")
-    out = home / "ui" / "asset_graph.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
-    with dagster_webserver(home) as url:
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={out}",
-                        f"{url}/asset-groups"], check=True, capture_output=True, timeout=180)  # fmt: skip
-    if not out.is_file() or out.stat().st_size < 10_000:
-        raise SystemExit(f"no usable screenshot at {out}")
-    return out
+        raise SystemExit("m4i ui-check needs Chromium: `apt-get install chromium` as root (`make ui-check` does it)")
+    warehouse = home / "warehouse.duckdb"
+    target = None
+    if warehouse.is_file():
+        with duckdb.connect(str(warehouse), read_only=True) as conn:
+            row = conn.sql("SELECT model_version FROM models WHERE role = 'target' ORDER BY created_at DESC LIMIT 1")
+            target = (row.fetchone() or [None])[0]
+    if target is None:
+        raise SystemExit(f"no audited target in {home}: run `make demo` first")
+    out = home / "ui"
+    out.mkdir(parents=True, exist_ok=True)
+    shots = [out / "asset_graph.png", out / "attack_metrics.png", out / "roc_plot.png"]
+    with dagster_webserver(home) as url, sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser, args=CHROMIUM_FLAGS)
+        page = chromium.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{url}/asset-groups", wait_until="networkidle")
+        skip = page.get_by_role("button", name="Skip")
+        try:  # the community dialog shows until someone dismisses it on this instance
+            skip.click(timeout=5000)
+        except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no dialog this time
+            pass
+        page.mouse.click(1000, 700, button="right")  # the graph's context menu
+        page.get_by_role("menuitem", name="Expand all groups").click()
+        page.wait_for_timeout(2000)
+        if page.get_by_text("Join the Dagster community").count() or not page.get_by_text("attack_metrics").count():
+            raise SystemExit("the asset graph did not show expanded: the dialog is still up or no asset is visible")
+        page.screenshot(path=shots[0])
+        page.goto(f"{url}/assets/attack_metrics?view=events", wait_until="networkidle")
+        page.get_by_text(target).first.click()
+        page.wait_for_timeout(1000)
+        if not page.get_by_text("TPR@1%FPR").count():
+            raise SystemExit(f"attack_metrics of {target} shows no metrics table")
+        page.screenshot(path=shots[1], full_page=True)
+        page.get_by_text("[Show Markdown]").first.click()
+        plot = page.locator("[role=dialog] img")
+        plot.first.wait_for(timeout=10000)
+        if not plot.first.get_attribute("src").startswith("data:image/png"):
+            raise SystemExit(f"attack_metrics of {target} shows no ROC plot")
+        page.screenshot(path=shots[2])
+        chromium.close()
+    return shots
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         demo(list(PLANS) if args.family == "all" else [args.family], defenses=args.defenses)
     elif args.command == "ui-check":
-        print(f"m4i ui-check: asset graph saved to {ui_check(m4i_home())}")
+        print("m4i ui-check: saved " + ", ".join(str(p) for p in ui_check(m4i_home())))
     elif args.command == "home":
         print(prepare_dagster_home(m4i_home()))
     else:
