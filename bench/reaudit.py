@@ -30,8 +30,7 @@ TABLES = ("membership_scores", "attack_metrics", "pseudo_labels", "embeddings", 
 
 
 def counts(storage: Storage) -> dict[str, int]:
-    with storage.connect() as conn:
-        storage.refresh_views(conn)
+    with storage.reader() as conn:
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 

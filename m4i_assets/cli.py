@@ -127,10 +127,8 @@ def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
     """The headline table (one row per model version and attack) and, for captioners, the M^4I scenarios."""
-    with storage.connect() as conn:
-        storage.refresh_views(conn)  # a warehouse nothing has written to yet still answers, empty
-        frame = warehouse.query(conn, warehouse.sql_file("queries/metrics_by_attack.sql"))
-        scenarios = warehouse.query(conn, warehouse.sql_file("queries/m4i_scenarios.sql"))
+    frame = storage.read(warehouse.sql_file("queries/metrics_by_attack.sql"))  # an empty warehouse answers, empty
+    scenarios = storage.read(warehouse.sql_file("queries/m4i_scenarios.sql"))
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
         scenarios = scenarios.filter(scenarios["model_version"].is_in(versions))
@@ -177,6 +175,7 @@ def demo(families: list[str], defenses: bool = False) -> None:
     print(f"m4i demo: audit {settings.audit!r} of {' and '.join(families)} models, everything under {home}", flush=True)
     logs = home / "logs"
     storage = Storage(home=str(home))
+    storage.warehouse.publish_catalog()  # SQL users may open it read-only from now on, while the demo writes
     shards = shard_partition_keys(audit_sources(settings, storage))
     _run_phase(
         "sources, shard by shard",
@@ -184,7 +183,7 @@ def demo(families: list[str], defenses: bool = False) -> None:
     )
     models = DATA + [a for f in families for a in PLANS[f].models] + [PLANS[f].defended for f in families if defenses]
     _run_phase("records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
-    # One run per model version, two at a time: their warehouse writes queue on the file lock.
+    # One run per model version, two at a time: each writes its own partitions' files.
     _run_phase(
         "per-version signals of the reference and shadow models",
         [partial(_materialize, PLANS[f].helpers, env, logs / f"{v}.log", v)
@@ -209,8 +208,7 @@ def demo(families: list[str], defenses: bool = False) -> None:
         print(f"\n{rows['model_role'][0]} {version}:")
         print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
     if defenses:
-        with storage.connect() as conn:
-            table = warehouse.query(conn, warehouse.sql_file("queries/defense_evaluations.sql"))
+        table = storage.read(warehouse.sql_file("queries/defense_evaluations.sql"))
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):
             print(f"\nDefenses (sql/queries/defense_evaluations.sql; every attack in defense_evaluations):\n{table}")
     print(

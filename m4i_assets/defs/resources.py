@@ -16,7 +16,7 @@ import polars as pl
 from dagster import ConfigurableResource, InitResourceContext
 
 from m4i_assets.models.checkpoints import model_version_for
-from m4i_assets.storage import warehouse
+from m4i_assets.storage.warehouse import Warehouse, file_lock
 
 # Per-(model version, record) signals stored as Parquet and exposed as warehouse views of these names.
 SIGNALS = ("embeddings", "augmentation_deltas", "generated_captions", "caption_metrics", "m4i_scenario_scores")
@@ -45,15 +45,23 @@ class Storage(ConfigurableResource):
     def signal_dir(self, signal: str) -> Path:
         return self.root / "signals" / signal
 
+    @property
+    def warehouse(self) -> Warehouse:
+        """The Parquet lake and its SQL entry point (see `storage.warehouse`)."""
+        return Warehouse(self.root, SIGNALS)
+
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A serialised warehouse connection (see `storage.warehouse`); open it after the compute."""
-        with warehouse.connect(self.database, read_only=read_only) as conn:
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB with every table and view of the warehouse; it locks nothing."""
+        with self.warehouse.reader() as conn:
             yield conn
 
     def read(self, sql: str, params: list | None = None) -> pl.DataFrame:
-        with self.connect() as conn:
-            return warehouse.query(conn, sql, params)
+        return self.warehouse.read(sql, params)
+
+    def write(self, table: str, frame: pl.DataFrame, **key: Any) -> int:
+        """Replace the partition of `table` whose columns equal `key` (e.g. model_version=...) with `frame`."""
+        return self.warehouse.write(table, frame, **key)
 
     def attack_model_path(self, model_version: str, filename: str) -> Path:
         """Where a trained attack model of a model version is kept (e.g. `wsa.safetensors`)."""
@@ -87,8 +95,7 @@ class Storage(ConfigurableResource):
         frame = pl.DataFrame(
             [{**row, "model_version": version, "sha256": sha256, "checkpoint_uri": str(final / weights)}]
         )
-        with self.connect() as conn:
-            warehouse.replace_rows(conn, "models", frame, model_version=version)
+        self.write("models", frame, model_version=version)
         return version
 
     def register_release(self, base: dict[str, Any], defense: str, strength: float, facts: dict[str, Any]) -> str:
@@ -101,12 +108,8 @@ class Storage(ConfigurableResource):
                                     "train_dataset")}  # fmt: skip
         row |= {"model_version": version, "role": "defended", "defense": defense, "defense_strength": strength,
                 "base_version": base["model_version"], "defense_facts": json.dumps(facts)}  # fmt: skip
-        with self.connect() as conn:
-            warehouse.replace_rows(conn, "models", pl.DataFrame([row]), model_version=version)
+        self.write("models", pl.DataFrame([row]), model_version=version)
         return version
-
-    def refresh_views(self, conn: duckdb.DuckDBPyConnection) -> None:
-        warehouse.refresh_views(conn, {name: self.signal_dir(name) for name in SIGNALS})
 
     def model_info(self, model_version: str) -> dict[str, Any]:
         """The `models` row of a version; a clear error when it was never registered."""
@@ -252,13 +255,13 @@ class Tracking(ConfigurableResource):
 
     def log_artifacts(self, run_id: str, artifacts: dict[str, bytes]) -> None:
         """Add files (name -> bytes) to an existing MLflow run."""
-        with warehouse.file_lock(self._lock):
+        with file_lock(self._lock):
             client, _ = self._client_and_experiment()
             self._upload(client, run_id, artifacts)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
         """Add metrics and files to an existing MLflow run."""
-        with warehouse.file_lock(self._lock):
+        with file_lock(self._lock):
             client, _ = self._client_and_experiment()
             now_ms = int(time.time() * 1000)
             client.log_batch(run_id, metrics=_metrics(metrics, now_ms))
@@ -289,7 +292,7 @@ class Tracking(ConfigurableResource):
         """Create one finished MLflow run with params, metrics and artifacts; return its id."""
         from mlflow.entities import Param, RunTag
 
-        with warehouse.file_lock(self._lock):
+        with file_lock(self._lock):
             client, exp_id = self._client_and_experiment()
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id

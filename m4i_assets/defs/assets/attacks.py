@@ -14,7 +14,6 @@ from m4i_assets.defs.assets.signals import CANDIDATE_ROLES, augmentation_deltas,
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 SCORES_CHECK = "candidates_scored"
 
@@ -58,8 +57,7 @@ def write_scores(
         ),
         metadata={"scored": frame.height, "candidates": roles.height, "members": n_members},
     )
-    with storage.connect() as conn:
-        replace_rows(conn, "membership_scores", frame, model_version=model_version, attack=attack)
+    storage.write("membership_scores", frame, model_version=model_version, attack=attack)
     return MaterializeResult(
         asset_key=asset_key,
         check_results=[check],
@@ -133,8 +131,7 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
         "is_pseudo_member": labels.is_pseudo_member,
         "is_member": is_member,
     })  # fmt: skip
-    with storage.connect() as conn:
-        replace_rows(conn, "pseudo_labels", frame, model_version=version)
+    storage.write("pseudo_labels", frame, model_version=version)
     return MaterializeResult(metadata={
         "dagster/row_count": frame.height, "dagster/column_schema": schema_of(frame), "tau": labels.tau,
         "n_pseudo_members": int(labels.is_pseudo_member.sum()), "n_known_nonmembers": len(cs_known),

@@ -33,7 +33,6 @@ from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.metrics import report
 from m4i_assets.metrics.evaluation import evaluate_scores
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 MB_FILE, MFE_FILE, FB_FILE = "m4i_mb.joblib", "m4i_mfe.safetensors", "m4i_fb.joblib"
 
@@ -255,8 +254,7 @@ def m4i_scenarios(
         model_version=pl.lit(version), audit=pl.lit(info["audit"]), target_dataset=pl.lit(info["train_dataset"]),
         target_arch=pl.lit(info["arch"]), mlflow_run_id=pl.lit(run_id),
     )  # fmt: skip
-    with storage.connect() as conn:
-        replace_rows(conn, "m4i_scenarios", table, model_version=version)
+    storage.write("m4i_scenarios", table, model_version=version)
     return MaterializeResult(metadata={
         "dagster/row_count": table.height, "mlflow_run_id": run_id, "scenarios": MetadataValue.md(text),
         **{f"{r['attack']}_{r['scenario']}_success_rate": r["attack_success_rate"] for r in rows},

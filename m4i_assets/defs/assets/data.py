@@ -21,7 +21,6 @@ from m4i_assets.data.roles import assign_roles
 from m4i_assets.data.sources import SourceSpec, load_registry, partition_key, shard_partition_keys
 from m4i_assets.defs.resources import Storage
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import merge_shards, replace_rows
 
 
 def schema_of(frame) -> MetadataValue:
@@ -112,10 +111,9 @@ def ingestion_assets(sources: list[SourceSpec]) -> list[AssetsDefinition]:
         if missing:
             raise ValueError(f"shards not ingested yet (materialize source_shards for them first): {missing}")
         rows_in = sum(json.loads(shard_outputs(storage, k)[2].read_text())["rows_in"] for k in sum(keys.values(), []))
-        with storage.connect() as conn:
-            for name, shard_keys in keys.items():
-                merge_shards(conn, name, [shard_outputs(storage, k)[:2] for k in shard_keys])
-            storage.refresh_views(conn)
+        for name, shard_keys in keys.items():
+            storage.warehouse.merge_shards(name, [shard_outputs(storage, k)[:2] for k in shard_keys])
+        with storage.reader() as conn:
             names = [list(keys)]
             (n_records,) = conn.execute(
                 "SELECT count(*) FROM records WHERE list_contains(?, dataset)", names
@@ -169,8 +167,7 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
         other = pl.DataFrame({"record_id": ids_of(second.name), "role": "population", "is_member": False})
         roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
     roles = roles.with_columns(audit=pl.lit(settings.audit))
-    with storage.connect() as conn:
-        replace_rows(conn, "record_roles", roles, audit=settings.audit)
+    storage.write("record_roles", roles, audit=settings.audit)
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
     spec = settings.role_spec()
     expected = {"member": spec.n_members, "nonmember": spec.n_nonmembers, "known_nonmember": spec.n_known_nonmembers}

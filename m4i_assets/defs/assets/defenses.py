@@ -29,7 +29,6 @@ from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.metrics import privacy_utility as pu
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 FAMILIES = ("clip", "captioner")
 
@@ -167,8 +166,7 @@ def model_utility(
         values = captioner_utility(storage, info, held)
     frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
                           "n_records": held.height, "audit": info["audit"]})  # fmt: skip
-    with storage.connect() as conn:
-        replace_rows(conn, "model_utility", frame, model_version=version)
+    storage.write("model_utility", frame, model_version=version)
     bounded = {k: v for k, v in values.items() if k != "cider"}
     passed = all(np.isfinite(list(values.values()))) and all(0 <= v <= 1 for v in bounded.values())
     return MaterializeResult(
@@ -232,8 +230,7 @@ def defense_evaluations(
         tags={"audit": settings.audit, "kind": "defense_evaluations", "dagster_run_id": context.run_id},
         artifacts=artifacts,
     )  # fmt: skip
-    with storage.connect() as conn:
-        replace_rows(conn, "defense_evaluations", table, audit=settings.audit)
+    storage.write("defense_evaluations", table, audit=settings.audit)
     return MaterializeResult(
         metadata={"dagster/row_count": table.height, "mlflow_run_id": run_id, **metadata,
                   "not_yet_evaluated": MetadataValue.json(missing)},

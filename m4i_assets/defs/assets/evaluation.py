@@ -22,7 +22,6 @@ from m4i_assets.defs.resources import Storage, Tracking
 from m4i_assets.metrics import report
 from m4i_assets.metrics.evaluation import evaluate_scores, roc_plot_png, row_problems
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 
 def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict]) -> float:
@@ -111,9 +110,7 @@ def attack_metrics(
         mlflow_run_id=pl.lit(run_id),
         n_bootstrap=pl.lit(settings.n_bootstrap),
     )
-    with storage.connect() as conn:
-        replace_rows(conn, "attack_metrics", table, model_version=version)
-        storage.refresh_views(conn)
+    storage.write("attack_metrics", table, model_version=version)
     gap = sklearn_disagreement(curves, rows)
     return MaterializeResult(
         check_results=[

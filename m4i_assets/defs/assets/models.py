@@ -30,7 +30,6 @@ from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage
 from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
 from m4i_assets.settings import AuditSettings
-from m4i_assets.storage.warehouse import replace_rows
 
 
 def register_checkpoint(
@@ -149,9 +148,7 @@ def train_and_register(
         if job.shadow_nonmembers is not None:
             known = pl.concat([job.train.select("record_id").with_columns(is_member=True),
                                job.shadow_nonmembers.select("record_id").with_columns(is_member=False)])  # fmt: skip
-            with storage.connect() as conn:
-                replace_rows(conn, "shadow_records", known.with_columns(model_version=pl.lit(result["model_version"])),
-                             model_version=result["model_version"])  # fmt: skip
+            storage.write("shadow_records", known, model_version=result["model_version"])
     return [{**r, "role": job.role, "arch": job.spec.arch, "n_train": job.train.height}
             for r, job in zip(results, jobs)]  # fmt: skip
 

@@ -94,16 +94,8 @@ def embeddings(
 
 
 def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.DataFrame) -> Path:
-    """Write one model version's signal as Parquet (atomically) and refresh the warehouse views."""
-    out = storage.signal_dir(signal)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / f"{model_version}.parquet"
-    tmp = out / f".{model_version}.parquet.tmp"
-    frame.write_parquet(tmp)
-    tmp.replace(final)  # readers never see half a file
-    with storage.connect() as conn:
-        storage.refresh_views(conn)
-    return final
+    """Write one model version's signal as Parquet, replacing its file atomically (`signals/<signal>/`)."""
+    return storage.warehouse.write_signal(signal, model_version, frame)
 
 
 def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFrame:
