@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 M4I_HOME ?= $(CURDIR)/.m4i
 export M4I_HOME
 
-.PHONY: venv demo demo-captioning demo-defenses test dev report ui-check bench clean
+.PHONY: venv services demo demo-captioning demo-defenses test dev report ui-check bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,7 +33,15 @@ demo-defenses: venv
 report: venv
 	$(VENV)/bin/m4i report
 
-test: venv
+# tests/test_distributed.py starts its own redis-server and PostgreSQL on 127.0.0.1: Debian's packages,
+# installed here when missing (as root).
+services:
+	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs redis-server and postgresql (apt-get install, as root)"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql; \
+	fi
+
+test: venv services
 	$(VENV)/bin/pytest -q
 
 dev: venv

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CLIP_ATTACKS = {"csa", "aea", "wsa", "ref_calibrated", "blind_baseline"}
 
 
 def run_demo(home: Path, *args: str) -> str:
@@ -17,6 +19,26 @@ def run_demo(home: Path, *args: str) -> str:
                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A tiny `m4i demo` (the CLIP audit) in a fresh home: (home, stdout). A read-only session is held open on the
+    warehouse all through the demo, as a SQL user's `duckdb -readonly` would be: the demo must not fail, and the
+    session sees its rows. test_end_to_end.py checks it table by table, test_distributed.py reruns its audit."""
+    from m4i_assets.defs.resources import Storage
+
+    home = tmp_path_factory.mktemp("m4i_home")
+    Storage(home=str(home)).warehouse.publish_catalog()
+    session = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        assert session.execute("SELECT count(*) FROM membership_scores").fetchone() == (0,)
+        stdout = run_demo(home)
+        attacks = session.execute("SELECT count(DISTINCT attack) FROM membership_scores").fetchone()
+        assert attacks == (len(CLIP_ATTACKS),)
+    finally:
+        session.close()
+    return home, stdout
 
 
 def read_only(home: Path):

@@ -8,36 +8,16 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import defend_in_process, read_only, run_demo
+from conftest import CLIP_ATTACKS as ATTACKS
+from conftest import defend_in_process, read_only
 from sklearn.metrics import roc_auc_score, roc_curve
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    """The demo's home, and its stdout. A read-only session is held open on the warehouse all through the
-    demo, as a SQL user's `duckdb -readonly` would be: the demo must not fail, and the session sees its rows."""
-    from m4i_assets.defs.resources import Storage
-
-    home = tmp_path_factory.mktemp("m4i_home")
-    Storage(home=str(home)).warehouse.publish_catalog()
-    session = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-    try:
-        assert session.execute("SELECT count(*) FROM membership_scores").fetchone() == (0,)
-        stdout = run_demo(home)
-        assert session.execute("SELECT count(DISTINCT attack) FROM membership_scores").fetchone() == (len(ATTACKS),)
-    finally:
-        session.close()
-    return home, stdout
-
-
 @pytest.fixture()
 def db(demo_home):
     yield from read_only(demo_home[0])
-
-
-ATTACKS = {"csa", "aea", "wsa", "ref_calibrated", "blind_baseline"}
 
 
 def test_demo_prints_the_headline_table_and_verdicts(demo_home):

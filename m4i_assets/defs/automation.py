@@ -61,6 +61,7 @@ audit_jobs = {
         selection=AssetSelection.assets(*keys),
         partitions_def=model_versions,
         description=f"The full audit of one {family} model version (its partition).",
+        tags={"m4i/stage": "audit"},  # the instance's run queue limits concurrent audits by this tag
     )
     for family, keys in AUDIT_ASSETS.items()
 }

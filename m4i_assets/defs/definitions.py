@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from dagster import Definitions, multi_or_in_process_executor
+from dagster import Definitions, ExecutorDefinition, multi_or_in_process_executor
 
 from m4i_assets.defs.assets import attacks, captioning, data, defenses, evaluation, models, signals
 from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
@@ -12,6 +13,7 @@ from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
 MAX_CONCURRENT_STEPS = 2
+REPO = Path(__file__).resolve().parents[2]
 # Everything but the ingestion assets, whose shard partitions depend on the audit's sources.
 AUDIT_GRAPH = [
     data.record_roles,
@@ -47,11 +49,27 @@ def build_assets(resources: dict) -> list:
     return [*data.ingestion_assets(data.audit_sources(resources["settings"], resources["storage"])), *AUDIT_GRAPH]
 
 
+def build_executor(name: str | None = None) -> ExecutorDefinition:
+    """The executor of every run, by `M4I_EXECUTOR`: unset, the multiprocess executor (or in process when a run's
+    config asks); `celery`, dagster-celery's, configured by `M4I_CELERY_CONFIG` (default `deploy/celery.yaml`,
+    whose broker and backend come from the environment): steps run on `dagster-celery worker` processes."""
+    name = name or os.environ.get("M4I_EXECUTOR", "multiprocess")
+    if name == "multiprocess":
+        return multi_or_in_process_executor
+    if name != "celery":
+        raise ValueError(f"M4I_EXECUTOR={name!r}: expected multiprocess or celery")
+    import yaml
+    from dagster_celery import celery_executor
+
+    path = Path(os.environ.get("M4I_CELERY_CONFIG", REPO / "deploy" / "celery.yaml"))
+    return celery_executor.configured(yaml.safe_load(path.read_text())["execution"]["config"], name="celery")
+
+
 def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
     """All assets with their resources, the per-family audit jobs, the watched-models sensor and the weekly
     re-audits. A run's steps run in parallel processes by default, or in process when its run config asks
-    (`execution: {config: {in_process: {}}}`, as the demo does for per-partition runs); warehouse writes
-    queue on a lock."""
+    (`execution: {config: {in_process: {}}}`, as the demo does for per-partition runs), or on Celery workers
+    (`build_executor`)."""
     resources = build_resources(home, settings)
     return Definitions(
         assets=build_assets(resources),
@@ -59,5 +77,5 @@ def build_definitions(home: Path | None = None, settings: AuditSettings | None =
         sensors=[watched_models_sensor],
         schedules=reaudit_schedules,
         resources=resources,
-        executor=multi_or_in_process_executor,
+        executor=build_executor(),
     )

@@ -184,6 +184,11 @@ class Storage(ConfigurableResource):
         return sorted(versions)
 
 
+# The op tag of steps that run torch models (training, embedding, captioning): under the Celery executor they
+# go to the `gpu` queue, served by one worker per device; every other step goes to the default queue.
+GPU_STEP = {"dagster-celery/queue": "gpu"}
+
+
 class Compute(ConfigurableResource):
     """Where torch runs. `device="auto"` takes CUDA (with AMP) when present, else the CPU. On the CPU,
     `torch_threads=0` shares the cores among the executor's concurrent steps: oversubscribed OpenMP

@@ -81,7 +81,7 @@ def generated_captions(
 
 
 @signal_asset("caption_metrics", [generated_captions], "finite_metrics",
-              "one row per captioned record, every configured metric finite")  # fmt: skip
+              "one row per captioned record, every configured metric finite", gpu=False)  # fmt: skip
 def caption_metrics(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
     """MB step 2 (M^4I section 3.2): caption metrics of each generated caption against all reference
     captions of its image (BLEU-1..4, ROUGE-1/2/L, CIDEr-D by default; METEOR when configured)."""

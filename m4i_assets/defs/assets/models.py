@@ -27,7 +27,7 @@ from m4i_assets.defenses.regularisation import recipe
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import Compute, Storage
+from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
 from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
 from m4i_assets.settings import AuditSettings
 
@@ -178,6 +178,7 @@ def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: st
     ],
     group_name="models",
     can_subset=True,
+    op_tags=GPU_STEP,
 )  # fmt: skip
 def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
     """The audit's CLIPs, trained in one step so that all of them share the cores (one
@@ -233,6 +234,7 @@ def materialize_plan(
     ],
     group_name="models",
     can_subset=True,
+    op_tags=GPU_STEP,
 )  # fmt: skip
 def captioner_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
     """The audit's captioners, trained in one step so that all of them share the cores."""

@@ -10,14 +10,15 @@ from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import model_checkpoint, release_of
 from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import Compute, Storage
+from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
 from m4i_assets.settings import AuditSettings
 
 
 # Records every attack scores or calibrates against; the population only trains models.
-def signal_asset(name: str, deps: list, check: str, check_description: str):
-    """`@asset` for one per-version signal (Parquet), with its blocking data check."""
+def signal_asset(name: str, deps: list, check: str, check_description: str, gpu: bool = True):
+    """`@asset` for one per-version signal (Parquet), with its blocking data check; `gpu`: it runs a model."""
     return asset(
+        op_tags=GPU_STEP if gpu else None,
         name=name,
         group_name="signals",
         partitions_def=model_versions,

@@ -1,0 +1,223 @@
+"""The platform beyond one machine, on loopback: the Dagster instance on Postgres (deploy/dagster.yaml), a Redis
+broker, two `dagster-celery worker` processes and the daemon's run queue. The tiny demo's target audit runs again
+through the Celery executor in a copy of the demo's lake; every table and signal of that version must equal the
+in-process run's, row for row, after one worker process is killed in the middle of the embeddings step and the
+step, put back on the queue, completes.
+
+Needs redis-server and PostgreSQL's server binaries (Debian's redis-server and postgresql; `make test` installs
+them when missing). As root, Postgres runs as the `postgres` user."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# What one version's audit writes, and the columns that name a run rather than its results.
+TABLES = ("membership_scores", "pseudo_labels", "attack_metrics", "model_utility", "embeddings", "augmentation_deltas")
+RUN_COLUMNS = {"computed_at", "mlflow_run_id"}
+KILLED_STEP = "embeddings"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, ready, timeout: float = 120, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        if value := ready():
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+@contextmanager
+def process(
+    cmd: list[str], log: Path, env: dict | None = None, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen]:
+    """A service in its own process group, stopped (`stop`, then SIGKILL) with everything it started."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for sig, grace in ((stop, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextmanager
+def postgres(stack: ExitStack, logs: Path) -> Iterator[int]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with a `dagster` database; its port."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    assert bins, "PostgreSQL's server is not installed (apt-get install postgresql; `make test` does it)"
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="m4i-pg-"))
+    as_pg = []
+    if os.geteuid() == 0:  # initdb refuses root
+        shutil.chown(root, "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    try:
+        subprocess.run([*as_pg, bindir / "initdb", "-D", root / "db", "-U", "m4i", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True)  # fmt: skip
+        port = free_port()
+        cmd = [*as_pg, str(bindir / "postgres"), "-D", str(root / "db"), "-h", "127.0.0.1", "-p", str(port),
+               "-k", str(root)]  # fmt: skip
+        server = stack.enter_context(process(cmd, logs / "postgres.log", stop=signal.SIGINT))  # fast shutdown
+        ready = [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "m4i"]
+        wait_for("postgres", lambda: subprocess.run(ready, capture_output=True).returncode == 0, proc=server)
+        subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "m4i", "dagster"], check=True)
+        yield port
+    finally:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+
+
+def snapshot(home: Path, version: str) -> dict[str, pl.DataFrame]:
+    """What the audit wrote for `version`, without the columns that name a run, in a stable row order."""
+    from m4i_assets.defs.resources import Storage
+
+    storage = Storage(home=str(home))
+    frames = {}
+    for table in TABLES:
+        frame = storage.read(f"SELECT * FROM {table} WHERE model_version = ?", [version])
+        frame = frame.drop([c for c in frame.columns if c in RUN_COLUMNS])
+        frames[table] = frame.sort([c for c in frame.columns if frame[c].dtype == pl.String])
+    return frames
+
+
+def active_step_tasks(app) -> list[tuple[str, int, list[str]]]:
+    """(worker, pool process id, step keys) of each step a Celery worker is executing now."""
+    found = []
+    for worker, tasks in (app.control.inspect(timeout=1.0).active() or {}).items():
+        for task in tasks:
+            packed = (task.get("kwargs") or {}).get("execute_step_args_packed") or (task.get("args") or [{}])[0]
+            found.append((worker, task["worker_pid"], list(packed.get("step_keys_to_execute") or [])))
+    return found
+
+
+@pytest.mark.timeout(1200)
+def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_path):
+    from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster_celery.make_app import make_app
+
+    from m4i_assets.defs.resources import Storage
+
+    demo, _ = demo_home
+    storage = Storage(home=str(demo))
+    [target] = storage.read("SELECT model_version FROM models WHERE role = 'target'")["model_version"].to_list()
+    expected = snapshot(demo, target)
+    assert expected["membership_scores"].height > 0
+    # The in-process run of that audit in the demo (one run for the target's partition), for its wall time.
+    os.environ["DAGSTER_HOME"] = str(demo / "dagster")
+    try:
+        with DagsterInstance.get() as instance:
+            [record] = instance.get_run_records(RunsFilter(tags={"dagster/partition": target}))
+            in_process_s = record.end_time - record.start_time
+    finally:
+        del os.environ["DAGSTER_HOME"]
+
+    # A second home on the same models and records: the lake and signals copied, the checkpoints shared.
+    home = tmp_path / "cluster_home"
+    for folder in ("lake", "signals"):
+        shutil.copytree(demo / folder, home / folder)
+    (home / "dagster").mkdir(parents=True)
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    with ExitStack() as stack:
+        pg_port = stack.enter_context(postgres(stack, logs))
+        redis_port = free_port()
+        redis = stack.enter_context(process(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+            logs / "redis.log"))  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               "M4I_HOME": str(home), "M4I_PROFILE": "tiny", "DAGSTER_HOME": str(home / "dagster"),
+               "M4I_EXECUTOR": "celery", "M4I_PG_HOST": "127.0.0.1", "M4I_PG_PORT": str(pg_port), "M4I_PG_USER": "m4i",
+               "M4I_PG_PASSWORD": "m4i", "M4I_PG_DB": "dagster",
+               "M4I_CELERY_BROKER": f"redis://127.0.0.1:{redis_port}/0",
+               "M4I_CELERY_BACKEND": f"redis://127.0.0.1:{redis_port}/1"}  # fmt: skip
+        app = make_app({"broker": env["M4I_CELERY_BROKER"], "backend": env["M4I_CELERY_BACKEND"]})
+        wait_for("redis", lambda: app.control.ping(timeout=0.2) is not None, proc=redis)
+        subprocess.run([BIN / "dagster", "instance", "migrate"], env=env, check=True, capture_output=True)
+        # One pool process each, on both queues (this machine has no GPU). One -q with a list: Celery keeps only
+        # the last of several.
+        for name in ("w1", "w2"):
+            stack.enter_context(process(
+                [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
+                 "-y", str(REPO / "deploy" / "celery.yaml"), "-n", name, "-q", "dagster,gpu",
+                 "--", "--concurrency", "1", "--loglevel", "INFO"],
+                logs / f"worker_{name}.log", env))  # fmt: skip
+        wait_for("two workers", lambda: len(app.control.ping(timeout=1.0) or []) == 2, timeout=180)
+        daemon = stack.enter_context(
+            process([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], logs / "daemon.log", env)
+        )
+        os.environ.update({k: v for k, v in env.items() if k.startswith("M4I_PG_")})
+        os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+        stack.callback(lambda: [os.environ.pop(k, None) for k in ("DAGSTER_HOME", *(k for k in env if "_PG_" in k))])
+        instance = stack.enter_context(DagsterInstance.get())
+        instance.add_dynamic_partitions("model_versions", [target])
+
+        launch = subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "clip_audit",
+             "--tags", json.dumps({"dagster/partition": target})],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-2000:]
+        [run] = instance.get_runs(RunsFilter(tags={"dagster/partition": target}))
+
+        # Kill the pool process of whichever worker executes the embeddings step, mid-step.
+        def embedding_task():
+            return next(((w, pid) for w, pid, steps in active_step_tasks(app) if KILLED_STEP in steps), None)
+
+        worker, pid = wait_for(f"{KILLED_STEP} on a worker", embedding_task, timeout=600, proc=daemon)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+
+        def finished():
+            status = instance.get_run_by_id(run.run_id).status
+            return status if status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE) else None
+
+        status = wait_for("the Celery run", finished, timeout=900, proc=daemon)
+        record = instance.get_run_record_by_id(run.run_id)
+        starts = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+                  if e.step_key == KILLED_STEP]  # fmt: skip
+        successes = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+                     if e.step_key == KILLED_STEP]  # fmt: skip
+        tags = instance.get_run_by_id(run.run_id).tags
+        queued = tags.get("m4i/stage")
+        celery_s = record.end_time - record.start_time
+        print(f"\nclip audit of {target}: in process {in_process_s:.0f}s, on 2 Celery workers {celery_s:.0f}s "
+              f"(one killed in {KILLED_STEP} on {worker})")  # fmt: skip
+
+    assert status == DagsterRunStatus.SUCCESS, (logs / "daemon.log").read_text()[-3000:]
+    assert queued == "audit"  # through the queue's tag limit
+    assert len(starts) == 2 and len(successes) == 1  # the killed step ran again, and completed
+    actual = snapshot(home, target)
+    for table in TABLES:
+        assert_frame_equal(actual[table], expected[table], check_exact=False), table
