@@ -71,6 +71,20 @@ def process(
                 continue
 
 
+def stop_leftovers(marker: str) -> None:
+    """Kill the processes that carry `marker` (`NAME=value`) in their environment: what a service started in a
+    session of its own (the daemon's code server, a run worker) and left when the test failed mid-run."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            found = marker.encode() in (proc / "environ").read_bytes().split(b"\0")
+            if found:
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone, or not ours to read
+            continue
+
+
 @contextmanager
 def postgres(stack: ExitStack, logs: Path) -> Iterator[int]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with a `dagster` database; its port."""
@@ -151,6 +165,7 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
     logs.mkdir()
 
     with ExitStack() as stack:
+        stack.callback(stop_leftovers, f"DAGSTER_HOME={home / 'dagster'}")  # last, after each service's own stop
         pg_port = stack.enter_context(postgres(stack, logs))
         redis_port = free_port()
         redis = stack.enter_context(process(
