@@ -136,6 +136,8 @@ CREATE TABLE IF NOT EXISTS model_utility (      -- what a model version is good 
     model_version VARCHAR NOT NULL,
     metric        VARCHAR NOT NULL,        -- i2t_recall@k, t2i_recall@k, zero_shot_accuracy; bleu4, rougeL, cider
     value         DOUBLE NOT NULL,
+    chance        DOUBLE,                  -- the same metric by chance: recall@k k/n, zero-shot 1/classes,
+                                           -- captions: another held-out image's reference caption
     n_records     INTEGER NOT NULL,        -- the held-out records (the audit's non-members)
     audit         VARCHAR NOT NULL,
     computed_at   TIMESTAMP DEFAULT current_timestamp,
@@ -159,6 +161,12 @@ CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each 
     utility_metric           VARCHAR NOT NULL,
     utility                  DOUBLE,
     utility_relative         DOUBLE,              -- utility / the undefended target's
+    utility_chance           DOUBLE,              -- the utility metric by chance (model_utility.chance)
+    utility_relative_regularised DOUBLE,          -- utility / the best-utility augmentation-defended version's
+    attacker                 VARCHAR NOT NULL DEFAULT 'naive', -- naive | adaptive (knows the defense)
+    epsilon_is_guarantee     BOOLEAN,             -- whether `epsilon` is a DP guarantee (not for CLIP's InfoNCE)
+    epsilon_lb               DOUBLE,              -- empirical lower bound from the strongest attack (Clopper-Pearson)
+    epsilon_lb_attack        VARCHAR,             -- the attack that gives it, picked on a held-out half
     model_version            VARCHAR NOT NULL,
     mlflow_run_id            VARCHAR,             -- the version's audit run
     computed_at              TIMESTAMP DEFAULT current_timestamp,

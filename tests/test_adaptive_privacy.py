@@ -129,3 +129,12 @@ def test_k_query_averaging_recovers_the_undefended_auc_against_keyed_noise():
     # the same query twice gets the same noise: repeating it gains nothing
     same = average_releases([release(ids, "image")] * 16)
     assert np.allclose(same, release(ids, "image"), atol=1e-6)
+
+
+def test_empirical_epsilon_picks_the_strongest_attack_on_the_selection_half():
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(2000, bool), np.zeros(2000, bool)]
+    scores = {"noise": rng.standard_normal(4000), "leaky": rng.standard_normal(4000) + 2.5 * labels}
+    bound = empirical_epsilon(labels, scores, delta=1e-5)
+    assert bound.attack == "leaky" and 0 < bound.epsilon_lb < gaussian_epsilon(2.5, 1e-5)
+    assert empirical_epsilon(labels, scores["leaky"], delta=1e-5).attack is None

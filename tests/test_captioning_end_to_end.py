@@ -129,6 +129,10 @@ def test_defended_captioners_are_audited_and_set_against_utility(demo_home):
             m for (m,) in db.execute("SELECT metric FROM model_utility WHERE model_version = ?", [target]).fetchall()
         }
         assert metrics == {"bleu4", "rougeL", "cider"}
+        judged = db.execute("SELECT DISTINCT defense, epsilon_is_guarantee, epsilon_lb, utility_chance "
+                            "FROM defense_evaluations ORDER BY defense").fetchall()  # fmt: skip
+        assert [(r[0], r[1]) for r in judged] == [("dp_sgd", True), ("none", None), ("sampled_decoding", None)]
+        assert all(r[2] is not None and r[2] >= 0 and r[3] is not None and r[3] >= 0 for r in judged)
     finally:
         db.close()
     (check,) = evaluation.get_asset_check_evaluations()

@@ -149,6 +149,14 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
             db.execute("SELECT metric, value FROM model_utility WHERE model_version = ?", [target]).fetchall()
         )
         assert {"i2t_recall@1", "t2i_recall@10", "zero_shot_accuracy"} <= set(utility)
+        n_held, chance = db.execute("SELECT n_records, chance FROM model_utility WHERE model_version = ? AND "
+                                    "metric = 'i2t_recall@5'", [target]).fetchone()  # fmt: skip
+        assert chance == pytest.approx(min(1, 5 / n_held))
+        judged = db.execute("SELECT DISTINCT defense, attacker, epsilon_is_guarantee, epsilon_lb, utility_chance "
+                            "FROM defense_evaluations ORDER BY defense").fetchall()  # fmt: skip
+        assert [(r[0], r[1], r[2]) for r in judged] == [
+            ("dp_sgd", "naive", False), ("embedding_noise", "naive", None), ("none", "naive", None)]  # fmt: skip
+        assert all(r[3] is not None and r[3] >= 0 and r[4] == chance for r in judged)
     finally:
         db.close()
     assert sorted(defended) == sorted(r[0] for r in rows)

@@ -51,8 +51,28 @@ def test_rows_points_and_best_defense():
     assert best_defense(rows)["model_version"] == "noise"
     assert best_defense(rows, max_relative_loss=0.6)["model_version"] == "dp2"
     assert best_defense(rows, max_relative_loss=0.0) is None
-    assert "| dp_sgd | 2 | 2 | csa | 0.050 |" in defense_markdown(rows)
+    assert "| dp_sgd | 2 | 2 |  | csa | naive | 0.050 |" in defense_markdown(rows)
     assert privacy_utility_png(rows, "clip").startswith(b"\x89PNG")
+
+
+def test_the_adaptive_attacker_is_the_privacy_read_and_clip_epsilons_are_marked():
+    models, metrics, utility = _tables()
+    facts = json.dumps({"dp": {"epsilon": 30.0, "epsilon_is_guarantee": False}})
+    models = models.with_columns(defense_facts=pl.when(pl.col("model_version") == "dp1").then(pl.lit(facts))
+                                 .otherwise(pl.col("defense_facts")))  # fmt: skip
+    twin = {"model_version": "noise+k8", "role": "defended", "defense": "embedding_noise", "defense_strength": 0.1,
+            "defense_facts": json.dumps({"attacker": "adaptive", "queries": 8})}  # fmt: skip
+    models = pl.concat([models, pl.DataFrame([twin])])
+    metrics = pl.concat([metrics, metrics.filter(pl.col("model_version") == "noise").with_columns(
+        model_version=pl.lit("noise+k8"), tpr_at_1pct_fpr=pl.col("tpr_at_1pct_fpr") * 2)])  # fmt: skip
+    utility = pl.concat([utility, pl.DataFrame({"model_version": ["noise+k8"], "metric": "i2t_recall@5",
+                                                "value": [0.78]})])  # fmt: skip
+    rows = defense_rows(models, metrics, utility, family="clip")
+    assert set(rows.filter(pl.col("defense") == "embedding_noise")["attacker"]) == {"naive", "adaptive"}
+    points = curve_points(rows).filter(pl.col("defense") == "embedding_noise")
+    assert points.height == 1 and points["attacker"][0] == "adaptive" and points["tpr_at_1pct_fpr"][0] == 0.5
+    table = defense_markdown(rows)
+    assert "| dp_sgd | 0.5 | 30 (not a guarantee) |" in table and "| dp_sgd | 2 | 2 |" in table
 
 
 def _points():

@@ -413,7 +413,8 @@ class PrivateTraining:
             "sample_rate": q, "expected_batch_size": self.optimizer.expected_batch_size, "steps": steps,
             "noise_only_steps": self.noise_only_steps, "largest_batch": self.largest_batch,
             **reported_epsilon(d.dp_noise_multiplier, q, steps, d.dp_delta),
-            "epsilon_covers": COVERAGE[self.coupled], "frozen_parameters": self.frozen,
+            "epsilon_covers": COVERAGE[self.coupled], "epsilon_is_guarantee": not self.coupled,
+            "frozen_parameters": self.frozen,
         }  # fmt: skip
         if self.coupled:
             out.update(epsilon_conservative=conservative_epsilon(d.dp_noise_multiplier, q, steps, self.batch_cap,

@@ -43,10 +43,12 @@ def epsilon_from_rates(fpr: float, fnr: float, delta: float) -> float:
 
 @dataclass(frozen=True)
 class EmpiricalEpsilon:
-    """An empirical epsilon lower bound and the test that gives it: the threshold (chosen on the selection half),
-    the measured TPR and FPR on the measurement half with their Clopper-Pearson intervals, and the half's size."""
+    """An empirical epsilon lower bound and the test that gives it: the attack and threshold (chosen on the
+    selection half), the measured TPR and FPR on the measurement half with their Clopper-Pearson intervals, and
+    the half's size."""
 
     epsilon_lb: float
+    attack: str | None
     delta: float
     confidence: float
     threshold: float
@@ -78,39 +80,56 @@ def _rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple
     return (int((predicted & labels).sum()), int(labels.sum()), int((predicted & ~labels).sum()), int((~labels).sum()))
 
 
+def _best_threshold(labels: np.ndarray, scores: np.ndarray, delta: float) -> tuple[float, float]:
+    """(epsilon from point estimates, threshold) of the threshold test that proves the most."""
+    best, threshold = -1.0, float(np.max(scores))
+    for t in np.unique(scores):
+        tp, n_pos, fp, n_neg = _rates_at(labels, scores, t)
+        eps = epsilon_from_rates(fp / n_neg, 1 - tp / n_pos, delta)
+        if eps > best and math.isfinite(eps):
+            best, threshold = eps, float(t)
+    return best, threshold
+
+
 def empirical_epsilon(
-    labels: np.ndarray, scores: np.ndarray, delta: float, confidence: float = 0.95, seed: int = 0
+    labels: np.ndarray,
+    scores: np.ndarray | dict[str, np.ndarray],
+    delta: float,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> EmpiricalEpsilon:
     """Lower bound on epsilon from membership scores (higher = member), per Jagielski et al. 2020 / Nasr et al. 2021.
 
-    The threshold maximises the bound on a seeded stratified half (point estimates); on the other half the
+    `scores` is one attack's array or a dict of several attacks' arrays over the same records. The attack and
+    its threshold maximise the bound on a seeded stratified half (point estimates); on the other half the
     bound is computed from the Clopper-Pearson upper limits of FPR and FNR, each at (1 + confidence) / 2 so
     that both hold together with probability `confidence`. Needs at least two members and two non-members."""
     labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=float)
-    if labels.shape != scores.shape or labels.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-d of one length, got {labels.shape} and {scores.shape}")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinity")
+    by_attack = {k: np.asarray(v, dtype=float) for k, v in scores.items()} if isinstance(scores, dict) else {
+        None: np.asarray(scores, dtype=float)}  # fmt: skip
+    if not by_attack:
+        raise ValueError("need at least one attack's scores")
+    for values in by_attack.values():
+        if labels.shape != values.shape or labels.ndim != 1:
+            raise ValueError(f"labels and scores must be 1-d of one length, got {labels.shape} and {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError("scores contain NaN or infinity")
     if labels.sum() < 2 or (~labels).sum() < 2:
         raise ValueError(f"need at least two members and two non-members, got {labels.sum()} and {(~labels).sum()}")
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     select, measure = stratified_halves(labels, seed)
-    candidates = np.unique(scores[select])
-    best, threshold = -1.0, float(candidates[-1])
-    for t in candidates:
-        tp, n_pos, fp, n_neg = _rates_at(labels[select], scores[select], t)
-        eps = epsilon_from_rates(fp / n_neg, 1 - tp / n_pos, delta)
-        if eps > best and math.isfinite(eps):
-            best, threshold = eps, float(t)
-    tp, n_pos, fp, n_neg = _rates_at(labels[measure], scores[measure], threshold)
+    picks = {a: _best_threshold(labels[select], v[select], delta) for a, v in by_attack.items()}
+    attack = max(picks, key=lambda a: picks[a][0])
+    threshold = picks[attack][1]
+    tp, n_pos, fp, n_neg = _rates_at(labels[measure], by_attack[attack][measure], threshold)
     # Each limit one-sided at (1 + confidence) / 2 (a union bound over the two), i.e. the two-sided interval at:
     level = 1 - 2 * (1 - (1 + confidence) / 2)
     tpr_low, tpr_high = clopper_pearson(tp, n_pos, level)
     fpr_low, fpr_high = clopper_pearson(fp, n_neg, level)
     return EmpiricalEpsilon(
         epsilon_lb=epsilon_from_rates(fpr_high, 1 - tpr_low, delta),
+        attack=attack,
         delta=delta,
         confidence=confidence,
         threshold=threshold,

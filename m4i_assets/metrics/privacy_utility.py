@@ -19,6 +19,8 @@ from m4i_assets.metrics.privacy import stratified_halves
 PRIMARY_UTILITY = {"clip": "i2t_recall@5", "captioner": "cider"}
 NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the data, not the defense
 UNDEFENDED = "none"
+NAIVE = "naive"  # the attacker who does not know the defense; `adaptive` knows it (defense_facts["attacker"])
+REGULARISED = "augmentation"  # the well-regularised reference: "within 10%" is not relative to an overfit target only
 
 
 def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFrame, family: str) -> pl.DataFrame:
@@ -34,9 +36,17 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
         strength=pl.col("defense_strength"),
         epsilon=pl.Series([f.get("dp", {}).get("epsilon") for f in facts], dtype=pl.Float64),
         epsilon_conservative=pl.Series([f.get("dp", {}).get("epsilon_conservative") for f in facts], dtype=pl.Float64),
+        epsilon_is_guarantee=pl.Series(
+            [f["dp"].get("epsilon_is_guarantee") if "dp" in f else None for f in facts], dtype=pl.Boolean
+        ),
+        attacker=pl.Series([f.get("attacker", NAIVE) for f in facts], dtype=pl.Utf8),
     )
-    value = utility.filter(pl.col("metric") == metric).select("model_version", utility=pl.col("value"))
+    value = utility.filter(pl.col("metric") == metric).select(
+        "model_version", utility=pl.col("value"),
+        utility_chance=pl.col("chance") if "chance" in utility.columns else pl.lit(None, dtype=pl.Float64),
+    )  # fmt: skip
     (reference,) = versions.filter(pl.col("defense") == UNDEFENDED).join(value, on="model_version")["utility"]
+    regularised = versions.filter(pl.col("defense") == REGULARISED).join(value, on="model_version")["utility"].max()
     return (
         versions.join(metrics.filter(~pl.col("attack").is_in(NOT_AN_ATTACK)), on="model_version")
         .join(value, on="model_version", how="left")
@@ -45,6 +55,8 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
             "strength",
             "epsilon",
             "epsilon_conservative",
+            "epsilon_is_guarantee",
+            "attacker",
             "attack",
             "auc",
             "auc_ci_low",
@@ -55,6 +67,10 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
             utility_metric=pl.lit(metric),
             utility="utility",
             utility_relative=pl.col("utility") / reference if reference else pl.lit(None, dtype=pl.Float64),
+            utility_chance="utility_chance",
+            utility_relative_regularised=(
+                pl.col("utility") / regularised if regularised else pl.lit(None, dtype=pl.Float64)
+            ),
             model_version="model_version",
             mlflow_run_id="mlflow_run_id",
         )  # fmt: skip
@@ -63,10 +79,12 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
 
 
 def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
-    """Per version: the strongest attack's TPR@1%FPR (and which), with its defense, strength and utility."""
+    """Per (defense, strength): the strongest attack's TPR@1%FPR (and which, and by which attacker), with its
+    utility. An adaptive attacker's version and the naive one's are one point, read at the stronger of the two:
+    the attacker who knows the defense may also ignore it, so the privacy read is the adaptive one."""
     return (
-        rows.sort("tpr_at_1pct_fpr", descending=True)
-        .group_by("model_version", maintain_order=True)
+        rows.sort("tpr_at_1pct_fpr", descending=True, nulls_last=True)
+        .group_by("defense", "strength", maintain_order=True)
         .first()
         .select(
             "defense",
@@ -75,7 +93,9 @@ def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
             "model_version",
             "utility",
             "utility_relative",
+            *[c for c in ("epsilon_is_guarantee", "utility_chance", "epsilon_lb") if c in rows.columns],
             worst_attack="attack",
+            attacker="attacker",
             tpr_at_1pct_fpr="tpr_at_1pct_fpr",
             auc="auc",
         )  # fmt: skip
@@ -124,16 +144,36 @@ def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
     return buf.getvalue()
 
 
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def defense_markdown(rows: pl.DataFrame) -> str:
-    """The curve points as a markdown table (worst attack per version)."""
-    lines = ["| defense | strength | epsilon | worst attack | TPR@1%FPR | AUC | utility | relative |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The curve points as a markdown table: per (defense, strength) the worst attack and its attacker, the
+    accountant's epsilon (marked where it is no DP guarantee), the empirical lower bound, and the utility
+    beside its chance level."""
+    lines = ["| defense | strength | accountant epsilon | empirical epsilon (lower bound) | worst attack | attacker | "
+             "TPR@1%FPR | AUC | utility | chance | relative |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in curve_points(rows).iter_rows(named=True):
-        strength = "" if r["strength"] is None else f"{r['strength']:g}"
-        eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        rel = "" if r["utility_relative"] is None else f"{r['utility_relative']:.3f}"
-        lines.append(f"| {r['defense']} | {strength} | {eps} | {r['worst_attack']} | {r['tpr_at_1pct_fpr']:.3f} | "
-                     f"{r['auc']:.3f} | {r['utility']:.4f} | {rel} |")  # fmt: skip
+        eps = _fmt(r["epsilon"], ".3g")
+        if eps and r.get("epsilon_is_guarantee") is False:
+            eps += " (not a guarantee)"
+        lines.append(f"| {r['defense']} | {_fmt(r['strength'], 'g')} | {eps} | {_fmt(r.get('epsilon_lb'), '.3f')} | "
+                     f"{r['worst_attack']} | {r['attacker']} | {_fmt(r['tpr_at_1pct_fpr'], '.3f')} | "
+                     f"{_fmt(r['auc'], '.3f')} | {_fmt(r['utility'], '.4f')} | "
+                     f"{_fmt(r.get('utility_chance'), '.4f')} | {_fmt(r['utility_relative'], '.3f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def matched_utility_markdown(points: pl.DataFrame) -> str:
+    """`matched_utility` as a markdown table."""
+    lines = ["| defense | strength | utility | worst TPR@1%FPR | best other defense at this utility | its TPR | "
+             "most private here |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in matched_utility(points).iter_rows(named=True):
+        lines.append(f"| {r['defense']} | {_fmt(r['strength'], 'g')} | {_fmt(r['utility'], '.4f')} | "
+                     f"{_fmt(r['tpr_at_1pct_fpr'], '.3f')} | {r['frontier_defense'] or ''} | "
+                     f"{_fmt(r['frontier_tpr'], '.3f')} | {'yes' if r['on_frontier'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)
 
 

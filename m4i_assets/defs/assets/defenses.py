@@ -107,9 +107,11 @@ def defended_captioners(
     return defend(context, settings, storage, compute, "captioner", settings.captioner_defenses)
 
 
-def clip_utility(storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame) -> dict:
+def clip_utility(
+    storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame
+) -> tuple[dict, dict]:
     """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
-    released embeddings (prompts released like any text query)."""
+    released embeddings (prompts released like any text query), and each one's chance level."""
     import torch
 
     from m4i_assets.metrics import utility
@@ -119,6 +121,7 @@ def clip_utility(storage: Storage, settings: AuditSettings, compute: Compute, in
     emb = emb.sort("record_id")
     img, txt = np.stack(emb["image_embedding"].to_numpy()), np.stack(emb["text_embedding"].to_numpy())
     values = utility.retrieval_recall(img, txt, ks=(1, 5, 10))
+    chance = utility.retrieval_chance((1, 5, 10), n_texts=len(txt), n_images=len(img))
     query = "SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE list_contains(?, record_id)"
     meta = storage.read(query, [emb["record_id"].to_list()]).sort("record_id")
     classes, labels = utility.zero_shot_task(meta["metadata"].to_list())
@@ -132,16 +135,23 @@ def clip_utility(storage: Storage, settings: AuditSettings, compute: Compute, in
         text = release_of(info, settings.seed).embeddings(text, flat, "text")
         values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
                                                                   labels)  # fmt: skip
-    return values
+        chance["zero_shot_accuracy"] = utility.zero_shot_chance(len(classes))
+    return values, chance
 
 
-def captioner_utility(storage: Storage, info: dict, held: pl.DataFrame) -> dict:
+def captioner_utility(storage: Storage, info: dict, held: pl.DataFrame) -> tuple[dict, dict]:
     """BLEU-4, ROUGE-L and CIDEr of the version's (released) captions of held-out records, against all their
-    references (the per-record values `caption_metrics` computed, averaged)."""
+    references (the per-record values `caption_metrics` computed, averaged), and their chance levels: the
+    same metrics for captions that ignore the image (another held-out image's reference)."""
+    from m4i_assets.metrics import utility
+
     metrics = load_signal(storage, "caption_metrics", info["model_version"]).join(
         held.select("record_id"), on="record_id"
     )
-    return {name: float(metrics[name].mean()) for name in ("bleu4", "rougeL", "cider") if name in metrics.columns}
+    values = {name: float(metrics[name].mean()) for name in ("bleu4", "rougeL", "cider") if name in metrics.columns}
+    references = held.sort("record_id").group_by("image_uri", maintain_order=True).agg("caption")["caption"]
+    chance = utility.caption_chance(references.to_list()) if len(references) > 1 else {}
+    return values, {k: v for k, v in chance.items() if k in values}
 
 
 @asset(
@@ -161,18 +171,47 @@ def model_utility(
     info = storage.model_info(version)
     held = storage.audit_records(info["audit"], ("nonmember",))
     if info["family"] == "clip":
-        values = clip_utility(storage, settings, compute, info, held)
+        values, chance = clip_utility(storage, settings, compute, info, held)
     else:
-        values = captioner_utility(storage, info, held)
+        values, chance = captioner_utility(storage, info, held)
     frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
-                          "n_records": held.height, "audit": info["audit"]})  # fmt: skip
+                          "chance": [chance.get(m) for m in values], "n_records": held.height,
+                          "audit": info["audit"]}, schema_overrides={"chance": pl.Float64})  # fmt: skip
     storage.write("model_utility", frame, model_version=version)
     bounded = {k: v for k, v in values.items() if k != "cider"}
     passed = all(np.isfinite(list(values.values()))) and all(0 <= v <= 1 for v in bounded.values())
     return MaterializeResult(
-        metadata={"dagster/row_count": frame.height, "n_records": held.height, **values},
+        metadata={
+            "dagster/row_count": frame.height,
+            "n_records": held.height,
+            **values,
+            **{f"{k} (chance)": v for k, v in chance.items()},
+        },
         check_results=[AssetCheckResult(check_name="utility_in_range", passed=bool(passed), metadata=values)],
     )
+
+
+def empirical_epsilons(storage: Storage, versions: list[str], delta: float, seed: int) -> pl.DataFrame:
+    """Per version: the empirical epsilon lower bound at `delta` from its strongest attack (picked on a held-out
+    half of the candidates; Jagielski et al. 2020, Nasr et al. 2021), and that attack. Blind scores never count:
+    they do not query the model."""
+    from m4i_assets.metrics.privacy import empirical_epsilon
+
+    scores = storage.read(
+        """SELECT model_version, attack, record_id, score, is_member FROM membership_scores
+           WHERE list_contains(?, model_version) AND is_member IS NOT NULL AND NOT list_contains(?, attack)
+           ORDER BY model_version, attack, record_id""",
+        [versions, list(pu.NOT_AN_ATTACK)],
+    )
+    rows = []
+    for (version,), frame in scores.group_by(["model_version"], maintain_order=True):
+        wide = frame.pivot(on="attack", index=["record_id", "is_member"], values="score").drop_nulls()
+        attacks = [c for c in wide.columns if c not in ("record_id", "is_member")]
+        bound = empirical_epsilon(wide["is_member"].to_numpy(), {a: wide[a].to_numpy() for a in attacks}, delta,
+                                  seed=seed)  # fmt: skip
+        rows.append({"model_version": version, "epsilon_lb": bound.epsilon_lb, "epsilon_lb_attack": bound.attack})
+    return pl.DataFrame(rows, schema={"model_version": pl.Utf8, "epsilon_lb": pl.Float64,
+                                      "epsilon_lb_attack": pl.Utf8})  # fmt: skip
 
 
 @asset(
@@ -208,6 +247,8 @@ def defense_evaluations(
                                 f"model_utility first; audited so far: {sorted(done)}")  # fmt: skip
             continue
         rows = pu.defense_rows(models.filter(pl.col("model_version").is_in(done)), metrics, utility, family)
+        rows = rows.join(empirical_epsilons(storage, sorted(done), settings.dp_delta, settings.seed),
+                         on="model_version", how="left")  # fmt: skip
         tables.append(rows.with_columns(audit=pl.lit(settings.audit), family=pl.lit(family)))
         png = pu.privacy_utility_png(rows, f"{family} defenses, audit {settings.audit}")
         artifacts[f"privacy_utility_{family}.png"] = png
@@ -217,6 +258,15 @@ def defense_evaluations(
             f"![{family}](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
         metadata[f"{family}_best_within_10pct_utility"] = MetadataValue.json(best or {})
+        points = pu.curve_points(rows)
+        metadata[f"{family}_frontier_at_matched_utility"] = MetadataValue.md(pu.matched_utility_markdown(points))
+        reference = points.filter(pl.col("defense") == pu.UNDEFENDED)["utility"][0]
+        regularised = points.filter(pl.col("defense") == pu.REGULARISED)["utility"].max()
+        metadata[f"{family}_best_at_matched_utility"] = MetadataValue.json({
+            "at 90% of the undefended target's utility": pu.best_at_utility(points, 0.9 * reference),
+            "at 90% of the regularised (augmentation) version's": (
+                pu.best_at_utility(points, 0.9 * regularised) if regularised else None),
+        })  # fmt: skip
     if not tables:
         raise ValueError("no family has an audited target and defended version yet: run the audits first")
     table = pl.concat(tables)
