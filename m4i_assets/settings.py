@@ -80,6 +80,7 @@ class AuditSettings(ConfigurableResource):
         "embedding_noise": [0.02, 0.05, 0.1], "similarity_rounding": [2],
     }  # fmt: skip
     captioner_defenses: dict[str, list[float]] = {"dp_sgd": [0.0, 0.5, 1.0, 2.0], "sampled_decoding": [0.7, 1.0]}
+    adaptive_queries: int = 8  # variant queries the adaptive attacker averages against embedding noise (1: none)
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
     n_validation: int = 100
@@ -198,6 +199,7 @@ PROFILES: dict[str, dict] = {
     "tiny": {
         "audit": "tiny",
         "corpus_records": 240,
+        "adaptive_queries": 2,
         "n_reference_models": 2,
         "corpus_image_size": 32,
         "n_members": 48,

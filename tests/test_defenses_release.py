@@ -165,3 +165,20 @@ def test_each_release_defense_names_the_interface_it_perturbs_and_what_it_rules_
     assert attack_skip_reason("wsa", "embeddings") is None
     assert "needs embeddings" in attack_skip_reason("wsa", "similarities")
     assert attack_skip_reason("csa", "similarities") is None
+
+
+def test_the_adaptive_attackers_variant_queries_average_the_noise_away():
+    from m4i_assets.defenses.release import Release
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [f"r{i}" for i in range(50)]
+    variants = [[f"r{i}#v{j}" for i in range(50)] for j in range(15)]
+    naive = Release("embedding_noise", 0.2, seed=1).embeddings(emb, keys, "image")
+    adaptive = Release("embedding_noise", 0.2, seed=1, queries=16).embeddings(emb, keys, "image", variants)
+    error = lambda x: np.linalg.norm(x - emb, axis=1).mean()  # noqa: E731
+    assert error(adaptive) < 0.4 * error(naive)
+    with pytest.raises(ValueError, match="variant key lists"):
+        Release("embedding_noise", 0.2, seed=1, queries=16).embeddings(emb, keys, "image", variants[:3])
+    assert np.array_equal(Release(queries=16).embeddings(emb, keys, "image", variants), emb)  # no defense

@@ -129,8 +129,11 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
     try:
         (target,) = db.execute("SELECT model_version FROM models WHERE role = 'target'").fetchone()
         rows = db.execute("SELECT model_version, defense, defense_strength, base_version, checkpoint_uri, "
-                          "defense_facts FROM models WHERE role = 'defended' ORDER BY defense").fetchall()  # fmt: skip
-        assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("embedding_noise", 0.05, target)]
+                          "defense_facts FROM models WHERE role = 'defended' "
+                          "ORDER BY defense, model_version").fetchall()  # fmt: skip
+        assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("embedding_noise", 0.05, target),
+                                                      ("embedding_noise", 0.05, target)]  # naive, adaptive (k=2)
+        assert json.loads(rows[2][5])["naive_version"] == rows[1][0] and rows[2][0].endswith("+k=2")
         dp_facts = json.loads(rows[0][5])["dp"]
         assert 0 < dp_facts["epsilon"] < dp_facts["epsilon_conservative"] and dp_facts["noise_multiplier"] == 1.0
         target_ckpt = db.execute("SELECT checkpoint_uri FROM models WHERE model_version = ?", [target]).fetchone()
@@ -153,9 +156,10 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
                                     "metric = 'i2t_recall@5'", [target]).fetchone()  # fmt: skip
         assert chance == pytest.approx(min(1, 5 / n_held))
         judged = db.execute("SELECT DISTINCT defense, attacker, epsilon_is_guarantee, epsilon_lb, utility_chance "
-                            "FROM defense_evaluations ORDER BY defense").fetchall()  # fmt: skip
+                            "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
         assert [(r[0], r[1], r[2]) for r in judged] == [
-            ("dp_sgd", "naive", False), ("embedding_noise", "naive", None), ("none", "naive", None)]  # fmt: skip
+            ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None), ("embedding_noise", "naive", None),
+            ("none", "naive", None)]  # fmt: skip
         assert all(r[3] is not None and r[3] >= 0 and r[4] == chance for r in judged)
     finally:
         db.close()

@@ -70,3 +70,24 @@ def average_releases(releases: Sequence[np.ndarray]) -> np.ndarray:
     mean = np.mean(np.stack([np.asarray(r, dtype=np.float64) for r in releases]), axis=0)
     norms = np.linalg.norm(mean, axis=-1, keepdims=True)
     return (mean / np.maximum(norms, np.finfo(np.float64).tiny)).astype(np.float32)
+
+
+def _by_query(per_record: list[list[str]]) -> list[list[str]]:
+    return [list(keys) for keys in zip(*per_record)]
+
+
+def image_variant_keys(image_uris: Sequence[str], queries: int) -> list[list[str]]:
+    """The keys of an attacker's `queries - 1` extra queries of each image as a release keyed on content sees
+    them (the sha256 of each re-encoded variant): `queries - 1` lists of one key per image; empty for 1."""
+    from m4i_assets.data.images import read_image_bytes
+
+    if queries <= 1:
+        return []
+    return _by_query([[query_key(v) for v in image_variants(read_image_bytes(u), queries)[1:]] for u in image_uris])
+
+
+def caption_variant_keys(captions: Sequence[str], queries: int) -> list[list[str]]:
+    """The same for captions: the sha256 of each respelling (`caption_variants`)."""
+    if queries <= 1:
+        return []
+    return _by_query([[query_key(v) for v in caption_variants(c, queries)[1:]] for c in captions])

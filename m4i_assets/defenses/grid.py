@@ -52,6 +52,8 @@ def grid(defenses: dict[str, list[float]], family: str) -> list[tuple[str, float
     return pairs
 
 
-def release_version(base_version: str, defense: str, strength: float) -> str:
-    """The model version of a release-time defense of `base_version` (same checkpoint, other outputs)."""
-    return f"{base_version}+{defense}={strength:g}"
+def release_version(base_version: str, defense: str, strength: float, queries: int = 1) -> str:
+    """The model version of a release-time defense of `base_version` (same checkpoint, other outputs); with
+    `queries` > 1, the release as the adaptive attacker who averages that many variant queries sees it."""
+    version = f"{base_version}+{defense}={strength:g}"
+    return version if queries == 1 else f"{version}+k={queries}"

@@ -52,11 +52,13 @@ def attack_skip_reason(attack: str, interface: Interface) -> str | None:
 @dataclass(frozen=True)
 class ReleaseDefense:
     """Metadata of one release-time defense: the model family it applies to, the interface it perturbs (what
-    the defended model releases), the name of its strength parameter, the strength that means "no defense",
-    which direction is stronger, and a description."""
+    the defended model releases), whether it draws randomness (so an attacker gains by asking again), the
+    name of its strength parameter, the strength that means "no defense", which direction is stronger, and a
+    description."""
 
     applies_to: Literal["clip", "captioner"]
     interface: Interface
+    randomized: bool
     strength: str
     off: float | None
     stronger: Literal["larger", "smaller"]
@@ -67,6 +69,7 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     "embedding_noise": ReleaseDefense(
         applies_to="clip",
         interface="embeddings",
+        randomized=True,
         strength="sigma",
         off=0.0,
         stronger="larger",
@@ -76,6 +79,7 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     "similarity_rounding": ReleaseDefense(
         applies_to="clip",
         interface="similarities",
+        randomized=False,
         strength="decimals",
         off=None,
         stronger="smaller",
@@ -85,6 +89,7 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
     "sampled_decoding": ReleaseDefense(
         applies_to="captioner",
         interface="captions",
+        randomized=True,
         strength="temperature",
         off=0.0,
         stronger="larger",
@@ -192,16 +197,33 @@ class Release:
     defense: str | None = None
     strength: float | None = None
     seed: int = 0
+    queries: int = 1
+    """How many variants of each query the attacker sends and averages (1: the naive attacker; more: the
+    adaptive one, Tramer et al. 2020, against a randomized release)."""
 
     def __post_init__(self) -> None:
         if self.defense is not None and self.defense not in RELEASE_DEFENSES:
             raise ValueError(f"unknown release defense {self.defense!r}; known: {sorted(RELEASE_DEFENSES)}")
+        if self.queries < 1:
+            raise ValueError(f"queries must be >= 1, got {self.queries}")
 
-    def embeddings(self, emb: np.ndarray, keys: Sequence[str], side: str) -> np.ndarray:
-        """Released embeddings of one side (`image` or `text`), one key per row (record id, or id/transform)."""
+    def embeddings(
+        self, emb: np.ndarray, keys: Sequence[str], side: str, variants: Sequence[Sequence[str]] = ()
+    ) -> np.ndarray:
+        """Released embeddings of one side (`image` or `text`), one key per row (record id, or id/transform).
+
+        `variants` are the keys of the attacker's other queries of the same rows (`queries - 1` lists, e.g. the
+        content hashes of re-encoded images or respaced captions, `m4i_assets.attacks.adaptive`): each is
+        released with its own noise and the attacker sees the average of all `queries` releases."""
         if self.defense != "embedding_noise":
             return emb
-        return noisy_embeddings(emb, float(self.strength), self.seed, [f"{side}:{k}" for k in keys])
+        from m4i_assets.attacks.adaptive import average_releases
+
+        if len(variants) != self.queries - 1:
+            raise ValueError(f"{self.queries} queries need {self.queries - 1} variant key lists, got {len(variants)}")
+        releases = [noisy_embeddings(emb, float(self.strength), self.seed, [f"{side}:{k}" for k in ks])
+                    for ks in (keys, *variants)]  # fmt: skip
+        return releases[0] if len(releases) == 1 else average_releases(releases)
 
     def similarities(self, sim: np.ndarray) -> np.ndarray:
         """Released similarity scores."""

@@ -103,7 +103,7 @@ class Storage(ConfigurableResource):
         the same checkpoint, role `defended`; return the version."""
         from m4i_assets.defenses.grid import release_version
 
-        version = release_version(base["model_version"], defense, strength)
+        version = release_version(base["model_version"], defense, strength, facts.get("queries", 1))
         row = {k: base[k] for k in ("family", "arch", "audit", "checkpoint_uri", "sha256", "n_params", "train_config",
                                     "train_dataset")}  # fmt: skip
         row |= {"model_version": version, "role": "defended", "defense": defense, "defense_strength": strength,

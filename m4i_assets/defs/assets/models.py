@@ -48,7 +48,8 @@ def register_checkpoint(
 def release_of(info: dict, seed: int) -> Release:
     """What a registered model version releases: its release-time defense, if it has one (else raw outputs)."""
     if info.get("defense") in RELEASE_DEFENSES:
-        return Release(info["defense"], info["defense_strength"], seed)
+        queries = json.loads(info.get("defense_facts") or "{}").get("queries", 1)
+        return Release(info["defense"], info["defense_strength"], seed, queries)
     return Release()
 
 

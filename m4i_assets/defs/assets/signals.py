@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from m4i_assets.attacks.adaptive import caption_variant_keys, image_variant_keys
 from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import model_checkpoint, release_of
@@ -55,7 +56,8 @@ def embeddings(
         device=compute.torch_device,
     )
     release, ids = release_of(info, settings.seed), recs["record_id"].to_list()
-    img, txt = release.embeddings(img, ids, "image"), release.embeddings(txt, ids, "text")
+    img = release.embeddings(img, ids, "image", image_variant_keys(recs["image_uri"], release.queries))
+    txt = release.embeddings(txt, ids, "text", caption_variant_keys(recs["caption"], release.queries))
     frame = pl.DataFrame(
         {
             "model_version": [version] * recs.height,
@@ -129,8 +131,10 @@ def augmentation_deltas(
     cs_clean = emb["cosine_similarity"].to_numpy()
     frames = []
     release, ids = release_of(info, settings.seed), emb["record_id"].to_list()
+    img_variants = image_variant_keys(emb["image_uri"], release.queries)
     for name, img in augmented.items():  # an augmented query is released like any other (keyed by transform)
-        img = release.embeddings(img, [f"{i}/{name}" for i in ids], "image")
+        img = release.embeddings(img, [f"{i}/{name}" for i in ids], "image",
+                                 [[f"{v}/{name}" for v in keys] for keys in img_variants])  # fmt: skip
         cs_aug = release.similarities(cosine_similarity(img, txt))
         frames.append(pl.DataFrame({
             "model_version": version, "record_id": emb["record_id"], "transform": name,
