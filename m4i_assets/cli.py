@@ -27,10 +27,11 @@ import polars as pl
 
 from m4i_assets.data.sources import shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources
+from m4i_assets.defs.assets.evaluation import version_verdicts
 from m4i_assets.defs.automation import AUDIT_ASSETS
 from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
 from m4i_assets.defs.resources import Storage
-from m4i_assets.metrics.report import verdict_lines
+from m4i_assets.metrics.report import comparisons_markdown, verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
@@ -59,7 +60,7 @@ PLANS = {
     ),
     "captioner": AuditPlan(
         models=["target_captioner", "null_control_captioner", "shadow_captioners"],
-        helpers=["model_checkpoint", "generated_captions", "caption_metrics", "m4i_attack_models"],
+        helpers=["model_checkpoint", "generated_captions", "caption_metrics", "caption_nll", "m4i_attack_models"],
         audit=AUDIT_ASSETS["captioner"],
         defended="defended_captioners",
     ),
@@ -133,24 +134,30 @@ def report(storage: Storage, versions: list[str] | None = None) -> str:
         frame = frame.filter(frame["model_version"].is_in(versions))
         scenarios = scenarios.filter(scenarios["model_version"].is_in(versions))
     header = (f"{'model_version':<23} {'role':<13} {'attack':<15} {'n mem/non':>9}  {'AUC [95% CI]':<22} "
-              f"{'bal.acc':>7}  {'TPR@1%FPR [95% CI]':<22} {'TPR@0.1%FPR [95% CI]':<22} mlflow_run_id")  # fmt: skip
+              f"{'bal.acc':>7}  {'TPR@1%FPR [95% CI]':<22} {'TPR@0.1%FPR [95% CI]':<22} "
+              f"{'known-thr. TPR@1% [CP CI]':<26} {'its FPR [CP CI]':<22} mlflow_run_id")  # fmt: skip
     lines = [header]
     for r in frame.to_dicts():
         lines.append(
             f"{r['model_version']:<23} {r['model_role']:<13} {r['attack']:<15} "
             f"{r['n_members']:>4}/{r['n_nonmembers']:<4}  {r['auc_95ci']:<22} {r['balanced_accuracy']:>7.3f}  "
-            f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['tpr_at_0_1pct_fpr_95ci']:<22} {r['mlflow_run_id']}"
+            f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['tpr_at_0_1pct_fpr_95ci']:<22} "
+            f"{r['known_threshold_tpr_1pct_95ci']:<26} {r['known_threshold_fpr_1pct_95ci']:<22} {r['mlflow_run_id']}"
         )
     if scenarios.height:
-        lines += ["", f"{'model_version':<23} {'role':<13} {'attack':<7} {'scenario':<16} {'shadow data, arch':<29} "
-                      f"{'AUC [95% CI]':<22} {'TPR@1%FPR [95% CI]':<22} success"]  # fmt: skip
+        lines += ["", f"{'model_version':<23} {'role':<13} {'attack':<12} {'scenario':<16} {'shadow data, arch':<29} "
+                      f"{'AUC [95% CI]':<22} {'AUC over seeds':<16} {'TPR@1%FPR [95% CI]':<22} success"]  # fmt: skip
         for r in scenarios.to_dicts():
             lines.append(
-                f"{r['model_version']:<23} {r['model_role']:<13} {r['attack']:<7} {r['scenario']:<16} "
-                f"{r['shadow_dataset'] + ', ' + r['shadow_arch']:<29} {r['auc_95ci']:<22} "
-                f"{r['tpr_at_1pct_fpr_95ci']:<22} {r['attack_success_rate']:.3f}"
+                f"{r['model_version']:<23} {r['model_role']:<13} {r['attack']:<12} {r['scenario']:<16} "
+                f"{r['shadow_dataset'] + ', ' + r['shadow_arch']:<29} {r['auc_95ci']:<22} {r['auc_over_seeds']:<16} "
+                f"{r['tpr_at_1pct_fpr_95ci']:<22} {_rate(r['attack_success_rate'])}"
             )
     return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def helper_versions(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
@@ -204,9 +211,11 @@ def demo(families: list[str], defenses: bool = False) -> None:
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
     print(report(storage, versions))
     for version in versions:
-        rows = storage.read("SELECT * FROM audit_summary WHERE model_version = ? ORDER BY attack", [version])
-        print(f"\n{rows['model_role'][0]} {version}:")
-        print("\n".join(verdict_lines(rows.to_dicts(), settings.shift_gate_max_auc)))
+        v = version_verdicts(storage, settings, version)
+        print(f"\n{storage.model_info(version)['role']} {version}: paired comparisons (attack_comparisons)\n")
+        print(comparisons_markdown(v["comparisons"]) + "\n")
+        print("\n".join(verdict_lines(v["rows"], v["comparisons"], settings.shift_gate_margin,
+                                     v["known_vs_candidates"], v["permutation"])))
     if defenses:
         table = storage.read(warehouse.sql_file("queries/defense_evaluations.sql"))
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):

@@ -68,13 +68,15 @@ CREATE TABLE IF NOT EXISTS pseudo_labels (     -- WSA steps 1-2 (Ko et al. 2023)
     model_version     VARCHAR NOT NULL,
     record_id         VARCHAR NOT NULL,     -- a candidate
     cosine_similarity DOUBLE NOT NULL,
-    tau               DOUBLE NOT NULL,      -- mean + wsa_lambda * std of the known non-members' CS
+    tau               DOUBLE NOT NULL,      -- from the known non-members' CS (rule quantile or gaussian)
     wsa_lambda        DOUBLE NOT NULL,
-    rule              VARCHAR NOT NULL,     -- threshold | top_k (fallback when tau kept too few)
+    rule              VARCHAR NOT NULL,     -- quantile | gaussian | top_k (fallback when tau kept too few)
     is_pseudo_member  BOOLEAN NOT NULL,     -- cosine_similarity >= tau
     is_member         BOOLEAN,              -- ground truth, for the pseudo-label error rate
     PRIMARY KEY (model_version, record_id)
 );
+ALTER TABLE pseudo_labels ADD COLUMN IF NOT EXISTS wsa_alpha DOUBLE;   -- tau rule "quantile": (1 - alpha) quantile
+ALTER TABLE pseudo_labels ADD COLUMN IF NOT EXISTS fold INTEGER;       -- cross-fitting fold of the candidate
 
 CREATE TABLE IF NOT EXISTS attack_metrics (
     model_version              VARCHAR NOT NULL,
@@ -98,6 +100,62 @@ CREATE TABLE IF NOT EXISTS attack_metrics (
     mlflow_run_id              VARCHAR,
     computed_at                TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack)
+);
+-- Honest low-FPR figures (ATTACKS.md section 5): a TPR at x FPR is NULL unless n_nonmembers * x >= 10, with
+-- the reason; the raw figure stays beside it for the privacy-utility curves. Beside them, the threshold at the
+-- known non-members' (1 - x) quantile and, at it, the candidates' TPR and realised FPR with Clopper-Pearson CIs.
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_null_reason VARCHAR;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS tpr_at_0_1pct_fpr_null_reason VARCHAR;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_raw DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS tpr_at_0_1pct_fpr_raw DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_note VARCHAR;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct_ci_low DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct_ci_high DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct_ci_low DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct_ci_high DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_0_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_0_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_0_1pct_ci_low DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_tpr_0_1pct_ci_high DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct_ci_low DOUBLE;
+ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct_ci_high DOUBLE;
+
+CREATE TABLE IF NOT EXISTS attack_comparisons (  -- paired bootstrap differences (ATTACKS.md section 5)
+    model_version VARCHAR NOT NULL,
+    audit         VARCHAR NOT NULL,
+    attack        VARCHAR NOT NULL,
+    baseline      VARCHAR NOT NULL,     -- csa | blind_baseline
+    metric        VARCHAR NOT NULL,     -- an attack_metrics column: auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr
+    difference    DOUBLE NOT NULL,      -- attack's metric - baseline's, on the same records
+    ci_low        DOUBLE NOT NULL,      -- percentile CI of the difference over one set of paired resamples
+    ci_high       DOUBLE NOT NULL,
+    computed_at   TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, attack, baseline, metric)
+);
+
+CREATE TABLE IF NOT EXISTS known_nonmember_scores (  -- each attack's scores of the known non-members, where it
+    model_version VARCHAR NOT NULL,                  -- can give them without having been fit on them: they fix
+    attack        VARCHAR NOT NULL,                  -- the known-threshold figures of attack_metrics
+    record_id     VARCHAR NOT NULL,
+    score         DOUBLE NOT NULL,
+    audit         VARCHAR NOT NULL,
+    PRIMARY KEY (model_version, attack, record_id)
+);
+CREATE TABLE IF NOT EXISTS shift_checks (  -- distribution-shift tests beside the blind baseline (Das et al. 2024)
+    model_version VARCHAR NOT NULL,
+    audit         VARCHAR NOT NULL,
+    comparison    VARCHAR NOT NULL,     -- known_vs_candidate_nonmembers: a blind classifier of known vs candidate
+    auc           DOUBLE,               -- non-members (WSA and the known-threshold figures assume they are alike)
+    auc_ci_low    DOUBLE,
+    auc_ci_high   DOUBLE,
+    n_a           INTEGER,
+    n_b           INTEGER,
+    computed_at   TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, comparison)
 );
 CREATE TABLE IF NOT EXISTS shadow_records (    -- M^4I shadow models' attacker data (Hu et al. 2022)
     model_version VARCHAR NOT NULL,        -- a shadow model
@@ -131,6 +189,12 @@ CREATE TABLE IF NOT EXISTS m4i_scenarios (     -- M^4I attacks per threat scenar
     computed_at          TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack, shadow_version)  -- several shadows may share a scenario
 );
+-- Training variance (`shadow_seeds` > 1): the scenario's AUC and TPR@1%FPR over the shadows of every seed.
+ALTER TABLE m4i_scenarios ADD COLUMN IF NOT EXISTS n_seeds INTEGER;
+ALTER TABLE m4i_scenarios ADD COLUMN IF NOT EXISTS auc_seed_mean DOUBLE;
+ALTER TABLE m4i_scenarios ADD COLUMN IF NOT EXISTS auc_seed_std DOUBLE;
+ALTER TABLE m4i_scenarios ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_seed_mean DOUBLE;
+ALTER TABLE m4i_scenarios ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_seed_std DOUBLE;
 
 CREATE TABLE IF NOT EXISTS model_utility (      -- what a model version is good for, on held-out records
     model_version VARCHAR NOT NULL,

@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_ATTACKS = {"csa", "aea", "wsa", "ref_calibrated", "blind_baseline"}
+CLIP_ATTACKS = {"csa", "aea", "clip_loss", "rmia", "wsa", "ref_calibrated", "blind_baseline"}
 
 
 def run_demo(home: Path, *args: str) -> str:

@@ -145,3 +145,19 @@ def test_meteor_identical_and_disjoint():
     )
     assert feats[0, 0] == pytest.approx(1.0, abs=1e-6)
     assert feats[1, 0] == 0.0
+
+
+def test_cider_document_frequencies_fixed_on_a_corpus_do_not_depend_on_the_batch():
+    from m4i_assets.metrics.captions import caption_metric_features, cider_corpus
+
+    refs = [["a red circle left of a blue square"], ["a green triangle above a red circle"], ["two blue squares"],
+            ["a yellow star"]]  # fmt: skip
+    gens = ["a red circle left of a blue square", "a green triangle", "two red squares", "a star"]
+    corpus = cider_corpus(refs)
+    whole = caption_metric_features(gens, refs, ("cider",), corpus)[:, 0]
+    for i in range(len(gens)):  # scored alone against the same corpus: the same value
+        alone = caption_metric_features(gens[i : i + 1], refs[i : i + 1], ("cider",), corpus)[0, 0]
+        assert alone == pytest.approx(whole[i])
+    # without a fixed corpus, a batch's own references set the idf, so values move with the batch
+    assert caption_metric_features(gens[:2], refs[:2], ("cider",))[1, 0] != pytest.approx(whole[1])
+    np.testing.assert_allclose(caption_metric_features(gens, refs, ("cider",))[:, 0], whole)  # same corpus

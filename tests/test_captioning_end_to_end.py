@@ -63,14 +63,16 @@ def test_scores_metrics_and_scenarios(db):
     for version in versions(db, "target") + versions(db, "null_control"):
         scores = dict(db.execute("SELECT attack, count(*) FROM membership_scores WHERE model_version = ? GROUP BY 1",
                                  [version]).fetchall())  # fmt: skip
-        assert scores == {"m4i_mb": 96, "m4i_fb": 96, "blind_baseline": 96}
+        assert scores == {"m4i_mb": 96, "m4i_fb": 96, "m4i_loss": 96, "m4i_loss_ref": 96, "blind_baseline": 96}
         metrics = {r[0] for r in db.execute("SELECT attack FROM attack_metrics WHERE model_version = ?", [version])
                    .fetchall()}  # fmt: skip
-        assert metrics == {"m4i_mb", "m4i_fb", "blind_baseline"}
+        assert metrics == {"m4i_mb", "m4i_fb", "m4i_loss", "m4i_loss_ref", "blind_baseline"}
         rows = db.execute("SELECT attack, scenario, auc, attack_success_rate, n_members, n_nonmembers "
                           "FROM m4i_scenarios WHERE model_version = ?", [version]).fetchall()  # fmt: skip
-        assert {(r[0], r[1]) for r in rows} == {(a, s) for a in ("m4i_mb", "m4i_fb") for s in SCENARIOS}
-        assert all(0 <= r[3] <= 1 and r[4] == r[5] == 48 for r in rows)
+        assert {(r[0], r[1]) for r in rows} == {(a, s) for a in ("m4i_mb", "m4i_fb", "m4i_loss_ref")
+                                                for s in SCENARIOS} | {("m4i_loss", "white_box")}  # fmt: skip
+        assert all((r[3] is None) == (r[0] in ("m4i_loss", "m4i_loss_ref")) for r in rows)
+        assert all((r[3] is None or 0 <= r[3] <= 1) and r[4] == r[5] == 48 for r in rows)
 
 
 def test_scenario_figures_recompute_from_stored_scores(db):
@@ -83,8 +85,9 @@ def test_scenario_figures_recompute_from_stored_scores(db):
             "SELECT is_member, score, predicted_member FROM m4i_scenario_scores WHERE model_version = ? AND attack = ?"
             " AND scenario = ? ORDER BY record_id", [version, attack, scenario]).fetchall()))  # fmt: skip
         assert roc_auc_score(labels, scores) == pytest.approx(auc, abs=1e-12)
-        assert (labels == predicted).mean() == pytest.approx(rate)
-        if scenario == "unrestricted":
+        if rate is not None:
+            assert (labels == predicted).mean() == pytest.approx(rate)
+        if scenario == "unrestricted" and attack != "m4i_loss_ref":  # its membership scores use every shadow
             stored = [r[0] for r in db.execute(
                 "SELECT score FROM membership_scores WHERE model_version = ? AND attack = ? ORDER BY record_id",
                 [version, attack]).fetchall()]  # fmt: skip
@@ -123,7 +126,7 @@ def test_defended_captioners_are_audited_and_set_against_utility(demo_home):
         assert len(sampled) == len(greedy) and sampled != greedy
         table = db.execute("SELECT DISTINCT defense, attack, utility_metric FROM defense_evaluations").fetchall()
         assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd", "sampled_decoding")
-                                                 for a in ("m4i_mb", "m4i_fb")}  # fmt: skip
+                                                 for a in ("m4i_mb", "m4i_fb", "m4i_loss", "m4i_loss_ref")}  # fmt: skip
         assert {r[2] for r in table} == {"cider"}
         metrics = {
             m for (m,) in db.execute("SELECT metric FROM model_utility WHERE model_version = ?", [target]).fetchall()

@@ -23,9 +23,12 @@ def db(demo_home):
 def test_demo_prints_the_headline_table_and_verdicts(demo_home):
     stdout = demo_home[1]
     assert "AUC [95% CI]" in stdout and "TPR@1%FPR" in stdout
+    table = [line.split()[2] for line in stdout.splitlines() if len(line.split()) > 2]
     for attack in ATTACKS:
-        assert stdout.count(f" {attack} ") == 2, attack  # target and null control
+        assert table.count(attack) == 2, attack  # target and null control
     assert stdout.count("shift gate passed") == 2
+    assert "| clip_loss | csa | AUC |" in stdout  # the paired comparisons
+    assert "label permutation test of" in stdout
 
 
 def test_tables_follow_the_contract(db):
@@ -45,7 +48,7 @@ def test_tables_follow_the_contract(db):
         assert scores == {attack: 96 for attack in ATTACKS}
         deltas = db.execute("SELECT count(DISTINCT transform), count(*) FROM augmentation_deltas "
                             "WHERE model_version = ?", [version]).fetchone()  # fmt: skip
-        assert deltas[0] >= 8 and deltas[1] == 96 * deltas[0]
+        assert deltas[0] >= 8 and deltas[1] == (96 + 48) * deltas[0]  # candidates and known non-members
         labels = db.execute("SELECT count(*), count(DISTINCT tau) FROM pseudo_labels WHERE model_version = ?",
                             [version]).fetchone()  # fmt: skip
         assert labels == (96, 1)
@@ -61,10 +64,12 @@ def test_models_are_hashed_files(db):
 
 def test_attack_metrics_match_sklearn_on_stored_scores(db):
     rows = db.execute(
-        "SELECT model_version, attack, auc, tpr_at_1pct_fpr, auc_ci_low, auc_ci_high FROM attack_metrics"
+        "SELECT model_version, attack, auc, tpr_at_1pct_fpr_raw, auc_ci_low, auc_ci_high, tpr_at_1pct_fpr, "
+        "tpr_at_1pct_fpr_null_reason FROM attack_metrics"
     ).fetchall()
     assert len(rows) == 2 * len(ATTACKS)
-    for version, attack, auc, tpr1, low, high in rows:
+    for version, attack, auc, tpr1, low, high, reported, reason in rows:
+        assert reported is None and "48 non-members" in reason  # below ten possible false positives
         labels, scores = map(
             np.array,
             zip(
@@ -78,6 +83,28 @@ def test_attack_metrics_match_sklearn_on_stored_scores(db):
         assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
         assert tpr1 == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
         assert low <= auc <= high
+
+
+def test_paired_comparisons_and_known_threshold_figures(db):
+    comparisons = db.execute("SELECT model_version, attack, baseline, metric, difference, ci_low, ci_high "
+                             "FROM attack_comparisons").fetchall()  # fmt: skip
+    versions = {r[0] for r in comparisons}
+    assert len(versions) == 2
+    for version in versions:
+        pairs = {(r[1], r[2]) for r in comparisons if r[0] == version}
+        assert pairs == {(a, b) for b in ("csa", "blind_baseline") for a in ATTACKS if a != b}
+    assert {r[3] for r in comparisons} == {"auc"}  # 48 non-members: no TPR at low FPR to compare
+    assert all(lo <= hi for *_, lo, hi in comparisons)
+    known = dict(db.execute("SELECT attack, count(*) FROM known_nonmember_scores GROUP BY attack").fetchall())
+    assert known == {a: 2 * 48 for a in ATTACKS}
+    for lo, tpr, hi, flo, fpr, fhi in db.execute(
+        "SELECT known_threshold_tpr_1pct_ci_low, known_threshold_tpr_1pct, known_threshold_tpr_1pct_ci_high, "
+        "known_threshold_fpr_1pct_ci_low, known_threshold_fpr_1pct, known_threshold_fpr_1pct_ci_high "
+        "FROM attack_metrics"
+    ).fetchall():
+        assert lo <= tpr <= hi and flo <= fpr <= fhi
+    shift = db.execute("SELECT count(*) FROM shift_checks WHERE comparison = 'known_vs_candidate_nonmembers'")
+    assert shift.fetchone()[0] == 2
 
 
 def test_mlflow_run_holds_the_same_auc(demo_home, db):

@@ -82,3 +82,11 @@ def test_mfe_aligns_images_with_their_captions(tiny_corpus):
     assert twin.to_bytes() == mfe.to_bytes()  # seeded: same data, same bytes
     # words the MFE never saw are dropped, not an error; an all-unknown caption is the zero bag
     assert mfe.bag_of_words(["zebra quokka"]).sum() == 0
+
+
+def test_attacker_split_gives_the_mfe_and_the_fb_classifier_disjoint_halves():
+    y = np.r_[np.ones(51, bool), np.zeros(40, bool)]
+    mfe, fb = m4i.attacker_split(y, seed=3)
+    assert not (mfe & fb).any() and (mfe | fb).all()
+    assert y[mfe].sum() == 25 and (~y[mfe]).sum() == 20  # half of each class
+    assert (m4i.attacker_split(y, seed=3)[0] == mfe).all() and (m4i.attacker_split(y, seed=4)[0] != mfe).any()

@@ -49,8 +49,8 @@ def test_perfect_and_inverted_scores():
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_point():
     rng = np.random.default_rng(3)
-    labels = np.r_[np.ones(200, bool), np.zeros(200, bool)]
-    scores = rng.normal(size=400) + 0.8 * labels
+    labels = np.r_[np.ones(200, bool), np.zeros(1000, bool)]  # 1000 non-members: TPR@1%FPR is reported
+    scores = rng.normal(size=1200) + 0.8 * labels
     a = evaluate_scores(labels, scores, n_bootstrap=200, seed=5)
     b = evaluate_scores(labels, scores, n_bootstrap=200, seed=5)
     assert a == b
@@ -88,3 +88,67 @@ def test_row_problems_flags_out_of_range_metrics_and_unequal_candidates():
     assert row_problems([good, {**good, "attack": "aea"}]) == []
     assert "auc" in row_problems([{**good, "auc": 1.2}])[0]
     assert "different candidate sets" in row_problems([good, {**good, "attack": "x", "n_members": 49}])[0]
+
+
+def test_low_fpr_figures_need_ten_possible_false_positives():
+    from m4i_assets.metrics.evaluation import low_fpr_reason
+
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(100, bool), np.zeros(500, bool)]
+    ev = evaluate_scores(labels, rng.normal(size=600) + labels, n_bootstrap=20)
+    assert ev.point["tpr_at_1pct_fpr"] is None and ev.point["tpr_at_0_1pct_fpr"] is None
+    row = ev.as_row()
+    assert "needs 1000 non-members" in row["tpr_at_1pct_fpr_null_reason"]
+    assert "needs 10000 non-members" in row["tpr_at_0_1pct_fpr_null_reason"]
+    assert row["tpr_at_1pct_fpr_raw"] is not None and 0 <= row["tpr_at_1pct_fpr_raw"] <= 1
+    assert low_fpr_reason(1000, 0.01) is None and low_fpr_reason(999, 0.01) is not None
+
+
+def test_paired_bootstrap_tells_apart_attacks_whose_cis_overlap():
+    """Two attacks share most of their noise (the records' difficulty): their marginal CIs overlap, but the
+    paired CI of the difference lies above 0."""
+    from m4i_assets.metrics.evaluation import evaluate_attacks
+
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    shared = rng.normal(size=600)
+    weak = shared + 0.5 * labels
+    strong = shared + 0.6 * labels + 0.05 * rng.normal(size=600)
+    ev = evaluate_attacks(labels, {"csa": weak, "better": strong}, n_bootstrap=300, seed=0, baselines=("csa",))
+    a, b = ev.attacks["csa"], ev.attacks["better"]
+    assert b.ci_low["auc"] < a.ci_high["auc"]  # the CIs overlap
+    (c,) = [c for c in ev.comparisons if c["metric"] == "auc"]
+    assert c["attack"] == "better" and c["baseline"] == "csa" and c["ci_low"] > 0
+    assert c["difference"] == pytest.approx(b.point["auc"] - a.point["auc"])
+    assert {c["metric"] for c in ev.comparisons} == {"auc"}  # 300 non-members: no reportable TPR at 1% FPR
+    again = evaluate_attacks(labels, {"csa": weak, "better": strong}, n_bootstrap=300, seed=0, baselines=("csa",))
+    assert again.comparisons == ev.comparisons
+
+
+def test_clopper_pearson_and_the_known_nonmember_threshold():
+    from m4i_assets.metrics.evaluation import clopper_pearson, known_threshold  # (metrics.privacy's)
+
+    low, high = clopper_pearson(0, 100)
+    assert low == 0 and high == pytest.approx(1 - 0.025 ** (1 / 100))  # the exact bound at k = 0
+    low, high = clopper_pearson(50, 100)
+    assert low < 0.5 < high and high - low < 0.21
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
+    scores = rng.normal(size=2000) + 2 * labels
+    known = rng.normal(size=5000)  # same distribution as the non-member candidates
+    row = known_threshold(labels, scores, known)
+    assert row["known_threshold_fpr_1pct_ci_low"] <= 0.01 <= row["known_threshold_fpr_1pct_ci_high"]
+    assert row["known_threshold_tpr_1pct"] > 0.2
+    empty = known_threshold(labels, scores, None)
+    assert empty["known_threshold_tpr_1pct"] is None and "no score" in empty["known_threshold_note"]
+
+
+def test_permutation_test_of_a_real_and_a_null_signal():
+    from m4i_assets.metrics.evaluation import permutation_test
+
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    real = permutation_test(labels, rng.normal(size=400) + labels, n_permutations=200, seed=0)
+    null = permutation_test(labels, rng.normal(size=400), n_permutations=200, seed=0)
+    assert real["p_value"] == pytest.approx(1 / 201) and null["p_value"] > 0.05
+    assert null["null_auc_q025"] < 0.5 < null["null_auc_q975"]

@@ -59,12 +59,25 @@ def blind_scores(
     n_folds: int = 5,
     n_repeats: int = 5,
     random_state: int = 0,
-) -> np.ndarray:
+    features: np.ndarray | None = None,
+    others: tuple[list[str], list[str], np.ndarray | None] | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Out-of-fold P(member) for each record from model-free features only, averaged over
     `n_repeats` repetitions of stratified k-fold (which split a record lands in is itself noise:
-    on the demo's split one 5-fold run ranged from AUC 0.46 to 0.49 across seeds)."""
+    on the demo's split one 5-fold run ranged from AUC 0.46 to 0.49 across seeds).
+
+    `features` (n, f): more target-independent features per record (e.g. a reference model's embeddings).
+    `others` (captions, image uris, features) are records outside the labelled set (known non-members): each
+    fold's model scores them too, and (scores, other scores averaged over every fold) is returned."""
     y = np.asarray(is_member, dtype=int)
     numeric = np.c_[caption_statistics(captions), image_statistics(image_uris)]
+    if features is not None:
+        numeric = np.c_[numeric, features]
+    if others is not None:
+        other_numeric = np.c_[caption_statistics(others[0]), image_statistics(others[1])]
+        if features is not None:
+            other_numeric = np.c_[other_numeric, others[2]]
+        other_scores = np.zeros(len(others[0]))
     folds = RepeatedStratifiedKFold(n_splits=n_folds, n_repeats=n_repeats, random_state=random_state)
     scores = np.zeros(len(y), dtype=np.float64)
     for train, test in folds.split(numeric, y):
@@ -72,6 +85,9 @@ def blind_scores(
         scale = StandardScaler()
         X_train = sparse.hstack([text.fit_transform([captions[i] for i in train]), scale.fit_transform(numeric[train])])
         X_test = sparse.hstack([text.transform([captions[i] for i in test]), scale.transform(numeric[test])])
-        clf = LogisticRegression(C=1.0, max_iter=5000, random_state=random_state)
-        scores[test] += clf.fit(X_train.tocsr(), y[train]).predict_proba(X_test.tocsr())[:, 1] / n_repeats
-    return scores
+        clf = LogisticRegression(C=1.0, max_iter=5000, random_state=random_state).fit(X_train.tocsr(), y[train])
+        scores[test] += clf.predict_proba(X_test.tocsr())[:, 1] / n_repeats
+        if others is not None:
+            X_other = sparse.hstack([text.transform(others[0]), scale.transform(other_numeric)])
+            other_scores += clf.predict_proba(X_other.tocsr())[:, 1] / (n_folds * n_repeats)
+    return scores if others is None else (scores, other_scores)

@@ -241,3 +241,16 @@ def fb_features(mfe: Mfe, image_uris: list[str], generated: list[str], batch_siz
         bows = mfe.bag_of_words(generated[start : start + batch_size])
         out.append((mfe.model.image(images) - mfe.model.text(bows)).abs().numpy())
     return np.concatenate(out) if out else np.zeros((0, mfe.spec.dim))
+
+
+def attacker_split(is_member: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of a shadow's records, each with half its members and half its non-members
+    (masks): one for the MFE, the other for the FB classifier, so the classifier never learns from records
+    the MFE was fit on."""
+    is_member = np.asarray(is_member, dtype=bool)
+    first = np.zeros(len(is_member), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for cls in (True, False):
+        idx = np.flatnonzero(is_member == cls)
+        first[rng.permutation(idx)[: len(idx) // 2]] = True
+    return first, ~first

@@ -49,11 +49,12 @@ from m4i_assets.settings import AuditSettings
 
 # What one audited model version materializes, per family (the demo CLI runs the same lists).
 AUDIT_ASSETS = {
-    "clip": ["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "pseudo_labels",
-             "wsa_attack_model", "wsa_scores", "ref_calibrated_scores", "blind_baseline_scores", "attack_metrics",
-             "audit_report", "model_utility"],
-    "captioner": ["model_checkpoint", "generated_captions", "caption_metrics", "m4i_mb_scores", "m4i_fb_scores",
-                  "blind_baseline_scores", "attack_metrics", "m4i_scenarios", "audit_report", "model_utility"],
+    "clip": ["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "clip_loss_scores",
+             "rmia_scores", "pseudo_labels", "wsa_attack_model", "wsa_scores", "ref_calibrated_scores",
+             "blind_baseline_scores", "attack_metrics", "audit_report", "model_utility"],
+    "captioner": ["model_checkpoint", "generated_captions", "caption_metrics", "caption_nll", "m4i_mb_scores",
+                  "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores", "blind_baseline_scores",
+                  "attack_metrics", "m4i_scenarios", "audit_report", "model_utility"],
 }  # fmt: skip
 audit_jobs = {
     family: define_asset_job(

@@ -19,7 +19,8 @@ from m4i_assets.models.checkpoints import model_version_for
 from m4i_assets.storage.warehouse import Warehouse, file_lock
 
 # Per-(model version, record) signals stored as Parquet and exposed as warehouse views of these names.
-SIGNALS = ("embeddings", "augmentation_deltas", "generated_captions", "caption_metrics", "m4i_scenario_scores")
+SIGNALS = ("embeddings", "augmentation_deltas", "generated_captions", "caption_metrics", "m4i_scenario_scores",
+           "caption_nll")
 
 
 class Storage(ConfigurableResource):
@@ -166,11 +167,13 @@ class Storage(ConfigurableResource):
         )["model_version"].to_list()
 
     def shadow_models(self, audit: str) -> list[dict[str, Any]]:
-        """The newest shadow captioner of each (training dataset, architecture) in an audit."""
+        """The newest shadow captioner of each (training dataset, architecture, training seed) in an audit,
+        with its seed as `train_seed`."""
         return self.read(
-            """SELECT DISTINCT ON (train_dataset, arch) * FROM models
-               WHERE audit = ? AND role = 'shadow' AND family = 'captioner'
-               ORDER BY train_dataset, arch, created_at DESC""",
+            """SELECT DISTINCT ON (train_dataset, arch, train_seed) * FROM
+                   (SELECT *, CAST(json_extract(train_config, '$.seed') AS INTEGER) AS train_seed FROM models
+                    WHERE audit = ? AND role = 'shadow' AND family = 'captioner')
+               ORDER BY train_dataset, arch, train_seed, created_at DESC""",
             [audit],
         ).to_dicts()
 

@@ -11,10 +11,11 @@ Supported metrics, in `METRICS` order, all from maintained implementations (noth
   precisions, so a zero n-gram precision gives a value of about 1e-8 or less rather than exactly 0,
   and a caption shorter than n tokens gets a small nonzero BLEU-n).
 - `rouge1`, `rouge2`, `rougeL`: F-measure from Google's `rouge-score` (no stemming).
-- `cider`: CIDEr-D, `pycocoevalcap` `Cider` (clipped tf-idf n-gram cosine for n = 1..4, Gaussian
-  length penalty with sigma 6, times 10). Document frequencies come from the references of the
-  records passed in the same call, so CIDEr values depend on that batch: score all candidates in one
-  call. With a single record every n-gram has zero idf and CIDEr is 0.
+- `cider`: CIDEr-D, `pycocoevalcap` `CiderScorer` (clipped tf-idf n-gram cosine for n = 1..4, Gaussian
+  length penalty with sigma 6, times 10). Document frequencies come from a fixed corpus when one is
+  given (`cider_corpus`: the audit's population references, so a shadow's and the target's features
+  share one idf); otherwise from the references of the records passed in the same call, so values then
+  depend on that batch (with a single record every n-gram has zero idf and CIDEr is 0).
 - `meteor`: METEOR 1.5, `pycocoevalcap` `Meteor`; it runs a bundled Java jar (offline), so it needs a
   working `java` binary and raises `RuntimeError` when asked for without one. Not in the default set.
 
@@ -39,9 +40,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import defaultdict
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,6 +73,54 @@ def normalise_caption(text: str) -> str:
     space-separated words of the result.
     """
     return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
+
+
+@dataclass(frozen=True)
+class CiderCorpus:
+    """CIDEr-D's document frequencies (n-gram -> number of reference sets containing it) and corpus size."""
+
+    document_frequency: dict
+    n_documents: int
+
+
+def cider_corpus(references: Sequence[Sequence[str]]) -> CiderCorpus:
+    """Document frequencies of a fixed corpus of reference sets (one per image), normalised like the metrics."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for refs in references:
+        kept = [r for r in (normalise_caption(r) for r in refs) if r]
+        if kept:
+            scorer.cook_append(None, kept)
+    scorer.compute_doc_freq()
+    return CiderCorpus(dict(scorer.document_frequency), len(scorer.crefs))
+
+
+class _SizedList(list):
+    """A list whose len() is the fixed corpus size: pycocoevalcap's CIDEr takes log(len(references)) as the
+    corpus size of its idf, while it iterates over the scored records only."""
+
+    def __init__(self, items: list, size: int) -> None:
+        super().__init__(items)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _cider_scores(gens: list[str], refs: list[list[str]], corpus: CiderCorpus | None) -> np.ndarray:
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    if corpus is None:  # every record joins the corpus, so document frequencies cover all references passed in
+        _, scores = Cider().compute_score({i: refs[i] for i in range(len(gens))}, {i: [g] for i, g in enumerate(gens)})
+        return np.asarray(scores, dtype=np.float64)
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for g, r in zip(gens, refs):
+        scorer.cook_append(g, r)
+    scorer.document_frequency = defaultdict(float, corpus.document_frequency)
+    scorer.crefs = _SizedList(scorer.crefs, corpus.n_documents)
+    return np.asarray(scorer.compute_cider(), dtype=np.float64)
 
 
 @functools.cache
@@ -126,6 +177,7 @@ def caption_metric_features(
     generated: list[str],
     references: list[list[str]],
     metrics: tuple[str, ...] = DEFAULT_METRICS,
+    corpus: CiderCorpus | None = None,
 ) -> np.ndarray:
     """Per-record caption similarity features (Hu et al. 2022, M^4I, section 3, metric-based attack).
 
@@ -170,11 +222,7 @@ def caption_metric_features(
             columns[name] = _mean_by_record([s[name].fmeasure for s in pair_scores], pair_record, n)
 
     if have_pairs and "cider" in metrics:
-        from pycocoevalcap.cider.cider import Cider
-
-        # Every record joins the corpus, so document frequencies cover all references passed in.
-        _, scores = Cider().compute_score({i: refs[i] for i in range(n)}, {i: [gens[i]] for i in range(n)})
-        columns["cider"] = np.asarray(scores, dtype=np.float64)
+        columns["cider"] = _cider_scores(gens, refs, corpus)
 
     if have_pairs and "meteor" in metrics:
         from pycocoevalcap.meteor.meteor import Meteor

@@ -56,7 +56,7 @@ from m4i_assets.defenses.regularisation import (
 from m4i_assets.defenses.release import SAMPLED_DECODING_TOP_K, sample_next_token
 from m4i_assets.metrics.captions import normalise_caption
 from m4i_assets.models.checkpoints import read_json_object, sha256_file
-from m4i_assets.models.device import device_for
+from m4i_assets.models.device import device_for, trains_deterministically
 from m4i_assets.models.vocabulary import caption_words, tokenize, word_level_tokenizer
 
 FAMILY = "captioner"
@@ -454,6 +454,32 @@ def generate_captions(
     return out
 
 
+@torch.no_grad()
+def caption_nll(
+    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], batch_size: int = 256,
+    device: str | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Teacher-forced negative log-likelihood of each caption given its image: the mean over the caption's
+    tokens (its words, cut at `max_len`, and EOS) of -log p(token | image, previous tokens), the loss training
+    minimises. Needs the captioner's vocabulary (this platform's captioners, or a directory with `m4i.json`)."""
+    if bundle.vocab is None:
+        raise ValueError("this captioner was loaded without its vocabulary (no m4i.json): no caption likelihood")
+    if len(image_uris) != len(captions):
+        raise ValueError(f"{len(image_uris)} images but {len(captions)} captions")
+    dev = device_for(device)
+    model = bundle.model.to(dev).eval()
+    out = []
+    for start in range(0, len(image_uris), batch_size):
+        tok = torch.tensor([bundle.vocab.encode(c, bundle.spec.max_len)
+                            for c in captions[start : start + batch_size]], device=dev)  # fmt: skip
+        logits = model(bundle.pixels(image_uris[start : start + batch_size]).to(dev), tok).float()
+        target = tok[:, 1:]
+        token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="none")
+        real = (target != PAD).float()
+        out.append(((token_nll * real).sum(1) / real.sum(1).clamp(min=1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
 def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: dict[str, Any]) -> tuple[Path, str]:
     """Save a captioner folder; return (path of `model.safetensors`, its sha256).
 
@@ -550,6 +576,7 @@ def load_captioner(checkpoint_dir: str | os.PathLike, device: str | None = None)
     return bundle
 
 
+@trains_deterministically
 def train_and_save(
     spec: CaptionerSpec,
     image_uris: list[str],
@@ -566,8 +593,6 @@ def train_and_save(
     stopping (see `train_captioner`); the vocabulary comes from the training captions alone. Arguments are
     plain values, so this runs as well in a spawn worker process (with `threads` torch threads) as in the
     caller's."""
-    if threads:
-        torch.set_num_threads(threads)
     bundle = build_captioner(Vocabulary.build(captions), spec)
     facts: dict[str, Any] = {}
     history = train_captioner(bundle, image_uris, captions, device, facts, validation)

@@ -59,7 +59,7 @@ from m4i_assets.models.checkpoints import (
     load_weights,
     sha256_file,
 )
-from m4i_assets.models.device import device_for
+from m4i_assets.models.device import device_for, trains_deterministically
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -258,6 +258,7 @@ def _validation_loss(
     return total / count
 
 
+@trains_deterministically
 def train_and_save(
     spec: ClipTrainSpec,
     image_uris: list[str],
@@ -274,8 +275,6 @@ def train_and_save(
 
     Arguments are plain values, so this runs as well in a worker process (with `threads` torch
     threads) as in the caller's."""
-    if threads:
-        torch.set_num_threads(threads)
     bundle = build_clip(spec.arch, seed=spec.seed, captions=captions)
     facts: dict[str, Any] = {}
     history = train_clip(bundle, image_uris, captions, spec, device, facts, validation)

@@ -257,7 +257,10 @@ def defense_evaluations(
             [target, target],
         )
         ids = models["model_version"].to_list()
-        metrics = storage.read("SELECT * FROM attack_metrics WHERE list_contains(?, model_version)", [ids])
+        # The privacy-utility curves read TPR@1%FPR even below ten possible false positives (the defenses
+        # profile's 200 non-members), as the raw figure attack_metrics keeps beside its NULL.
+        metrics = storage.read("SELECT * REPLACE (coalesce(tpr_at_1pct_fpr, tpr_at_1pct_fpr_raw) AS tpr_at_1pct_fpr) "
+                               "FROM attack_metrics WHERE list_contains(?, model_version)", [ids])  # fmt: skip
         utility = storage.read("SELECT * FROM model_utility WHERE list_contains(?, model_version)", [ids])
         facts = {v: json.loads(f or "{}") for v, f in zip(ids, models["defense_facts"])}
         utility = pl.concat([utility, *(  # an adaptive attacker's view of a release has the release's utility

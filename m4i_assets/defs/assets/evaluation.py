@@ -20,7 +20,13 @@ from m4i_assets.defs.assets.attacks import score_assets, wsa_attack_model
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage, Tracking
 from m4i_assets.metrics import report
-from m4i_assets.metrics.evaluation import evaluate_scores, roc_plot_png, row_problems
+from m4i_assets.metrics.evaluation import (
+    evaluate_attacks,
+    known_threshold,
+    permutation_test,
+    roc_plot_png,
+    row_problems,
+)
 from m4i_assets.settings import AuditSettings
 
 
@@ -35,34 +41,94 @@ def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows:
         gap = max(
             gap,
             abs(roc_auc_score(labels, scores) - row["auc"]),
-            abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr"]),
+            abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr_raw"]),
         )
     return float(gap)
 
 
-def shift_gate(rows: list[dict], max_auc: float) -> AssetCheckResult:
-    """The blind-baseline shift gate (Das et al. 2024) as a blocking check result."""
-    passed, message = report.shift_verdict(rows, max_auc)
+def version_verdicts(storage: Storage, settings: AuditSettings, version: str) -> dict:
+    """What a version's verdicts rest on: its `attack_metrics` rows, `attack_comparisons` rows, the
+    known-vs-candidate non-member shift check, and the label-permutation test of its best attack."""
+    rows = storage.read("SELECT * FROM attack_metrics WHERE model_version = ? ORDER BY attack", [version]).to_dicts()
+    comparisons = storage.read("SELECT * FROM attack_comparisons WHERE model_version = ? ORDER BY ALL",
+                               [version]).to_dicts()  # fmt: skip
+    shift = storage.read("SELECT * FROM shift_checks WHERE model_version = ? AND comparison = "
+                         "'known_vs_candidate_nonmembers'", [version]).to_dicts()  # fmt: skip
+    permutation = None
+    best = report.best_attack(rows)
+    if best is not None:
+        scored = storage.read("SELECT score, is_member FROM membership_scores WHERE model_version = ? AND attack = ? "
+                              "AND is_member IS NOT NULL ORDER BY record_id", [version, best["attack"]])  # fmt: skip
+        permutation = {"attack": best["attack"], **permutation_test(
+            scored["is_member"].to_numpy(), scored["score"].to_numpy(), settings.n_permutations, settings.seed)}
+    return {"rows": rows, "comparisons": comparisons, "known_vs_candidates": shift[0] if shift else None,
+            "permutation": permutation}
+
+
+def shift_gate(rows: list[dict], margin: float, known_vs_candidates: dict | None) -> AssetCheckResult:
+    """The distribution-shift gate (Das et al. 2024) as a blocking check result."""
+    passed, message = report.shift_verdict(rows, margin, known_vs_candidates)
     blind = {k: v for r in rows if r["attack"] == report.BLIND for k, v in r.items() if k.startswith("auc")}
+    known = {f"known_vs_candidates_{k}": v for k, v in (known_vs_candidates or {}).items() if k.startswith("auc")}
     return AssetCheckResult(
         check_name="shift_gate",
         passed=passed,
         severity=AssetCheckSeverity.ERROR,
         description=message,
-        metadata={**blind, "max_auc": max_auc},
+        metadata={**blind, **known, "margin": margin},
     )
+
+
+def null_control_check(info: dict, rows: list[dict]) -> AssetCheckResult:
+    """For a null control (it never saw a candidate), every attack's AUC CI must contain 0.5."""
+    if info["role"] != "null_control":
+        return AssetCheckResult(check_name="null_control_at_chance", passed=True, severity=AssetCheckSeverity.WARN,
+                                description=f"applies to null controls only; this is a {info['role']}")  # fmt: skip
+    off = [f"{r['attack']} {report.ci_text(r, 'auc')}" for r in rows if not r["auc_ci_low"] <= 0.5 <= r["auc_ci_high"]]
+    return AssetCheckResult(
+        check_name="null_control_at_chance", passed=not off, severity=AssetCheckSeverity.WARN,
+        description="every attack's AUC CI contains 0.5" if not off else f"AUC CI excludes 0.5: {', '.join(off)}",
+        metadata={"off_chance": MetadataValue.json(off)},
+    )  # fmt: skip
+
+
+def score_matrix(storage: Storage, version: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Ground truth and every attack's scores of a version's candidates, aligned by record id; and each
+    attack's scores of the known non-members (where it has them)."""
+    scores = storage.read(
+        "SELECT attack, record_id, score, is_member FROM membership_scores WHERE model_version = ? "
+        "AND is_member IS NOT NULL ORDER BY attack, record_id",
+        [version],
+    )
+    if scores.is_empty():
+        raise ValueError(f"no scored candidates with ground truth for {version}")
+    wide = scores.pivot(on="attack", index=["record_id", "is_member"], values="score").sort("record_id")
+    attacks = sorted(set(scores["attack"]))
+    partial = [a for a in attacks if wide[a].null_count()]
+    if partial:
+        raise ValueError(f"{version}: attacks {partial} did not score every candidate the others scored")
+    known = storage.read("SELECT attack, score FROM known_nonmember_scores WHERE model_version = ? ORDER BY ALL",
+                         [version])  # fmt: skip
+    known_scores = {a: g["score"].to_numpy() for (a,), g in known.group_by(["attack"])}
+    return wide["is_member"].to_numpy(), {a: wide[a].to_numpy() for a in attacks}, known_scores
 
 
 @asset(
     group_name="evaluation",
     partitions_def=model_versions,
-    deps=[*score_assets, wsa_attack_model, "m4i_mb_scores", "m4i_fb_scores"],  # (captioning: by key, no cycle)
+    deps=[*score_assets, wsa_attack_model, "m4i_mb_scores", "m4i_fb_scores", "m4i_loss_scores",
+          "m4i_loss_ref_scores"],  # (captioning: by key, no cycle)
     kinds={"duckdb", "mlflow"},
     check_specs=[
         AssetCheckSpec("agrees_with_sklearn", asset="attack_metrics",
                        description="AUC and TPR@1%FPR recomputed by scikit-learn match"),
         AssetCheckSpec("shift_gate", asset="attack_metrics", blocking=True,
-                       description="blocks reporting when the blind baseline's AUC CI lies above the gate"),
+                       description="blocks reporting when the blind baseline's AUC CI (or known vs candidate "
+                       "non-members') excludes 0.5 by more than the margin"),
+        AssetCheckSpec("beats_blind_baseline", asset="attack_metrics",
+                       description="the paired CI of (best attack AUC - blind AUC) lies above 0 (Das et al. 2024)"),
+        AssetCheckSpec("null_control_at_chance", asset="attack_metrics",
+                       description="on a null control, every attack's AUC CI contains 0.5"),
         AssetCheckSpec("metrics_in_range", asset="attack_metrics", blocking=True,
                        description="metrics and CIs in [0, 1], every attack on the same candidates"),
     ],
@@ -70,28 +136,29 @@ def shift_gate(rows: list[dict], max_auc: float) -> AssetCheckResult:
 def attack_metrics(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
 ) -> MaterializeResult:
-    """AUC, balanced accuracy and TPR at 1% / 0.1% FPR with bootstrap CIs for every attack of a
-    model version, a log-log ROC plot, and one MLflow run (Carlini et al. 2022)."""
+    """AUC, balanced accuracy and TPR at 1% / 0.1% FPR (NULL below ten possible false positives) with paired
+    bootstrap CIs for every attack of a model version, TPR and realised FPR at the known non-members'
+    thresholds with Clopper-Pearson CIs, the paired differences from CSA and the blind baseline
+    (`attack_comparisons`), a log-log ROC plot, and one MLflow run (Carlini et al. 2022; ATTACKS.md 5)."""
     version = context.partition_key
     info = storage.model_info(version)
-    scores = storage.read(
-        "SELECT attack, score, is_member FROM membership_scores WHERE model_version = ? AND is_member IS NOT NULL "
-        "ORDER BY attack, record_id",
-        [version],
-    )
-    rows, curves = [], {}
-    for (attack,), group in scores.group_by(["attack"], maintain_order=True):
-        labels, values = group["is_member"].to_numpy(), group["score"].to_numpy()
-        ev = evaluate_scores(labels, values, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
-        rows.append({"attack": attack, **ev.as_row()})
-        curves[attack] = (labels, values)
-    if not rows:
-        raise ValueError(f"no scored candidates with ground truth for {version}")
+    labels, scores, known = score_matrix(storage, version)
+    ev = evaluate_attacks(labels, scores, n_bootstrap=settings.n_bootstrap, seed=settings.seed,
+                          baselines=report.BASELINES)  # fmt: skip
+    rows = [{"attack": a, **e.as_row(), **known_threshold(labels, scores[a], known.get(a))}
+            for a, e in ev.attacks.items()]  # fmt: skip
+    curves = {a: (labels, s) for a, s in scores.items()}
     png = roc_plot_png(curves, title=f"{info['role']} {version}")
-    artifacts = {"roc_loglog.png": png, "attack_metrics.json": json.dumps(rows, indent=2).encode()}
+    comparisons = [{"model_version": version, "audit": info["audit"], **c} for c in ev.comparisons]
+    artifacts = {"roc_loglog.png": png, "attack_metrics.json": json.dumps(rows, indent=2).encode(),
+                 "attack_comparisons.json": json.dumps(comparisons, indent=2).encode()}  # fmt: skip
     wsa_model = storage.attack_model_path(version, "wsa.safetensors")
     if wsa_model.exists():
         artifacts["wsa_attack_model.safetensors"] = wsa_model.read_bytes()
+    numbers = {f"{r['attack']}.{k}": v for r in rows for k, v in r.items()
+               if k != "attack" and isinstance(v, (int, float)) and v is not None}  # fmt: skip
+    numbers |= {f"{c['attack']}-{c['baseline']}.{c['metric']}.{k}": c[k] for c in comparisons
+                for k in ("difference", "ci_low", "ci_high")}  # fmt: skip
     run_id = tracking.log_run(
         run_name=f"{info['audit']}/{version}",
         params={
@@ -99,23 +166,32 @@ def attack_metrics(
             "model_sha256": info["sha256"], "seed": settings.seed, "n_bootstrap": settings.n_bootstrap,
             "settings": settings.model_dump(), "train_config": info["train_config"],
         },
-        metrics={f"{r['attack']}.{k}": v for r in rows for k, v in r.items() if k != "attack"},
+        metrics=numbers,
         tags={"audit": info["audit"], "model_version": version, "model_role": info["role"],
               "dagster_run_id": context.run_id},
         artifacts=artifacts,
     )  # fmt: skip
-    table = pl.DataFrame(rows).with_columns(
+    table = pl.DataFrame(rows, infer_schema_length=None).with_columns(
         model_version=pl.lit(version),
         audit=pl.lit(info["audit"]),
         mlflow_run_id=pl.lit(run_id),
         n_bootstrap=pl.lit(settings.n_bootstrap),
     )
+    comparison_table = pl.DataFrame(comparisons, schema={
+        "model_version": pl.String, "audit": pl.String, "attack": pl.String, "baseline": pl.String,
+        "metric": pl.String, "difference": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64})  # fmt: skip
     storage.write("attack_metrics", table, model_version=version)
+    storage.write("attack_comparisons", comparison_table, model_version=version)
     gap = sklearn_disagreement(curves, rows)
+    shift = storage.read("SELECT * FROM shift_checks WHERE model_version = ?", [version]).to_dicts()
+    beats, beats_text = report.beats_blind_verdict(rows, comparisons)
     return MaterializeResult(
         check_results=[
             AssetCheckResult(check_name="agrees_with_sklearn", passed=gap < 1e-9, metadata={"max_gap": gap}),
-            shift_gate(rows, settings.shift_gate_max_auc),
+            shift_gate(rows, settings.shift_gate_margin, shift[0] if shift else None),
+            AssetCheckResult(check_name="beats_blind_baseline", passed=beats, severity=AssetCheckSeverity.WARN,
+                             description=beats_text),
+            null_control_check(info, rows),
             AssetCheckResult(
                 check_name="metrics_in_range",
                 passed=not (problems := row_problems(rows)),
@@ -126,6 +202,7 @@ def attack_metrics(
             "dagster/row_count": table.height,
             "mlflow_run_id": run_id,
             "metrics": MetadataValue.md(report.metrics_markdown(rows)),
+            "attack_comparisons": MetadataValue.md(report.comparisons_markdown(comparisons)),
             "roc_loglog": MetadataValue.md(f"![ROC, log-log](data:image/png;base64,{base64.b64encode(png).decode()})"),
             **{f"{r['attack']}_auc": float(r["auc"]) for r in rows},
         },
@@ -136,16 +213,21 @@ def attack_metrics(
 def audit_report(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
 ) -> MaterializeResult:
-    """The comparison report of one model version: every attack with CIs, how each compares with CSA
-    at low FPR, the null-control and shift verdicts, and for a captioner the M^4I scenario table. Runs
-    only when the shift gate passed."""
+    """The comparison report of one model version: every attack with CIs, the paired comparisons with CSA
+    and the blind baseline, the shift, null-control and permutation verdicts, and for a captioner the M^4I
+    scenario table. Runs only when the shift gate passed."""
     version = context.partition_key
     info = storage.model_info(version)
-    rows = storage.read("SELECT * FROM attack_metrics WHERE model_version = ? ORDER BY attack", [version]).to_dicts()
+    v = version_verdicts(storage, settings, version)
     title = f"Membership audit of {version} ({info['role']}, {info['arch']}, audit {info['audit']})"
-    text = report.audit_report(title, rows, settings.shift_gate_max_auc)
+    text = report.audit_report(title, v["rows"], v["comparisons"], settings.shift_gate_margin,
+                               v["known_vs_candidates"], v["permutation"])  # fmt: skip
     scenarios = storage.read("SELECT * FROM m4i_scenarios WHERE model_version = ? ORDER BY attack", [version])
     if scenarios.height:  # a captioner: the M^4I threat scenarios too
         text += "\n\n## M^4I threat scenarios (Hu et al. 2022)\n\n" + report.scenarios_markdown(scenarios.to_dicts())
-    tracking.log_artifacts(rows[0]["mlflow_run_id"], {"audit_report.md": text.encode()})
-    return MaterializeResult(metadata={"report": MetadataValue.md(text), "mlflow_run_id": rows[0]["mlflow_run_id"]})
+    run_id = v["rows"][0]["mlflow_run_id"]
+    permutation = v["permutation"] or {}
+    tracking.log_metrics(run_id, {f"permutation.{k}": x for k, x in permutation.items() if k != "attack"},
+                         {"audit_report.md": text.encode()})  # fmt: skip
+    return MaterializeResult(metadata={"report": MetadataValue.md(text), "mlflow_run_id": run_id,
+                                       "permutation_test": MetadataValue.json(permutation)})  # fmt: skip

@@ -119,14 +119,14 @@ def train_and_register(
         else:
             todo.append((i, job, Path(tempfile.mkdtemp(dir=storage.root))))
 
-    device = compute.torch_device
+    device, threads = compute.torch_device, settings.train_threads  # the same threads in a worker as in process
     if min(len(todo), compute.training_workers) > 1:
         with ProcessPoolExecutor(max_workers=compute.training_workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(family.train_and_save, *job.arguments(settings.audit, staged, device, 1))
+            futures = [pool.submit(family.train_and_save, *job.arguments(settings.audit, staged, device, threads))
                        for _, job, staged in todo]  # fmt: skip
             fitted = [f.result() for f in futures]
     else:
-        fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, None))
+        fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, threads))
                   for _, job, staged in todo]  # fmt: skip
 
     for (i, job, staged), (sha, history, n_params, facts) in zip(todo, fitted):
@@ -249,9 +249,10 @@ def captioner_models(context: AssetExecutionContext, settings: AuditSettings, st
         pool = storage.audit_records(settings.audit, ("population",), dataset=dataset)
         members, nonmembers = shadow_split(pool["record_id"].to_list(), settings.seed + 200 + d)
         for a, arch in enumerate(settings.shadow_archs):
-            shadows.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
-                                    settings.captioner_spec(arch, 200 + 10 * d + a),
-                                    shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
+            for repeat in range(settings.shadow_seeds):  # training variance: same data, another seed
+                shadows.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
+                                        settings.captioner_spec(arch, 200 + 10 * d + a + 1000 * repeat),
+                                        shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
     arch = settings.captioner_arch
     plan = {
         "target_captioner": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),

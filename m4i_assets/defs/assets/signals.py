@@ -110,7 +110,7 @@ def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFra
 
 
 @signal_asset("augmentation_deltas", [embeddings], "finite_deltas",
-              "one row per (candidate, transform), at least eight transforms, finite")  # fmt: skip
+              "one row per (candidate or known non-member, transform), at least eight transforms, finite")  # fmt: skip
 def augmentation_deltas(
     context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
 ) -> MaterializeResult:
@@ -121,7 +121,7 @@ def augmentation_deltas(
 
     version = context.partition_key
     info = storage.model_info(version)
-    cands = storage.audit_records(info["audit"], CANDIDATE_ROLES).select("record_id", "image_uri")
+    cands = storage.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
     emb = load_signal(storage, "embeddings", version).join(cands, on="record_id").sort("record_id")
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     transforms = transform_registry(settings.seed)
