@@ -181,3 +181,18 @@ def test_sampled_decoding_is_seeded_and_differs_from_greedy(corpus, vit_gpt2):
         hot = generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=5)
         assert hot == generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=5)
         assert hot != greedy and hot != generate_captions(bundle, uris, device="cpu", temperature=1.5, seed=6)
+
+
+def test_vit_gpt2_saved_with_a_processor_loads(corpus, vit_gpt2, tmp_path):
+    """A VisionEncoderDecoder directory whose image processor was saved inside a Processor
+    (`processor_config.json`, as transformers 5 writes it) loads and captions the same."""
+    uris, _ = corpus
+    _, _, generated, folder, _, _ = vit_gpt2
+    user = tmp_path / "user"
+    transformers.VisionEncoderDecoderModel.from_pretrained(folder).save_pretrained(user)
+    transformers.TrOCRProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+    ).save_pretrained(user)
+    assert (user / "processor_config.json").is_file() and not (user / "preprocessor_config.json").exists()
+    assert generate_captions(load_captioner(user), uris, device="cpu") == generated

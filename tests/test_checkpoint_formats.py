@@ -333,3 +333,25 @@ def test_sensor_registers_torch_and_hugging_face_checkpoints(open_clip_bundle, h
         )
     assert storage.model_info(versions[0])["arch"] == "hf-clip"
     assert tick(first.cursor).run_requests == []  # unchanged folders launch nothing
+
+
+def test_hf_clip_saved_with_clip_processor_loads(hf_saved, records, tmp_path):
+    """transformers 5 saves a CLIPProcessor as `processor_config.json` (no preprocessor_config.json): such a
+    directory, written by CLIPModel.save_pretrained and CLIPProcessor.save_pretrained, loads and embeds."""
+    bundle, _, folder, _ = hf_saved
+    model = transformers.CLIPModel.from_pretrained(folder)
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+    )
+    user = tmp_path / "user-clip"
+    model.save_pretrained(user)
+    processor.save_pretrained(user)
+    assert (user / "processor_config.json").is_file() and not (user / "preprocessor_config.json").exists()
+    loaded = clip.load_clip(user, device="cpu")
+    assert loaded.arch == "hf-clip"
+    np.testing.assert_allclose(embeddings(loaded, records)[0], embeddings(bundle, records)[0], atol=1e-5)
+    assert describe_checkpoint(user).family == "clip"
+    (user / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json not found \\(nor processor_config.json\\)"):
+        clip.load_clip(user)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from m4i_assets.data.corpus import CorpusSpec, generate
-from m4i_assets.data.manifest import read_manifest, record_id
+from m4i_assets.data.manifest import RowRules, read_manifest, record_id
 from m4i_assets.data.roles import RoleSpec, assign_roles
 
 
@@ -120,7 +120,7 @@ def test_bombs_truncation_and_encodings_are_rejected_with_reasons(tmp_path):
     ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
-    out = read_manifest(manifest, "bad", max_pixels=100_000)
+    out = read_manifest(manifest, "bad", RowRules(max_pixels=100_000))
     assert out.rows_in == 6 == out.records.height + out.rejects.height and out.records["caption"].to_list() == ["fine"]
     assert dict(zip(out.rejects["locator"], out.rejects["reason"])) == {
         "m.jsonl:1": "image_too_large", "m.jsonl:3": "undecodable_image", "m.jsonl:4": "undecodable_image",

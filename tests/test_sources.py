@@ -16,6 +16,7 @@ from PIL import Image
 
 from m4i_assets.data.coco import read_coco
 from m4i_assets.data.images import open_rgb
+from m4i_assets.data.manifest import RowRules
 from m4i_assets.data.sources import SourceSpec, load_registry
 from m4i_assets.data.webdataset import read_webdataset_shard
 from m4i_assets.defs.definitions import build_resources
@@ -49,6 +50,7 @@ def zoo() -> list[tuple[str, bytes | None, str, str | None]]:
 
 
 MAX_PIXELS = 100_000  # so the 400 x 300 "bomb" stays a small file
+RULES = RowRules(max_pixels=MAX_PIXELS)
 
 
 def _write_images(folder: Path) -> None:
@@ -85,13 +87,13 @@ def _reasons(rejects: pl.DataFrame) -> dict[str, int]:
 
 def test_coco_source_keeps_odd_images_and_rejects_bad_rows(tmp_path):
     annotations = _coco(tmp_path)
-    out = read_coco(annotations, tmp_path / "images", "coco", max_pixels=MAX_PIXELS)
+    out = read_coco(annotations, tmp_path / "images", "coco", rules=RULES)
     assert out.rows_in == len(zoo()) + 2 == out.records.height + out.rejects.height
     assert sorted(out.records["caption"]) == sorted(c for _, _, c, r in zoo() if r is None)
     assert _reasons(out.rejects) == _expected({"malformed_row": 2})
     assert {json.loads(m)["image_id"] for m in out.records["metadata"]} == {1, 2, 3, 4, 5}
     # Shards split the images; together they hold every row exactly once.
-    parts = [read_coco(annotations, tmp_path / "images", "coco", k, 3, MAX_PIXELS) for k in range(3)]
+    parts = [read_coco(annotations, tmp_path / "images", "coco", k, 3, RULES) for k in range(3)]
     assert sum(p.rows_in for p in parts) == out.rows_in
     ids = [i for p in parts for i in p.records["record_id"]]
     # red.png and its duplicate land in different shards: each shard keeps its copy, `records` merges them.
@@ -145,7 +147,7 @@ def test_webdataset_shard_streams_keys_and_rejects_unreadable_members(tmp_path):
     members += [("000000101.png", _encode("RGB", (5, 5, 5))), ("000000101.txt", b"caf\xe9 latin-1")]  # not UTF-8
     members += [("000000102.png", _encode("RGB", (6, 6, 6))), ("000000102.json", b'{"caption": "from json"}')]
     shard = _tar(tmp_path / "00000.tar", members)
-    out = read_webdataset_shard(shard, "wds", MAX_PIXELS)
+    out = read_webdataset_shard(shard, "wds", RULES)
     # A missing file in a shard is a key without an image member: malformed, not missing_file.
     expected = _expected({"unreadable_tar_member": 1, "not_utf8": 1, "malformed_row": 1})
     expected.pop("missing_file")
@@ -161,7 +163,7 @@ def test_truncated_and_compressed_shards(tmp_path):
     data = shard.read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: 512 * 7 + 20])  # ends inside the second key's image (its data starts at 3584)
-    out = read_webdataset_shard(cut, "wds", MAX_PIXELS)
+    out = read_webdataset_shard(cut, "wds", RULES)
     assert out.rows_in == out.records.height + out.rejects.height and out.records.height == 1
     assert set(out.rejects["reason"]) == {"unreadable_tar_member"}
     gz = tmp_path / "z.tar"

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from m4i_assets.data.manifest import MAX_PIXELS, Ingested, ingest_rows
+from m4i_assets.data.manifest import DEFAULT_RULES, Ingested, RowRules, ingest_rows
 
 
 def _load(annotations: Path) -> tuple[list[dict], list[dict]]:
@@ -73,7 +73,7 @@ def read_coco(
     dataset: str,
     shard: int = 0,
     n_shards: int = 1,
-    max_pixels: int = MAX_PIXELS,
+    rules: RowRules = DEFAULT_RULES,
 ) -> Ingested:
     """Records and rejects of one shard of a COCO captions source (rows in = records + rejects)."""
     if not 0 <= shard < n_shards:
@@ -81,4 +81,4 @@ def read_coco(
     folder = Path(images)
     if not folder.is_dir():
         raise FileNotFoundError(f"COCO image folder not found: {folder}")
-    return ingest_rows(coco_rows(Path(annotations), shard, n_shards), dataset, folder, max_pixels)
+    return ingest_rows(coco_rows(Path(annotations), shard, n_shards), dataset, folder, rules)

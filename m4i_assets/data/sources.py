@@ -18,7 +18,10 @@ one. The registry (`datasets.yaml`) looks like:
         path: /data/laion_sample/*.tar
       - name: my_pairs
         format: manifest
-        path: /data/my_pairs/manifest.parquet
+        path: /data/my_pairs/manifest.csv
+        columns: {image: filepath, caption: title}   # optional: record field -> the file's column
+        root: /data/my_pairs                         # optional: images outside it are `outside_root` rejects
+        max_bytes: 67108864                          # optional: larger image files are rejected unread
 
 Relative paths are relative to the registry file.
 """
@@ -34,7 +37,7 @@ import yaml
 
 from m4i_assets.data import corpus as corpus_gen
 from m4i_assets.data.coco import read_coco
-from m4i_assets.data.manifest import MAX_PIXELS, Ingested, read_manifest
+from m4i_assets.data.manifest import MAX_FILE_BYTES, MAX_PIXELS, Ingested, RowRules, read_manifest
 from m4i_assets.data.webdataset import read_webdataset_shard
 
 FORMATS = ("manifest", "coco", "webdataset", "embedded")
@@ -46,7 +49,8 @@ class SourceSpec:
 
     `path`: manifest file(s) (a glob matches several), COCO annotations JSON, tar shards (a glob, or a
     folder of `*.tar`), or the embedded corpus's folder. `images`: COCO's image folder. `shards`: how
-    many slices a COCO file is read in. `corpus`: the embedded generator's spec."""
+    many slices a COCO file is read in. `max_pixels`, `max_bytes`, `root`, `columns`: the rows' rules
+    (`manifest.RowRules`). `corpus`: the embedded generator's spec."""
 
     name: str
     format: str
@@ -54,6 +58,9 @@ class SourceSpec:
     images: str = ""
     shards: int = 1
     max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_FILE_BYTES
+    root: str = ""
+    columns: dict[str, str] = field(default_factory=dict, hash=False)
     corpus: corpus_gen.CorpusSpec | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +74,17 @@ class SourceSpec:
             raise ValueError(f"dataset {self.name!r}: an embedded source needs its corpus spec")
         if self.shards < 1:
             raise ValueError(f"dataset {self.name!r}: shards must be >= 1")
+        if not isinstance(self.columns, dict):
+            raise ValueError(f"dataset {self.name!r}: columns must be a mapping (record field: column name)")
+        try:
+            _ = self.rules
+        except ValueError as exc:
+            raise ValueError(f"dataset {self.name!r}: {exc}") from exc
+
+    @property
+    def rules(self) -> RowRules:
+        """What this source's rows may be (`manifest.RowRules`)."""
+        return RowRules(self.max_pixels, self.max_bytes, Path(self.root) if self.root else None, self.columns)
 
     def _files(self, pattern: str) -> list[Path]:
         if os.path.isdir(pattern):
@@ -90,14 +108,14 @@ class SourceSpec:
             raise ValueError(f"dataset {self.name!r} has no shard {shard!r}")
         if self.format == "manifest":
             (path,) = [p for p in self._files(self.path) if p.name == shard]
-            return read_manifest(path, self.name, self.max_pixels)
+            return read_manifest(path, self.name, self.rules)
         if self.format == "webdataset":
             (path,) = [p for p in self._files(self.path) if p.name == shard]
-            return read_webdataset_shard(path, self.name, self.max_pixels)
+            return read_webdataset_shard(path, self.name, self.rules)
         if self.format == "coco":
-            return read_coco(self.path, self.images, self.name, int(shard.split("-")[0]), self.shards, self.max_pixels)
+            return read_coco(self.path, self.images, self.name, int(shard.split("-")[0]), self.shards, self.rules)
         manifest = corpus_gen.generate(self.corpus, self.path)  # idempotent: same spec, same bytes
-        return read_manifest(manifest, self.name, self.max_pixels)
+        return read_manifest(manifest, self.name, self.rules)
 
 
 REGISTRY_KEYS = {f.name for f in fields(SourceSpec)} - {"corpus"}
@@ -122,7 +140,7 @@ def load_registry(path: str | os.PathLike) -> list[SourceSpec]:
         unknown = sorted(set(entry) - REGISTRY_KEYS)
         if unknown or entry["format"] == "embedded":
             raise ValueError(f"{path}: datasets[{i}]: unknown keys {unknown} or format 'embedded' (set by the audit)")
-        resolved = {k: str(path.parent / v) if k in ("path", "images") else v for k, v in entry.items()}
+        resolved = {k: str(path.parent / v) if k in ("path", "images", "root") else v for k, v in entry.items()}
         try:
             sources.append(SourceSpec(**resolved))
         except (TypeError, ValueError) as exc:

@@ -5,7 +5,10 @@ A shard is streamed member by member (never extracted, never held in memory beyo
 key becomes one row for `manifest.ingest_rows`. The image stays inside the shard: its `image_uri` is the
 member's byte range (`images.tar_member_uri`), so shards must be uncompressed `.tar` files, as
 img2dataset writes them. A member that cannot be read (truncated shard, link instead of data) makes its
-key a reject (`unreadable_tar_member`); a corrupt header ends the shard with one reject for the rest.
+key a reject (`unreadable_tar_member`); a corrupt header ends the shard with one reject for the rest; a
+file that is not a tar at all (or is cut inside its first header) is one `unreadable_shard` reject naming
+the shard. A registry's `columns: {caption: <key>}` names the `<key>.json` field a caption is read from
+when there is no `<key>.txt`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from m4i_assets.data.images import tar_member_uri
-from m4i_assets.data.manifest import MAX_PIXELS, Ingested, ingest_rows
+from m4i_assets.data.manifest import DEFAULT_RULES, Ingested, RowRules, ingest_rows
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -29,7 +32,7 @@ def _split(name: str) -> tuple[str, str]:
     return str(path.parent / stem) if str(path.parent) != "." else stem, ext.lower()
 
 
-def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str]]) -> dict:
+def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str]], caption_key: str) -> dict:
     """One key's members (extension -> (info, bytes, or an error message)) as a row for `check_row`."""
     errors = [f"{info.name}: {data}" for info, data in members.values() if isinstance(data, str)]
     if errors:
@@ -51,13 +54,13 @@ def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str]]) -
             row["caption"] = members["txt"][1].decode("utf-8")
         except UnicodeDecodeError as exc:
             return {"__not_utf8__": f"{members['txt'][0].name}: byte {exc.start} is not UTF-8"}
-    elif isinstance(metadata, dict) and isinstance(metadata.get("caption"), str):
-        row["caption"] = metadata["caption"]
+    elif isinstance(metadata, dict) and isinstance(metadata.get(caption_key), str):
+        row["caption"] = metadata[caption_key]
     row["metadata"] = metadata
     return row
 
 
-def shard_rows(shard: Path) -> Iterator[tuple[str, dict]]:
+def shard_rows(shard: Path, caption_key: str = "caption") -> Iterator[tuple[str, dict]]:
     """(locator, row) per key of one tar shard, streamed."""
     if not shard.is_file():
         raise FileNotFoundError(f"WebDataset shard not found: {shard}")
@@ -65,14 +68,19 @@ def shard_rows(shard: Path) -> Iterator[tuple[str, dict]]:
         if handle.read(2) == b"\x1f\x8b":
             raise ValueError(f"{shard} is gzip-compressed; shards must be plain .tar files (as img2dataset writes)")
     key, members = None, {}
-    with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+    with open(shard, "rb") as handle:
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r|")
+        except tarfile.TarError as exc:  # not a tar, or cut inside its first header: one reject for the shard
+            yield shard.name, {"__unreadable_shard__": f"{shard} is not a readable tar: {exc}"}
+            return
         try:
             for info in tar:
                 if info.isdir():
                     continue
                 member_key, ext = _split(info.name)
                 if member_key != key and members:
-                    yield f"{shard.name}:{key}", _row(shard, members)
+                    yield f"{shard.name}:{key}", _row(shard, members, caption_key)
                     members = {}
                 key = member_key
                 if not info.isfile():
@@ -84,13 +92,15 @@ def shard_rows(shard: Path) -> Iterator[tuple[str, dict]]:
                     members[ext] = (info, f"unreadable: {exc}")
         except tarfile.TarError as exc:
             if members:
-                yield f"{shard.name}:{key}", _row(shard, members)
+                yield f"{shard.name}:{key}", _row(shard, members, caption_key)
                 members = {}
             yield f"{shard.name}:@{handle.tell()}", {"__unreadable__": f"the rest of the shard is unreadable: {exc}"}
+        tar.close()
     if members:
-        yield f"{shard.name}:{key}", _row(shard, members)
+        yield f"{shard.name}:{key}", _row(shard, members, caption_key)
 
 
-def read_webdataset_shard(shard: str | os.PathLike, dataset: str, max_pixels: int = MAX_PIXELS) -> Ingested:
+def read_webdataset_shard(shard: str | os.PathLike, dataset: str, rules: RowRules = DEFAULT_RULES) -> Ingested:
     """Records and rejects of one tar shard (rows in = keys = records + rejects)."""
-    return ingest_rows(shard_rows(Path(shard)), dataset, None, max_pixels)
+    rows = shard_rows(Path(shard), rules.columns.get("caption", "caption"))
+    return ingest_rows(rows, dataset, None, RowRules(rules.max_pixels, rules.max_bytes, rules.root))

@@ -8,8 +8,8 @@ The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one chec
   weights file, `model.safetensors` (as the platform saves them) or a torch file `*.pt`, `*.pth`, `*.bin`
   (as open_clip's training writes them);
 - a Hugging Face CLIP directory: `config.json` with model_type "clip", `model.safetensors` or
-  `pytorch_model.bin`, tokenizer files and `preprocessor_config.json` (arch: our `m4i.json`'s, else
-  "hf-clip");
+  `pytorch_model.bin`, tokenizer files and `preprocessor_config.json` or `processor_config.json` (arch:
+  our `m4i.json`'s, else "hf-clip");
 - a captioner: `model.safetensors` + `config.json`, this platform's CNN+LSTM or any Hugging Face
   VisionEncoderDecoder directory.
 

@@ -55,7 +55,7 @@ from m4i_assets.defenses.regularisation import (
 )
 from m4i_assets.defenses.release import SAMPLED_DECODING_TOP_K, sample_next_token
 from m4i_assets.metrics.captions import normalise_caption
-from m4i_assets.models.checkpoints import read_json_object, sha256_file
+from m4i_assets.models.checkpoints import image_processor_file, read_json_object, sha256_file
 from m4i_assets.models.device import device_for, trains_deterministically
 from m4i_assets.models.vocabulary import caption_words, tokenize, word_level_tokenizer
 
@@ -523,9 +523,9 @@ def _load_cnn_lstm(folder: Path, config: dict[str, Any]) -> CaptionerBundle:
 
 def _load_hugging_face(folder: Path) -> CaptionerBundle:
     """Any VisionEncoderDecoder directory; with our `m4i.json` the spec and vocabulary come back as well."""
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"captioner checkpoint incomplete: {folder / name} not found")
+    processor_file = image_processor_file(folder, "captioner checkpoint")
+    if not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"captioner checkpoint incomplete: {folder / 'tokenizer_config.json'} not found")
     weights = folder / "model.safetensors"
     try:
         hf = transformers.VisionEncoderDecoderModel.from_pretrained(folder)
@@ -543,7 +543,7 @@ def _load_hugging_face(folder: Path) -> CaptionerBundle:
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
     except Exception as exc:
-        raise ValueError(f"{folder / 'preprocessor_config.json'} does not give an image processor: {exc}") from exc
+        raise ValueError(f"{processor_file} does not give an image processor: {exc}") from exc
     if (folder / M4I_FILE).is_file():
         try:
             spec = CaptionerSpec(**_read_json(folder / M4I_FILE)["spec"])

@@ -25,6 +25,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
 HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face directory's, in from_pretrained's order
+# Where a Hugging Face directory keeps its image processor: `preprocessor_config.json` (ImageProcessor
+# .save_pretrained, and older transformers' Processor.save_pretrained) or `processor_config.json` (a
+# Processor saved by transformers 5, the image processor nested under "image_processor").
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 M4I_FILE = "m4i.json"  # the project's arch and info beside a Hugging Face directory's own files
 HF_CLIP_ARCH = "hf-clip"  # the arch of a Hugging Face CLIP directory without our m4i.json
 
@@ -59,6 +63,16 @@ def safetensors_tensor_count(path: str | os.PathLike) -> int:
 def hf_weights_file(folder: str | os.PathLike) -> Path | None:
     """The weights file of a Hugging Face directory (the first of `HF_WEIGHTS_FILES` present), or None."""
     return next((Path(folder) / n for n in HF_WEIGHTS_FILES if (Path(folder) / n).is_file()), None)
+
+
+def image_processor_file(folder: str | os.PathLike, what: str) -> Path:
+    """The file a Hugging Face directory keeps its image processor in (`IMAGE_PROCESSOR_FILES`); a
+    FileNotFoundError naming it ("`what` incomplete") when there is none."""
+    found = next((Path(folder) / n for n in IMAGE_PROCESSOR_FILES if (Path(folder) / n).is_file()), None)
+    if found is None:
+        missing, other = (Path(folder) / n for n in IMAGE_PROCESSOR_FILES)
+        raise FileNotFoundError(f"{what} incomplete: {missing} not found (nor {other.name})")
+    return found
 
 
 def hf_clip_arch(folder: str | os.PathLike) -> str:

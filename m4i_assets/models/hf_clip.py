@@ -2,7 +2,8 @@
 
 `models.clip` is the entry point (build, train, save, load any CLIP); this module holds what is specific to
 a Hugging Face CLIP directory (`config.json` with model_type "clip", `model.safetensors` or
-`pytorch_model.bin`, tokenizer files, `preprocessor_config.json`):
+`pytorch_model.bin`, tokenizer files, `preprocessor_config.json` or, as transformers 5 saves a
+CLIPProcessor, `processor_config.json`):
 
 - `HFClip` wraps a CLIPModel with open_clip's `encode_image(x, normalize)`, `encode_text(tokens, normalize)`,
   `logit_scale` and `forward(images, tokens) -> (image features, text features, logit_scale.exp())`, so
@@ -26,7 +27,13 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from m4i_assets.models.checkpoints import HF_WEIGHTS_FILES, hf_weights_file, load_weights, read_json_object
+from m4i_assets.models.checkpoints import (
+    HF_WEIGHTS_FILES,
+    hf_weights_file,
+    image_processor_file,
+    load_weights,
+    read_json_object,
+)
 from m4i_assets.models.vocabulary import caption_words, word_level_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer's file, or a CLIP BPE vocabulary
@@ -178,9 +185,9 @@ def load(folder: Path, weights: Path | None = None) -> Parts:
         raise FileNotFoundError(
             f"CLIP checkpoint incomplete: {folder / HF_WEIGHTS_FILES[0]} not found (nor {HF_WEIGHTS_FILES[1]})"
         )
-    for name in ("tokenizer_config.json", "preprocessor_config.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / name} not found")
+    if not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / 'tokenizer_config.json'} not found")
+    processor_file = image_processor_file(folder, "CLIP checkpoint")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / TOKENIZER_FILES[0]} not found")
     try:
@@ -200,7 +207,7 @@ def load(folder: Path, weights: Path | None = None) -> Parts:
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         preprocess = image_transform(processor)
     except Exception as exc:
-        raise ValueError(f"{folder / 'preprocessor_config.json'} does not give an image processor: {exc}") from exc
+        raise ValueError(f"{processor_file} does not give an image processor: {exc}") from exc
     return Parts(
         HFClip(hf), preprocess, TextTokenizer(tokenizer, config.text_config.max_position_embeddings), processor
     )
