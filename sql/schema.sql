@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS record_roles (
     is_member BOOLEAN NOT NULL,        -- member of the audit's target training set
     PRIMARY KEY (audit, record_id)
 );
+-- The dataset an audit takes a record from: the same record (content) may be in several datasets.
+ALTER TABLE record_roles ADD COLUMN IF NOT EXISTS dataset VARCHAR;
 
 CREATE TABLE IF NOT EXISTS models (
     model_version  VARCHAR PRIMARY KEY, -- family + first 12 hex digits of the checkpoint sha256

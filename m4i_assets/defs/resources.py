@@ -121,11 +121,11 @@ class Storage(ConfigurableResource):
 
     def audit_records(self, audit: str, roles: tuple[str, ...], dataset: str | None = None) -> pl.DataFrame:
         """Records of the given roles of an audit (of one dataset, if given) with their role and ground
-        truth, by record_id."""
+        truth, by record_id. A record is read from the dataset its role names: a record's identity (its
+        content hash) and its membership in a dataset are separate facts, and two datasets may share records."""
         return self.read(
             f"""SELECT x.record_id, r.dataset, r.image_uri, r.caption, x.role, x.is_member FROM record_roles x
-                JOIN (SELECT DISTINCT ON (record_id) record_id, dataset, image_uri, caption FROM records
-                      ORDER BY record_id, dataset) r USING (record_id)
+                JOIN records r ON r.record_id = x.record_id AND r.dataset = x.dataset
                 WHERE x.audit = ? AND x.role IN ({", ".join("?" * len(roles))}) AND r.dataset = coalesce(?, r.dataset)
                 ORDER BY x.record_id""",
             [audit, *roles, dataset],
@@ -153,9 +153,10 @@ class Storage(ConfigurableResource):
             return self.audit_records(info["audit"], ("member", "nonmember"))
         return self.read(
             """SELECT s.record_id, r.dataset, r.image_uri, r.caption, s.is_member FROM shadow_records s
-               JOIN (SELECT DISTINCT ON (record_id) record_id, dataset, image_uri, caption FROM records) r
-               USING (record_id) WHERE s.model_version = ? ORDER BY s.record_id""",
-            [model_version],
+               JOIN record_roles x ON x.record_id = s.record_id AND x.audit = ?
+               JOIN records r ON r.record_id = s.record_id AND r.dataset = x.dataset
+               WHERE s.model_version = ? ORDER BY s.record_id""",
+            [info["audit"], model_version],
         )
 
     def latest_versions(self, audit: str, role: str, n: int = 1, family: str = "clip") -> list[str]:

@@ -163,8 +163,13 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     main = ids_of(settings.main_dataset())
     shifted, second = settings.shifted_corpus_spec(), settings.second_domain_spec()
     roles = assign_roles(main, settings.role_spec(), ids_of(shifted.name) if shifted else None)
+    roles = roles.with_columns(dataset=pl.lit(settings.main_dataset()))
+    if shifted:  # the non-members were drawn from the shifted corpus
+        from_shifted = pl.col("record_id").is_in(ids_of(shifted.name)) & (pl.col("role") == "nonmember")
+        roles = roles.with_columns(dataset=pl.when(from_shifted).then(pl.lit(shifted.name)).otherwise("dataset"))
     if second:  # the second caption domain is all population (shadow captioners' data)
-        other = pl.DataFrame({"record_id": ids_of(second.name), "role": "population", "is_member": False})
+        other = pl.DataFrame({"record_id": ids_of(second.name), "role": "population", "is_member": False,
+                              "dataset": second.name})  # fmt: skip
         roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
     roles = roles.with_columns(audit=pl.lit(settings.audit))
     storage.write("record_roles", roles, audit=settings.audit)
