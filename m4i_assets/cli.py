@@ -1,6 +1,8 @@
-"""`m4i`: run the embedded controlled audit through Dagster and print its headline metrics.
+"""`m4i`: run audits through Dagster (the embedded controlled demo, or audits of the registry) and print their metrics.
 
 m4i demo [--family clip|captioner|all]   materialize an audit (multiprocess executor, persistent Dagster home)
+m4i audit NAME | --all   run audits of the registry ($M4I_HOME/audits.yaml): ingest, register, audit, report
+m4i ingest    ingest every registered source; print rows in / records / rejects per dataset
 m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
 m4i report    print the headline tables from the warehouse
 m4i ui-check  serve the Dagster UI on 127.0.0.1 and screenshot the asset graph with headless Chromium
@@ -25,10 +27,11 @@ from pathlib import Path
 
 import polars as pl
 
-from m4i_assets.data.sources import shard_partition_keys
-from m4i_assets.defs.assets.data import audit_sources
+from m4i_assets.data.audits import AuditSpec, load_audits
+from m4i_assets.data.sources import partition_key, shard_partition_keys
+from m4i_assets.defs.assets.data import audit_sources, shard_outputs
 from m4i_assets.defs.assets.evaluation import version_verdicts
-from m4i_assets.defs.automation import AUDIT_ASSETS
+from m4i_assets.defs.automation import AUDIT_ASSETS, audit_selection
 from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
 from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics.report import comparisons_markdown, verdict_lines
@@ -112,7 +115,7 @@ def _materialize(
 def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
     """Start the runs (zero-argument callables returning (process, log)), `parallel` at a time."""
     start = time.monotonic()
-    print(f"m4i demo: {what} ({len(launches)} Dagster run{'s' * (len(launches) > 1)}) ...", flush=True)
+    print(f"m4i: {what} ({len(launches)} Dagster run{'s' * (len(launches) > 1)}) ...", flush=True)
     runs, codes = [], []
     for batch in range(0, len(launches), parallel):
         started = [launch() for launch in launches[batch : batch + parallel]]
@@ -122,8 +125,8 @@ def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
         for (_, log), code in zip(runs, codes):
             if code:
                 print(f"--- {log} (exit code {code}), last lines:\n" + "".join(log.read_text().splitlines(True)[-40:]))
-        raise SystemExit(f"m4i demo: {what} failed; full logs above and in the Dagster UI (make dev)")
-    print(f"m4i demo: {what} done in {time.monotonic() - start:.0f}s", flush=True)
+        raise SystemExit(f"m4i: {what} failed; full logs above and in the Dagster UI (make dev)")
+    print(f"m4i: {what} done in {time.monotonic() - start:.0f}s", flush=True)
 
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
@@ -226,6 +229,99 @@ def demo(families: list[str], defenses: bool = False) -> None:
     )
 
 
+def audit_environment(home: Path, audit: str | None = None) -> tuple[dict[str, str], AuditSettings]:
+    """The environment of the Dagster runs of an audit (`M4I_SETTINGS` with `audit` on top) and its settings."""
+    overrides = json.loads(os.environ.get("M4I_SETTINGS") or "{}")
+    if audit is not None:
+        overrides["audit"] = audit
+    env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home)),
+           "M4I_SETTINGS": json.dumps(overrides)}  # fmt: skip
+    os.environ["M4I_SETTINGS"] = env["M4I_SETTINGS"]
+    return env, settings_for()
+
+
+def ingest_sources(env: dict[str, str], settings: AuditSettings, storage: Storage, logs: Path) -> None:
+    """Every source shard of the settings' sources (one run each, two at a time), then `records`."""
+    shards = shard_partition_keys(audit_sources(settings, storage))
+    _run_phase(
+        "sources, shard by shard",
+        [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
+    )
+    _run_phase("records", [partial(_materialize, ["records"], env, logs / "records.log")])
+
+
+def ingestion_table(storage: Storage, sources: list) -> str:
+    """rows in (the shards' own counts) / records / rejects, with the reasons, per dataset."""
+    lines = [f"{'dataset':<24} {'rows in':>8} {'records':>8} {'rejects':>8}  reasons"]
+    for source in sources:
+        keys = [partition_key(source, shard) for shard in source.shard_ids()]
+        rows_in = sum(json.loads(shard_outputs(storage, k)[2].read_text())["rows_in"] for k in keys)
+        n_records = storage.read("SELECT count(*) AS n FROM records WHERE dataset = ?", [source.name])["n"][0]
+        reasons = storage.read("SELECT reason, count(*) AS n FROM rejects WHERE source = ? GROUP BY reason "
+                               "ORDER BY reason", [source.name]).rows()  # fmt: skip
+        text = ", ".join(f"{r} {n}" for r, n in reasons)
+        lines.append(f"{source.name:<24} {rows_in:>8} {n_records:>8} {sum(n for _, n in reasons):>8}  {text}")
+    return "\n".join(lines)
+
+
+def ingest() -> None:
+    """`m4i ingest`: every registered source (and the embedded corpora of the settings' audit)."""
+    home = m4i_home()
+    env, settings = audit_environment(home)
+    storage = Storage(home=str(home))
+    ingest_sources(env, settings, storage, home / "logs")
+    print(ingestion_table(storage, audit_sources(settings, storage)))
+
+
+def run_audit(spec: AuditSpec) -> list[str]:
+    """`m4i audit NAME`: ingest the audit's sources, register its checkpoints, run its plan through Dagster and
+    print the headline table; returns the audited versions."""
+    home = m4i_home()
+    env, settings = audit_environment(home, spec.name)
+    storage = Storage(home=str(home))
+    logs = home / "logs" / spec.name
+    print(f"m4i audit: {spec.name!r} ({spec.kind} {spec.family} audit of {spec.dataset}), under {home}", flush=True)
+    ingest_sources(env, settings, storage, logs)
+    models = ["record_roles", "audit_plan", f"target_{spec.family}"]
+    models += [f"null_control_{spec.family}"] * bool(spec.null_control) + ["reference_clips"] * bool(spec.references)
+    if spec.family == "captioner" and "population" in spec.values:
+        models.append("shadow_captioners")
+    _run_phase("roles, plan and models", [partial(_materialize, models, env, logs / "models.log")])
+    if spec.family == "clip":
+        helpers = storage.latest_versions(spec.name, "reference", len(spec.references))
+    else:
+        helpers = [m["model_version"] for m in storage.shadow_models(spec.name)]
+    helper_assets = PLANS[spec.family].helpers
+    _run_phase("helper models' signals",
+               [partial(_materialize, helper_assets, env, logs / f"{v}.log", v) for v in helpers])  # fmt: skip
+    audited = storage.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
+    audited += storage.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
+    selection = audit_selection(spec.family, spec)
+    _run_phase("audit of the targets" + " and the null control" * bool(spec.null_control),
+               [partial(_materialize, selection, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
+    print(f"\nm4i audit {spec.name}: headline metrics\n")
+    print(report(storage, audited))
+    plan = storage.read("SELECT attack, status, reason FROM audit_plan WHERE audit = ? ORDER BY attack", [spec.name])
+    print("\nPlan (audit_plan):\n" + "\n".join(f"  {r['attack']:<15} {r['status']:<8} {r['reason']}"
+                                             for r in plan.to_dicts()))  # fmt: skip
+    if spec.kind == "unlabelled":
+        print("\n" + membership_rate_table(storage, audited))
+    return audited
+
+
+def membership_rate_table(storage: Storage, versions: list[str]) -> str:
+    """The estimated membership rate of each version of an unlabelled audit."""
+    rows = storage.read("SELECT m.*, v.role FROM membership_rate m JOIN models v USING (model_version) "
+                        "WHERE list_contains(?, model_version) ORDER BY model_version", [versions])  # fmt: skip
+    lines = [f"{'model_version':<32} {'role':<13} {'attack':<7} {'candidates':>10} {'alpha':>6} "
+             f"{'above':>6}  estimated membership rate [95% CI]"]  # fmt: skip
+    for r in rows.to_dicts():
+        lines.append(f"{r['model_version']:<32} {r['role']:<13} {r['attack']:<7} {r['n_candidates']:>10} "
+                     f"{r['alpha']:>6.3f} {r['share_above']:>6.3f}  {r['estimated_rate']:.3f} "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")  # fmt: skip
+    return "\n".join(lines)
+
+
 @contextmanager
 def dagster_webserver(home: Path, port: int | None = None, timeout: float = 120) -> Iterator[str]:
     """The Dagster webserver for `home` on 127.0.0.1 (its base URL) while the block runs."""
@@ -315,11 +411,24 @@ def ui_check(home: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="m4i", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("command", choices=["demo", "home", "report", "ui-check"])
+    parser.add_argument("command", choices=["demo", "audit", "ingest", "home", "report", "ui-check"])
+    parser.add_argument("name", nargs="?", help="m4i audit: the audit's name in the audit registry")
+    parser.add_argument("--all", action="store_true", help="m4i audit: every audit of the registry")
     parser.add_argument("--family", choices=[*PLANS, "all"], default="clip", help="which audit the demo runs")
     parser.add_argument("--defenses", action="store_true", help="also train, audit and evaluate defended versions")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "audit":
+        registry = settings_for().audit_registry_path(m4i_home())
+        audits = {a.name: a for a in load_audits(registry)}
+        if args.all == bool(args.name):
+            parser.error("m4i audit takes an audit's name or --all")
+        if args.name and args.name not in audits:
+            raise SystemExit(f"m4i audit: no audit {args.name!r} in {registry} (audits: {sorted(audits)})")
+        for name in sorted(audits) if args.all else [args.name]:
+            run_audit(audits[name])
+    elif args.command == "ingest":
+        ingest()
+    elif args.command == "demo":
         demo(list(PLANS) if args.family == "all" else [args.family], defenses=args.defenses)
     elif args.command == "ui-check":
         print("m4i ui-check: saved " + ", ".join(str(p) for p in ui_check(m4i_home())))

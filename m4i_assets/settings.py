@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the model adapters import torch: load them only where train
     from m4i_assets.models.captioner import CaptionerSpec
     from m4i_assets.models.clip import ClipTrainSpec
 
+from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.data.corpus import CorpusSpec
 from m4i_assets.data.roles import RoleSpec
 
@@ -44,6 +45,9 @@ class AuditSettings(ConfigurableResource):
     # corpus above).
     dataset_registry: str = ""
     audit_dataset: str = ""
+    # The audit registry (`m4i_assets.data.audits`; empty = `$M4I_HOME/audits.yaml`). When `audit` names one
+    # of its entries, the audit is labelled or unlabelled: roles from the data, the user's checkpoints.
+    audit_registry: str = ""
     # Roles
     n_members: int = 500
     # 1000 non-members, so that TPR at 1% FPR rests on ten possible false positives (ATTACKS.md section 5)
@@ -102,6 +106,8 @@ class AuditSettings(ConfigurableResource):
     # The shift gate fails when the blind baseline's AUC CI (or that of known vs candidate non-members)
     # excludes 0.5 by more than this.
     shift_gate_margin: float = 0.10
+    # Unlabelled audits: the known non-members' false-positive rate at the membership-rate threshold
+    membership_rate_alpha: float = 0.05
     # Signals and evaluation
     embed_batch_size: int = 256
     n_bootstrap: int = 1000
@@ -153,6 +159,14 @@ class AuditSettings(ConfigurableResource):
     def registry_path(self, home: Path) -> Path:
         """The dataset registry file: `dataset_registry`, else `datasets.yaml` in the platform's home."""
         return Path(self.dataset_registry) if self.dataset_registry else home / "datasets.yaml"
+
+    def audit_registry_path(self, home: Path) -> Path:
+        """The audit registry file: `audit_registry`, else `audits.yaml` in the platform's home."""
+        return Path(self.audit_registry) if self.audit_registry else home / "audits.yaml"
+
+    def registered_audit(self, home: Path) -> AuditSpec | None:
+        """The registry entry of this audit, or None for a controlled audit (no entry of that name)."""
+        return next((a for a in load_audits(self.audit_registry_path(home)) if a.name == self.audit), None)
 
     def main_dataset(self) -> str:
         """The dataset the audit's roles are drawn from."""

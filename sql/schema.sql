@@ -32,6 +32,33 @@ CREATE TABLE IF NOT EXISTS record_roles (
 );
 -- The dataset an audit takes a record from: the same record (content) may be in several datasets.
 ALTER TABLE record_roles ADD COLUMN IF NOT EXISTS dataset VARCHAR;
+-- An unlabelled audit's candidates (role 'candidate') have unknown membership: is_member NULL.
+ALTER TABLE record_roles ALTER COLUMN is_member DROP NOT NULL;
+
+CREATE TABLE IF NOT EXISTS audit_plan (       -- what an audit of the registry runs, and why it skips the rest
+    audit   VARCHAR NOT NULL,
+    kind    VARCHAR NOT NULL,          -- labelled | unlabelled
+    attack  VARCHAR NOT NULL,
+    status  VARCHAR NOT NULL,          -- run | skipped
+    reason  VARCHAR,                   -- what the audit lacks, for a skipped attack
+    PRIMARY KEY (audit, attack)
+);
+
+CREATE TABLE IF NOT EXISTS membership_rate (  -- unlabelled audits: how many candidates look like members
+    model_version      VARCHAR NOT NULL,
+    attack             VARCHAR NOT NULL,
+    audit              VARCHAR NOT NULL,
+    n_candidates       INTEGER NOT NULL,
+    n_known_nonmembers INTEGER NOT NULL,
+    alpha              DOUBLE NOT NULL,   -- the known non-members' false-positive rate at the threshold
+    threshold          DOUBLE NOT NULL,   -- the known non-members' (1 - alpha) score quantile
+    share_above        DOUBLE NOT NULL,   -- candidates scoring above the threshold
+    estimated_rate     DOUBLE NOT NULL,   -- share_above - alpha: a lower estimate of the members' share
+    ci_low             DOUBLE NOT NULL,   -- Clopper-Pearson 95% CI of share_above, minus alpha
+    ci_high            DOUBLE NOT NULL,
+    computed_at        TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model_version, attack)
+);
 
 CREATE TABLE IF NOT EXISTS models (
     model_version  VARCHAR PRIMARY KEY, -- family + first 12 hex digits of the checkpoint sha256

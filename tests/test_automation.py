@@ -34,7 +34,7 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
     sha = drop_clip(tmp_path, "first", seed=1)
     first = tick(storage, settings, empty.cursor)
     [request] = first.run_requests
-    assert request.partition_key == f"clip-{sha[:12]}" and request.job_name == "clip_audit"
+    assert request.partition_key == f"clip-{sha[:12]}@tiny" and request.job_name == "clip_audit"
     assert list(first.dynamic_partitions_requests[0].partition_keys) == [request.partition_key]
     row = storage.model_info(request.partition_key)
     assert (row["family"], row["arch"], row["role"], row["audit"]) == ("clip", "m4i-tiny-vit", "target", "tiny")
@@ -51,7 +51,7 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
     (tmp_path / "watched_models" / "junk" / "model.safetensors").write_bytes(b"not a model")
     second_sha = drop_clip(tmp_path, "second", seed=2)
     second = tick(storage, settings, touched.cursor)
-    assert [r.partition_key for r in second.run_requests] == [f"clip-{second_sha[:12]}"]  # junk skipped
+    assert [r.partition_key for r in second.run_requests] == [f"clip-{second_sha[:12]}@tiny"]  # junk skipped
 
 
 def test_describe_checkpoint_names_what_is_wrong(tmp_path):

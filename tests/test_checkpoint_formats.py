@@ -318,7 +318,7 @@ def test_sensor_registers_torch_and_hugging_face_checkpoints(open_clip_bundle, h
 
     first = tick()
     versions = [r.partition_key for r in first.run_requests]
-    assert versions == [f"clip-{hf_saved[3][:12]}", f"clip-{pt_sha[:12]}"]  # folders in name order
+    assert versions == [f"clip-{hf_saved[3][:12]}@tiny", f"clip-{pt_sha[:12]}@tiny"]  # folders in name order
     assert json.loads(first.cursor)["copying"] == [f"{watched / 'copying'}: no weights file "
                                                    "(model.safetensors, *.pt, *.pth or *.bin)"]  # fmt: skip
     for version, weights in zip(versions, ("model.safetensors", "epoch_9.pt")):

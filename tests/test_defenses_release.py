@@ -182,3 +182,14 @@ def test_the_adaptive_attackers_variant_queries_average_the_noise_away():
     with pytest.raises(ValueError, match="variant key lists"):
         Release("embedding_noise", 0.2, seed=1, queries=16).embeddings(emb, keys, "image", variants[:3])
     assert np.array_equal(Release(queries=16).embeddings(emb, keys, "image", variants), emb)  # no defense
+
+
+def test_release_noise_is_keyed_on_the_seed_registered_with_the_version():
+    """A release-time version keeps the noise it was registered with, whatever the live settings' seed."""
+    import json
+
+    from m4i_assets.defs.assets.models import release_of
+
+    info = {"defense": "embedding_noise", "defense_strength": 0.1, "defense_facts": json.dumps({"seed": 7})}
+    assert release_of(info, seed=0) == release_of(info, seed=123) == release_of({**info, "defense_facts": None}, 7)
+    assert release_of({**info, "defense_facts": None}, 0) != release_of(info, 0)

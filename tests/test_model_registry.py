@@ -33,4 +33,4 @@ def test_identical_training_is_reused_and_retrain_forces_it(tmp_path):
     # CPU training is deterministic: the same recipe and records give the same bytes, so the same version
     assert forced["model_version"] == first["model_version"]
     rows = resources["storage"].read("SELECT model_version, sha256, role FROM models")
-    assert rows.height == 1 and rows["model_version"][0].endswith(rows["sha256"][0][:12])
+    assert rows.height == 1 and rows["model_version"][0] == f"clip-{rows['sha256'][0][:12]}@registry"

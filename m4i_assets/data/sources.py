@@ -121,18 +121,24 @@ class SourceSpec:
 REGISTRY_KEYS = {f.name for f in fields(SourceSpec)} - {"corpus"}
 
 
-def load_registry(path: str | os.PathLike) -> list[SourceSpec]:
-    """The sources listed in a registry file (none when it does not exist); errors name the file."""
-    path = Path(path)
+def registry_entries(path: Path, key: str) -> list:
+    """The `key` list of a YAML registry file (empty when the file does not exist); errors name the file."""
     if not path.is_file():
         return []
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid YAML: {exc}") from exc
-    entries = data.get("datasets", []) if isinstance(data, dict) else None
+    entries = data.get(key, []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a mapping with a 'datasets' list")
+        raise ValueError(f"{path}: expected a mapping with a {key!r} list")
+    return entries
+
+
+def load_registry(path: str | os.PathLike) -> list[SourceSpec]:
+    """The sources listed in a registry file (none when it does not exist); errors name the file."""
+    path = Path(path)
+    entries = registry_entries(path, "datasets")
     sources = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not {"name", "format", "path"} <= set(entry):

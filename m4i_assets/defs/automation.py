@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dagster import (
+    AssetKey,
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -36,6 +37,7 @@ from dagster import (
     sensor,
 )
 
+from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage
 from m4i_assets.models.checkpoints import (
@@ -47,7 +49,8 @@ from m4i_assets.models.checkpoints import (
 )
 from m4i_assets.settings import AuditSettings
 
-# What one audited model version materializes, per family (the demo CLI runs the same lists).
+# What one audited model version of a controlled audit materializes, per family (the demo CLI runs the same
+# lists); an audit of the registry runs the part its plan allows (`audit_selection`).
 AUDIT_ASSETS = {
     "clip": ["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "clip_loss_scores",
              "rmia_scores", "pseudo_labels", "wsa_attack_model", "wsa_scores", "ref_calibrated_scores",
@@ -56,10 +59,38 @@ AUDIT_ASSETS = {
                   "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores", "blind_baseline_scores",
                   "attack_metrics", "m4i_scenarios", "audit_report", "model_utility"],
 }  # fmt: skip
+# The assets of each attack, and what a version of an audit of the registry materializes besides them.
+ATTACK_ASSETS = {
+    "csa": ["csa_scores"], "aea": ["augmentation_deltas", "aea_scores"],
+    "wsa": ["pseudo_labels", "wsa_attack_model", "wsa_scores"], "ref_calibrated": ["ref_calibrated_scores"],
+    "blind_baseline": ["blind_baseline_scores"], "m4i_mb": ["m4i_mb_scores", "m4i_scenarios"],
+    "m4i_fb": ["m4i_mb_scores", "m4i_scenarios"],
+}  # fmt: skip
+SIGNAL_ASSETS = {"clip": ["model_checkpoint", "embeddings"],
+                 "captioner": ["model_checkpoint", "generated_captions", "caption_metrics"]}  # fmt: skip
+LABELLED_ASSETS = ["attack_metrics", "audit_report", "model_utility"]
+UNLABELLED_ASSETS = {"clip": ["membership_rate"], "captioner": []}
+
+
+def audit_selection(family: str, audit: AuditSpec | None) -> list[str]:
+    """What one audited version materializes: every asset of its family for a controlled audit; for an audit
+    of the registry its signals, the attacks its plan runs, then attack metrics and the report (labelled; the
+    report needs the blind baseline's shift gate) or the estimated membership rate (unlabelled)."""
+    if audit is None:
+        return AUDIT_ASSETS[family]
+    planned = audit.planned()
+    keys = SIGNAL_ASSETS[family] + [k for attack in planned for k in ATTACK_ASSETS[attack]]
+    if audit.kind == "labelled":
+        keys += [k for k in LABELLED_ASSETS if k != "audit_report" or "blind_baseline" in planned]
+    else:
+        keys += UNLABELLED_ASSETS[family]
+    return list(dict.fromkeys(keys))
+
+
 audit_jobs = {
     family: define_asset_job(
         f"{family}_audit",
-        selection=AssetSelection.assets(*keys),
+        selection=AssetSelection.assets(*keys, *UNLABELLED_ASSETS[family]),
         partitions_def=model_versions,
         description=f"The full audit of one {family} model version (its partition).",
         tags={"m4i/stage": "audit"},  # the instance's run queue limits concurrent audits by this tag
@@ -128,35 +159,55 @@ def register_watched(storage: Storage, audit: str, folder: Path, checkpoint: Wat
     return storage.register_model(folder, sha, row, move=False, weights=weights)
 
 
+def watched_folders(watch: Path, audits: dict[str, AuditSpec]) -> list[tuple[str, AuditSpec | None, Path]]:
+    """(cursor key, audit of the registry or None for the settings' audit, folder) of every watched folder:
+    `watched_models/<audit name>/<folder>/` for an audit of the registry, `watched_models/<folder>/` else."""
+    found = []
+    for folder in sorted(p for p in watch.glob("*") if p.is_dir()) if watch.is_dir() else []:
+        if folder.name in audits:
+            found += [(f"{folder.name}/{sub.name}", audits[folder.name], sub)
+                      for sub in sorted(p for p in folder.glob("*") if p.is_dir())]  # fmt: skip
+        else:
+            found.append((folder.name, None, folder))
+    return found
+
+
 @sensor(
     jobs=list(audit_jobs.values()),
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.STOPPED,
-    description="Audits every new or changed checkpoint dropped in $M4I_HOME/watched_models/<name>/.",
+    description="Audits every new or changed checkpoint dropped in $M4I_HOME/watched_models/<name>/ (or, for an "
+    "audit of the registry, in watched_models/<audit name>/<name>/).",
 )
 def watched_models_sensor(context: SensorEvaluationContext, storage: Storage, settings: AuditSettings):
     seen: dict[str, list] = json.loads(context.cursor or "{}")
-    watch = storage.root / WATCHED
+    audits = {a.name: a for a in load_audits(settings.audit_registry_path(storage.root))}
     runs, versions = [], []
-    for folder in sorted(p for p in watch.glob("*") if p.is_dir()) if watch.is_dir() else []:
+    for key, audit, folder in watched_folders(storage.root / WATCHED, audits):
         try:
             checkpoint = describe_checkpoint(folder)
+            if audit is not None and checkpoint.family != audit.family:
+                raise ValueError(
+                    f"a {checkpoint.family} checkpoint in the folder of {audit.family} audit {audit.name!r}"
+                )
         except ValueError as exc:  # still being copied, or not a checkpoint: said once per reason
-            if seen.get(folder.name) != [str(exc)]:
+            if seen.get(key) != [str(exc)]:
                 context.log.warning(f"skipping {folder}: {exc}")
-            seen[folder.name] = [str(exc)]
+            seen[key] = [str(exc)]
             continue
         stat = checkpoint.weights.stat()
-        previous = seen.get(folder.name)
+        previous = seen.get(key)
         if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
             continue  # unchanged since the last tick: not even re-hashed
         sha = sha256_file(checkpoint.weights)
-        seen[folder.name] = [stat.st_size, stat.st_mtime_ns, sha]
+        seen[key] = [stat.st_size, stat.st_mtime_ns, sha]
         if previous and len(previous) == 3 and previous[2] == sha:
             continue  # touched, same bytes
-        version = register_watched(storage, settings.audit, folder, checkpoint, sha)
+        version = register_watched(storage, audit.name if audit else settings.audit, folder, checkpoint, sha)
         versions.append(version)
-        runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[checkpoint.family].name))
+        selection = [AssetKey(k) for k in audit_selection(checkpoint.family, audit)]
+        runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[checkpoint.family].name,
+                               asset_selection=selection))  # fmt: skip
     return SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[model_versions.build_add_request(versions)] if versions else [],
@@ -176,8 +227,9 @@ def reaudit_schedule(family: str):
     )
     def _schedule(context: ScheduleEvaluationContext, storage: Storage, settings: AuditSettings):
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+        selection = [AssetKey(k) for k in audit_selection(family, settings.registered_audit(storage.root))]
         return [
-            RunRequest(run_key=f"{version}@{tick}", partition_key=version)
+            RunRequest(run_key=f"{version}@{tick}", partition_key=version, asset_selection=selection)
             for version in storage.latest_versions(settings.audit, "target", family=family)
         ]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import Definitions, ExecutorDefinition, multi_or_in_process_executor
 
-from m4i_assets.defs.assets import attacks, captioning, data, defenses, evaluation, models, signals
+from m4i_assets.defs.assets import attacks, audits, captioning, data, defenses, evaluation, models, signals
 from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
@@ -27,6 +27,7 @@ AUDIT_GRAPH = [
     evaluation.audit_report,
     *captioning.captioning_assets,
     *defenses.defense_assets,
+    *audits.audit_assets,
 ]
 
 

@@ -88,7 +88,7 @@ class Storage(ConfigurableResource):
         """Put a checkpoint folder at `models/<version>/` (moved, or copied when `move` is false), upsert its
         `models` row and return its model version (the family and the sha256 of the folder's `weights` file
         name it; that file is the row's `checkpoint_uri`)."""
-        version = model_version_for(row["family"], sha256)
+        version = model_version_for(row["family"], sha256, row["audit"])
         final = self.models_dir / version
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ class Storage(ConfigurableResource):
         non-members (`shadow_records`), else the audit's candidates."""
         info = self.model_info(model_version)
         if info["role"] != "shadow":
-            return self.audit_records(info["audit"], ("member", "nonmember"))
+            return self.audit_records(info["audit"], ("member", "nonmember", "candidate"))
         return self.read(
             """SELECT s.record_id, r.dataset, r.image_uri, r.caption, s.is_member FROM shadow_records s
                JOIN record_roles x ON x.record_id = s.record_id AND x.audit = ?

@@ -41,9 +41,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def model_version_for(family: str, sha256: str) -> str:
-    """The model version: family plus the first 12 hex digits of the checkpoint's sha256."""
-    return f"{family}-{sha256[:12]}"
+DEFAULT_AUDIT = "default"
+
+
+def model_version_for(family: str, sha256: str, audit: str = DEFAULT_AUDIT) -> str:
+    """The model version: family plus the first 12 hex digits of the checkpoint's sha256, and `@<audit>` for
+    any audit but the default one, so that one checkpoint audited twice (a labelled and an unlabelled audit
+    of one model) is two versions whose rows never overwrite each other."""
+    return f"{family}-{sha256[:12]}" + ("" if audit == DEFAULT_AUDIT else f"@{audit}")
 
 
 def safetensors_tensor_count(path: str | os.PathLike) -> int:

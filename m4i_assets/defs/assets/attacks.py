@@ -48,6 +48,7 @@ def write_scores(
         .with_columns(model_version=pl.lit(model_version), attack=pl.lit(attack), audit=pl.lit(info["audit"]))
     )
     n_members = int(frame["is_member"].sum())
+    labelled = frame["is_member"].null_count() == 0  # an unlabelled audit's candidates have no ground truth
     check = AssetCheckResult(
         asset_key=asset_key,
         check_name=SCORES_CHECK,
@@ -55,7 +56,7 @@ def write_scores(
             np.isfinite(frame["score"].to_numpy()).all()
             and frame.height == roles.height
             and frame["record_id"].n_unique() == frame.height
-            and 0 < n_members < frame.height
+            and (0 < n_members < frame.height if labelled else frame["is_member"].null_count() == frame.height)
         ),
         metadata={"scored": frame.height, "candidates": roles.height, "members": n_members},
     )
@@ -72,9 +73,15 @@ def write_scores(
         metadata={
             "dagster/row_count": frame.height,
             "n_members": n_members,
-            "mean_score_members": float(frame.filter(pl.col("is_member"))["score"].mean()),
-            "mean_score_nonmembers": float(frame.filter(~pl.col("is_member"))["score"].mean()),
             "n_known_nonmembers_scored": known_frame.height,
+            **(
+                {
+                    "mean_score_members": float(frame.filter(pl.col("is_member"))["score"].mean()),
+                    "mean_score_nonmembers": float(frame.filter(~pl.col("is_member"))["score"].mean()),
+                }
+                if labelled
+                else {"mean_score_candidates": float(frame["score"].mean())}
+            ),  # fmt: skip
         },
     )
 
@@ -230,6 +237,8 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
             f"{settings.wsa_min_pseudo_members} by CS are the pseudo-members (rule {labels.rule})"
         )
     is_member = cands["is_member"].to_numpy()
+    labelled = cands["is_member"].null_count() == 0  # an unlabelled audit's candidates have no ground truth
+    is_known = is_member.astype(bool) if labelled else None
     frame = pl.DataFrame({
         "model_version": version, "record_id": cands["record_id"], "cosine_similarity": cands["cosine_similarity"],
         "tau": labels.tau, "wsa_lambda": settings.wsa_lambda, "wsa_alpha": settings.wsa_alpha, "rule": labels.rule,
@@ -240,8 +249,10 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
     return MaterializeResult(metadata={
         "dagster/row_count": frame.height, "dagster/column_schema": schema_of(frame), "tau": labels.tau,
         "n_pseudo_members": int(labels.is_pseudo_member.sum()), "n_known_nonmembers": len(cs_known),
-        "pseudo_label_error_rate_over_training_set": labels.training_set_error_rate(is_member, len(cs_known)),
-        "nonmember_share_of_pseudo_members": labels.error_rate(is_member), "rule": labels.rule,
+        "pseudo_label_error_rate_over_training_set":
+            labels.training_set_error_rate(is_known, len(cs_known)) if labelled else float("nan"),
+        "nonmember_share_of_pseudo_members": labels.error_rate(is_known) if labelled else float("nan"),
+        "rule": labels.rule,
         "folds": settings.wsa_folds,
     })  # fmt: skip
 

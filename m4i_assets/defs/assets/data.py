@@ -17,6 +17,7 @@ from dagster import (
     asset,
 )
 
+from m4i_assets.data.audits import AuditSpec, roles_from_data
 from m4i_assets.data.roles import assign_roles
 from m4i_assets.data.sources import SourceSpec, load_registry, partition_key, shard_partition_keys
 from m4i_assets.defs.resources import Storage
@@ -31,11 +32,17 @@ def schema_of(frame) -> MetadataValue:
 
 def audit_sources(settings: AuditSettings, storage: Storage) -> list[SourceSpec]:
     """Every source of the audit: the embedded corpora its settings ask for, then the registry's."""
+    registered = load_registry(settings.registry_path(storage.root))
+    audit = settings.registered_audit(storage.root)
+    if audit is not None:  # an audit of the user's data reads the registry's sources only
+        if audit.dataset not in [s.name for s in registered]:
+            raise ValueError(f"audit {audit.name!r}: dataset {audit.dataset!r} is not in "
+                             f"{settings.registry_path(storage.root)}")  # fmt: skip
+        return registered
     embedded = [
         SourceSpec(spec.name, "embedded", str(storage.corpus_dir(spec.name)), corpus=spec)
         for spec in settings.corpus_specs()
     ]
-    registered = load_registry(settings.registry_path(storage.root))
     names = [s.name for s in embedded + registered]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset names must be unique across the embedded corpora and the registry: {names}")
@@ -154,8 +161,12 @@ def reasons_of(rejects: pl.DataFrame) -> dict[str, int]:
     ],
 )
 def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult:
-    """Disjoint, seeded member / non-member / known non-member / population sets of the audit (the second
-    caption domain, when configured, is all population)."""
+    """The audit's roles. A controlled audit: disjoint, seeded member / non-member / known non-member /
+    population sets (the second caption domain, when configured, is all population). An audit of the
+    registry: each record's role from its column (`m4i_assets.data.audits.roles_from_data`)."""
+    audit = settings.registered_audit(storage.root)
+    if audit is not None:
+        return registered_roles(settings, storage, audit)
 
     def ids_of(dataset: str) -> list[str]:
         return storage.read("SELECT record_id FROM records WHERE dataset = ?", [dataset])["record_id"].to_list()
@@ -191,4 +202,26 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
                 metadata={**counts, **{f"expected_{k}": v for k, v in expected.items()}},
             )
         ],
+    )
+
+
+def registered_roles(settings: AuditSettings, storage: Storage, audit: AuditSpec) -> MaterializeResult:
+    """`record_roles` of a labelled or unlabelled audit, from its dataset's records."""
+    records = storage.read("SELECT record_id, dataset, image_uri, split, metadata FROM records WHERE dataset = ?",
+                           [audit.dataset])  # fmt: skip
+    if not records.height:
+        raise ValueError(f"audit {audit.name!r}: dataset {audit.dataset!r} has no records (materialize records)")
+    roles = roles_from_data(records, audit, settings.seed).with_columns(audit=pl.lit(audit.name))
+    storage.write("record_roles", roles, audit=audit.name)
+    counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
+    passed = roles["record_id"].n_unique() == roles.height and set(counts) == set(audit.values)
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": roles.height,
+            "dagster/column_schema": schema_of(roles),
+            **counts,
+            "kind": audit.kind,
+            "column": audit.column,
+        },  # fmt: skip
+        check_results=[AssetCheckResult(check_name="roles_sized_and_disjoint", passed=bool(passed), metadata=counts)],
     )

@@ -22,13 +22,15 @@ import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
+from m4i_assets.data.audits import AuditSpec, Checkpoint
 from m4i_assets.data.roles import shadow_split
 from m4i_assets.defenses.regularisation import recipe
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
 from m4i_assets.defs.assets.data import record_roles
+from m4i_assets.defs.automation import WatchedCheckpoint, describe_checkpoint
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
-from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
+from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, checkpoint_tensor_count, read_json_object, sha256_file
 from m4i_assets.settings import AuditSettings
 
 
@@ -46,10 +48,14 @@ def register_checkpoint(
 
 
 def release_of(info: dict, seed: int) -> Release:
-    """What a registered model version releases: its release-time defense, if it has one (else raw outputs)."""
+    """What a registered model version releases: its release-time defense, if it has one (else raw outputs).
+    The noise is keyed on the seed stored with the version when it was registered (`defense_facts`), so one
+    version name always covers the same noise; `seed` (the live settings') only for versions without one."""
     if info.get("defense") in RELEASE_DEFENSES:
-        queries = json.loads(info.get("defense_facts") or "{}").get("queries", 1)
-        return Release(info["defense"], info["defense_strength"], seed, queries)
+        facts = json.loads(info.get("defense_facts") or "{}")
+        stored = facts.get("seed")
+        return Release(info["defense"], info["defense_strength"], seed if stored is None else int(stored),
+                       facts.get("queries", 1))
     return Release()
 
 
@@ -183,8 +189,14 @@ def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: st
 )  # fmt: skip
 def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
     """The audit's CLIPs, trained in one step so that all of them share the cores (one
-    single-threaded worker per core measured 15% more throughput than one model on two threads)."""
+    single-threaded worker per core measured 15% more throughput than one model on two threads). An audit
+    of the registry registers its checkpoints instead."""
     from m4i_assets.models import clip
+
+    audit = settings.registered_audit(storage.root)
+    if audit is not None:
+        yield from register_audit_models(context, storage, audit, "clip")
+        return
 
     population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
     plan = {
@@ -238,12 +250,18 @@ def materialize_plan(
     op_tags=GPU_STEP,
 )  # fmt: skip
 def captioner_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
-    """The audit's captioners, trained in one step so that all of them share the cores."""
+    """The audit's captioners, trained in one step so that all of them share the cores. An audit of the
+    registry registers its target and null control, and trains its shadows on its population."""
     from m4i_assets.models import captioner
 
-    main = settings.main_dataset()
+    audit = settings.registered_audit(storage.root)
+    selected = {key.to_user_string() for key in context.selected_asset_keys}
+    if audit is not None and selected - {"shadow_captioners"}:
+        yield from register_audit_models(context, storage, audit, "captioner", selected - {"shadow_captioners"})
+    main = audit.dataset if audit else settings.main_dataset()
     population = storage.audit_records(settings.audit, ("population",), dataset=main)
-    datasets = [main, *([settings.second_domain_spec().name] if settings.second_domain_spec() else [])]
+    second = settings.second_domain_spec() if audit is None else None
+    datasets = [main, *([second.name] if second else [])]
     shadows = []
     for d, dataset in enumerate(datasets):
         pool = storage.audit_records(settings.audit, ("population",), dataset=dataset)
@@ -262,7 +280,62 @@ def captioner_models(context: AssetExecutionContext, settings: AuditSettings, st
                                             settings.captioner_spec(arch, 1))],
         "shadow_captioners": shadows,
     }  # fmt: skip
+    if audit is not None:
+        plan = {"shadow_captioners": shadows} if "shadow_captioners" in selected else {}
     yield from materialize_plan(context, settings, storage, compute, captioner, plan, {"arch": arch})
+
+
+def stage_checkpoint(storage: Storage, audit: AuditSpec, checkpoint: Checkpoint) -> tuple[Path, WatchedCheckpoint]:
+    """A checkpoint of the registry as a folder `describe_checkpoint` knows: a directory as it is (an open_clip
+    folder without model.json gets one from `arch:`), a weights file in a staged folder beside its model.json."""
+    path = Path(checkpoint.path)
+    if not path.exists():
+        raise FileNotFoundError(f"audit {audit.name!r}: checkpoint not found: {path}")
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file()):
+        staged = Path(tempfile.mkdtemp(dir=storage.root))
+        weights = path if path.is_file() else None
+        if weights is None:
+            found = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+            if len(found) != 1:
+                raise ValueError(f"audit {audit.name!r}: {folder} needs exactly one weights file, found {len(found)}")
+            weights = found[0]
+        arch = checkpoint.arch or read_json_object(weights.parent / "model.json").get("arch")
+        if not isinstance(arch, str) or not arch:
+            raise ValueError(f"audit {audit.name!r}: {path} needs `arch:` (an open_clip architecture) in the registry")
+        shutil.copy(weights, staged / weights.name)
+        (staged / "model.json").write_text(json.dumps({"family": audit.family, "arch": arch}))
+        folder = staged
+    described = describe_checkpoint(folder)
+    if described.family != audit.family:
+        raise ValueError(f"audit {audit.name!r} audits {audit.family} models, but {path} is a {described.family}")
+    return folder, described
+
+
+def register_audit_models(
+    context: AssetExecutionContext, storage: Storage, audit: AuditSpec, family: str, selected: set[str] | None = None
+) -> Iterator[MaterializeResult]:
+    """Register the checkpoints of an audit of the registry (its targets, null control and references) as
+    model versions of the audit, one result per selected training asset."""
+    roles = {f"target_{family}": ("target", audit.targets),
+             f"null_control_{family}": ("null_control", (audit.null_control,) if audit.null_control else ()),
+             "reference_clips": ("reference", audit.references)}  # fmt: skip
+    for key in sorted(selected or {k.to_user_string() for k in context.selected_asset_keys}):
+        role, checkpoints = roles[key]
+        registered = []
+        for checkpoint in checkpoints:
+            folder, described = stage_checkpoint(storage, audit, checkpoint)
+            row = {"family": family, "arch": described.arch, "role": role, "audit": audit.name,
+                   "train_config": json.dumps({"source": checkpoint.path}), "train_dataset": audit.dataset}  # fmt: skip
+            staged = folder != Path(checkpoint.path)
+            weights = described.weights.relative_to(folder).as_posix()
+            version = storage.register_model(folder, sha256_file(described.weights), row, move=staged, weights=weights)
+            if staged:
+                shutil.rmtree(folder, ignore_errors=True)
+            context.instance.add_dynamic_partitions(model_versions.name, [version])
+            registered.append({"model_version": version, "source": checkpoint.path, "arch": described.arch})
+        yield MaterializeResult(asset_key=key, metadata={"models": MetadataValue.json(registered),
+                                                         "registered_from": audit.name})  # fmt: skip
 
 
 @asset(group_name="models", partitions_def=model_versions, deps=[clip_models, captioner_models], kinds={"pytorch"})

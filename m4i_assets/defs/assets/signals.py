@@ -29,7 +29,7 @@ def signal_asset(name: str, deps: list, check: str, check_description: str, gpu:
     )
 
 
-CANDIDATE_ROLES = ("member", "nonmember")  # what every attack scores
+CANDIDATE_ROLES = ("member", "nonmember", "candidate")  # what every attack scores (candidates: unlabelled audits)
 EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 

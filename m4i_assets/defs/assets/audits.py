@@ -1,0 +1,87 @@
+"""Assets of audits of the registry (`m4i_assets.data.audits`): the audit's plan (which attacks run, and
+why the others are skipped) and, for an unlabelled audit, the estimated membership rate per version."""
+
+import json
+
+import polars as pl
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from m4i_assets.defs.assets.data import record_roles
+from m4i_assets.defs.assets.signals import embeddings, load_signal
+from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.resources import Storage, Tracking
+from m4i_assets.metrics.membership_rate import estimate_membership_rate
+from m4i_assets.settings import AuditSettings
+
+
+def plan_markdown(plan: list[dict]) -> str:
+    lines = ["| attack | status | reason |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {r['attack']} | {r['status']} | {r['reason']} |" for r in plan])
+
+
+@asset(group_name="data", deps=[record_roles], kinds={"duckdb", "mlflow"})
+def audit_plan(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking):
+    """Every attack of the audit's family: run, or skipped with what the audit lacks (references, labels,
+    population, ...). Attacks are skipped, never faked (ATTACKS.md section 5)."""
+    audit = settings.registered_audit(storage.root)
+    if audit is None:
+        raise ValueError(f"audit {settings.audit!r} is not in {settings.audit_registry_path(storage.root)}: a "
+                         "controlled audit runs every attack")  # fmt: skip
+    plan = audit.plan()
+    frame = pl.DataFrame(plan).with_columns(audit=pl.lit(audit.name), kind=pl.lit(audit.kind))
+    storage.write("audit_plan", frame, audit=audit.name)
+    run_id = tracking.log_run(
+        run_name=f"{audit.name}/audit_plan",
+        params={
+            "audit": audit.name,
+            "kind": audit.kind,
+            "family": audit.family,
+            "dataset": audit.dataset,
+            "roles_column": audit.column,
+        },  # fmt: skip
+        metrics={},
+        tags={"audit": audit.name, "kind": "audit_plan", "dagster_run_id": context.run_id},
+        artifacts={"audit_plan.json": json.dumps(plan, indent=2).encode()},
+    )
+    return MaterializeResult(metadata={"kind": audit.kind, "plan": MetadataValue.md(plan_markdown(plan)),
+                                       "skipped": sum(r["status"] == "skipped" for r in plan),
+                                       "mlflow_run_id": run_id})  # fmt: skip
+
+
+@asset(group_name="evaluation", partitions_def=model_versions, deps=[embeddings], kinds={"duckdb", "mlflow"})
+def membership_rate(
+    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
+) -> MaterializeResult:
+    """An unlabelled audit's estimated membership rate (`metrics.membership_rate`) for CSA, the attack whose
+    score of a known non-member is unbiased (no attack model was fitted on them): the share of candidates
+    whose image-text cosine similarity lies above the known non-members' (1 - alpha) quantile, minus alpha."""
+    version = context.partition_key
+    info = storage.model_info(version)
+    emb = load_signal(storage, "embeddings", version)
+    cands = storage.audit_records(info["audit"], ("candidate",)).select("record_id")
+    known = storage.audit_records(info["audit"], ("known_nonmember",)).select("record_id")
+    if not cands.height:
+        raise ValueError(f"{version}: audit {info['audit']!r} has no candidates: the membership rate is for "
+                         "unlabelled audits (a labelled one has attack_metrics)")  # fmt: skip
+    cs = {name: emb.join(ids, on="record_id", how="semi")["cosine_similarity"].to_numpy()
+          for name, ids in (("candidates", cands), ("known", known))}  # fmt: skip
+    rate = estimate_membership_rate(cs["candidates"], cs["known"], settings.membership_rate_alpha)
+    row = {"attack": "csa", **rate.as_row()}
+    run_id = tracking.log_run(
+        run_name=f"{info['audit']}/{version}/membership_rate",
+        params={"audit": info["audit"], "model_version": version, "alpha": settings.membership_rate_alpha},
+        metrics={f"csa.{k}": float(v) for k, v in rate.as_row().items()},
+        tags={
+            "audit": info["audit"],
+            "model_version": version,
+            "kind": "membership_rate",
+            "dagster_run_id": context.run_id,
+        },  # fmt: skip
+        artifacts={"membership_rate.json": json.dumps(row, indent=2).encode()},
+    )
+    frame = pl.DataFrame([row]).with_columns(model_version=pl.lit(version), audit=pl.lit(info["audit"]))
+    storage.write("membership_rate", frame, model_version=version)
+    return MaterializeResult(metadata={**{k: float(v) for k, v in rate.as_row().items()}, "mlflow_run_id": run_id})
+
+
+audit_assets = [audit_plan, membership_rate]
