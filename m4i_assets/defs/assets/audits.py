@@ -60,9 +60,9 @@ def membership_rate(
     emb = load_signal(storage, "embeddings", version)
     cands = storage.audit_records(info["audit"], ("candidate",)).select("record_id")
     known = storage.audit_records(info["audit"], ("known_nonmember",)).select("record_id")
-    if not cands.height:
-        raise ValueError(f"{version}: audit {info['audit']!r} has no candidates: the membership rate is for "
-                         "unlabelled audits (a labelled one has attack_metrics)")  # fmt: skip
+    if not cands.height:  # a labelled or controlled audit (its job's full selection): attack_metrics instead
+        return MaterializeResult(metadata={"skipped": f"audit {info['audit']!r} has no candidates of unknown "
+                                                      "membership: its metrics are attack_metrics"})  # fmt: skip
     cs = {name: emb.join(ids, on="record_id", how="semi")["cosine_similarity"].to_numpy()
           for name, ids in (("candidates", cands), ("known", known))}  # fmt: skip
     rate = estimate_membership_rate(cs["candidates"], cs["known"], settings.membership_rate_alpha)
