@@ -104,7 +104,7 @@ class AuditSettings(ConfigurableResource):
     rmia_a: float = 0.3  # offline RMIA's Pr_IN approximation (Zarifzadeh et al. 2024's default)
     blind_folds: int = 5
     # The shift gate fails when the blind baseline's AUC CI (or that of known vs candidate non-members)
-    # excludes 0.5 by more than this.
+    # lies above 0.5 by more than this (below chance is small-sample bias, reported only).
     shift_gate_margin: float = 0.10
     # Unlabelled audits: the known non-members' false-positive rate at the membership-rate threshold
     membership_rate_alpha: float = 0.05

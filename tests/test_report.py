@@ -20,6 +20,8 @@ def test_shift_gate_fails_on_a_blind_baseline_or_known_nonmembers_far_from_chanc
     passed, text = report.shift_verdict(rows, 0.1, _row("known", 0.8, 0.75, 0.85))
     assert not passed and "known non-members" in text
     assert not report.shift_verdict(rows[:1], 0.1)[0]  # no blind baseline: not ruled out
+    passed, text = report.shift_verdict([rows[0], _row("blind_baseline", 0.22, 0.11, 0.31)], 0.1)
+    assert passed and "out-of-fold bias" in text  # below chance is small-sample anti-learning, not shift
 
 
 def test_leakage_is_shown_only_where_the_best_attack_beats_the_blind_baseline_by_a_paired_ci():

@@ -49,21 +49,28 @@ def comparisons_markdown(comparisons: list[dict]) -> str:
 
 
 def _outside(row: dict, margin: float) -> bool:
-    """Whether an AUC CI excludes 0.5 by more than `margin`."""
-    return row["auc_ci_low"] > 0.5 + margin or row["auc_ci_high"] < 0.5 - margin
+    """Whether an AUC CI lies above 0.5 by more than `margin`. Only this side is evidence of shift: out-of-fold
+    scores of a classifier fitted to noise are biased below chance on small samples (anti-learning; 0.22 [0.11,
+    0.31] on 32 + 32 noise records), which no attacker can exploit, so a CI below 0.5 is reported, not gated."""
+    return row["auc_ci_low"] > 0.5 + margin
+
+
+def _below(row: dict, margin: float) -> str:
+    return (f" (below chance by more than {margin}: the out-of-fold bias of a small sample, not a shift an attacker "
+            "could use; comparisons against it flatter the attacks)") if row["auc_ci_high"] < 0.5 - margin else ""
 
 
 def shift_verdict(rows: list[dict], margin: float, known_vs_candidates: dict | None = None) -> tuple[bool, str]:
-    """(passed, message) of the shift gate: it fails when the blind baseline's AUC CI excludes 0.5 by more
+    """(passed, message) of the shift gate: it fails when the blind baseline's AUC CI lies above 0.5 by more
     than `margin`, or when a blind classifier tells the known non-members from the candidate non-members
-    (their AUC CI excludes 0.5 by more than `margin`: WSA and the known-threshold figures assume they are
+    (their AUC CI above 0.5 by more than `margin`: WSA and the known-threshold figures assume they are
     alike)."""
     blind = next((r for r in rows if r["attack"] == BLIND), None)
     if blind is None:
         return False, "no blind baseline was scored, so distribution shift was not ruled out"
     problems = []
     if _outside(blind, margin):
-        problems.append(f"the blind baseline's AUC {ci_text(blind, 'auc')} excludes 0.5 by more than {margin}: the "
+        problems.append(f"the blind baseline's AUC {ci_text(blind, 'auc')} lies above 0.5 by more than {margin}: the "
                         "member and non-member sets differ in distribution, so attack AUCs measure that shift "
                         "rather than membership")  # fmt: skip
     if known_vs_candidates is not None and _outside(known_vs_candidates, margin):
@@ -74,7 +81,8 @@ def shift_verdict(rows: list[dict], margin: float, known_vs_candidates: dict | N
         return False, "shift gate FAILED: " + "; ".join(problems) + ". Draw every set from one distribution."
     known = "" if known_vs_candidates is None else (
         f", known vs candidate non-members {ci_text(known_vs_candidates, 'auc')}")
-    return True, f"shift gate passed: blind baseline AUC {ci_text(blind, 'auc')}{known}, within {margin} of 0.5"
+    return True, (f"shift gate passed: blind baseline AUC {ci_text(blind, 'auc')}{_below(blind, margin)}{known}, "
+                  f"not above 0.5 + {margin}")
 
 
 def _comparison(comparisons: list[dict], attack: str, baseline: str, metric: str) -> dict | None:

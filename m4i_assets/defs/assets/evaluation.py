@@ -124,7 +124,7 @@ def score_matrix(storage: Storage, version: str) -> tuple[np.ndarray, dict[str, 
                        description="AUC and TPR@1%FPR recomputed by scikit-learn match"),
         AssetCheckSpec("shift_gate", asset="attack_metrics", blocking=True,
                        description="blocks reporting when the blind baseline's AUC CI (or known vs candidate "
-                       "non-members') excludes 0.5 by more than the margin"),
+                       "non-members') lies above 0.5 by more than the margin"),
         AssetCheckSpec("beats_blind_baseline", asset="attack_metrics",
                        description="the paired CI of (best attack AUC - blind AUC) lies above 0 (Das et al. 2024)"),
         AssetCheckSpec("null_control_at_chance", asset="attack_metrics",
