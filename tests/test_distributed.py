@@ -39,14 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, ready, timeout: float = 120, proc: subprocess.Popen | None = None):
+def wait_for(what: str, ready, timeout: float = 120, proc: subprocess.Popen | None = None, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
         if value := ready():
             return value
-        time.sleep(0.5)
+        time.sleep(poll)
     raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
 
 
@@ -206,12 +206,18 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-2000:]
         [run] = instance.get_runs(RunsFilter(tags={"dagster/partition": target}))
 
-        # Kill the pool process of whichever worker executes the embeddings step, mid-step.
+        # Kill the pool process of whichever worker executes the embeddings step, mid-step: as soon as the step has
+        # started (its STEP_START is logged after the task's imports, so a fixed sleep after the task appears can
+        # land after the step has already finished on a quiet machine).
         def embedding_task():
             return next(((w, pid) for w, pid, steps in active_step_tasks(app) if KILLED_STEP in steps), None)
 
+        def step_started():
+            return any(e.step_key == KILLED_STEP
+                       for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START))  # fmt: skip
+
         worker, pid = wait_for(f"{KILLED_STEP} on a worker", embedding_task, timeout=600, proc=daemon)
-        time.sleep(1.0)
+        wait_for(f"{KILLED_STEP} started", step_started, timeout=300, proc=daemon, poll=0.05)
         os.kill(pid, signal.SIGKILL)
 
         def finished():
