@@ -1,8 +1,9 @@
 """The platform beyond one machine, on loopback: the Dagster instance on Postgres (deploy/dagster.yaml), a Redis
 broker, two `dagster-celery worker` processes and the daemon's run queue. The tiny demo's target audit runs again
 through the Celery executor in a copy of the demo's lake; every table and signal of that version must equal the
-in-process run's, row for row, after one worker process is killed in the middle of the embeddings step and the
-step, put back on the queue, completes.
+in-process run's, row for row, after one worker process is killed in the middle of the embeddings step (the step,
+put back on the queue, completes) and then the run worker itself is killed (the run ends FAILED, not STARTED
+forever, and the daemon's run retries finish it from its failure).
 
 Needs redis-server and PostgreSQL's server binaries (Debian's redis-server and postgresql; `make test` installs
 them when missing). As root, Postgres runs as the `postgres` user."""
@@ -220,22 +221,40 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         wait_for(f"{KILLED_STEP} started", step_started, timeout=300, proc=daemon, poll=0.05)
         os.kill(pid, signal.SIGKILL)
 
-        def finished():
-            status = instance.get_run_by_id(run.run_id).status
+        def events(of_type, run_id=run.run_id):
+            return instance.all_logs(run_id, of_type=of_type)
+
+        # Then kill the run worker (the process the daemon's code server started for the run; its pid is on the
+        # run's RUN_START event) as soon as a step after embeddings has started.
+        wait_for(f"{KILLED_STEP} retried", lambda: any(e.step_key == KILLED_STEP
+                                                        for e in events(DagsterEventType.STEP_SUCCESS)),
+                 timeout=600, proc=daemon)  # fmt: skip
+        wait_for("a later step", lambda: {e.step_key for e in events(DagsterEventType.STEP_START)} - {KILLED_STEP},
+                 timeout=300, proc=daemon, poll=0.05)  # fmt: skip
+        [run_worker] = {e.dagster_event.pid for e in events(DagsterEventType.RUN_START)}
+        os.kill(run_worker, signal.SIGKILL)
+
+        def finished(run_id):
+            status = instance.get_run_by_id(run_id).status
             return status if status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE) else None
 
-        status = wait_for("the Celery run", finished, timeout=900, proc=daemon)
+        killed_status = wait_for("the killed run's end", lambda: finished(run.run_id), timeout=300, proc=daemon)
+        retried = wait_for("the retry", lambda: next(iter(instance.get_runs(RunsFilter(
+            tags={"dagster/parent_run_id": run.run_id}))), None), timeout=300, proc=daemon)  # fmt: skip
+        status = wait_for("the retried run", lambda: finished(retried.run_id), timeout=900, proc=daemon)
         record = instance.get_run_record_by_id(run.run_id)
+        retried_record = instance.get_run_record_by_id(retried.run_id)
         starts = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
                   if e.step_key == KILLED_STEP]  # fmt: skip
         successes = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
                      if e.step_key == KILLED_STEP]  # fmt: skip
         tags = instance.get_run_by_id(run.run_id).tags
         queued = tags.get("m4i/stage")
-        celery_s = record.end_time - record.start_time
+        celery_s = retried_record.end_time - record.start_time
         print(f"\nclip audit of {target}: in process {in_process_s:.0f}s, on 2 Celery workers {celery_s:.0f}s "
-              f"(one killed in {KILLED_STEP} on {worker})")  # fmt: skip
+              f"(one killed in {KILLED_STEP} on {worker}; then the run worker, the run retried)")  # fmt: skip
 
+    assert killed_status == DagsterRunStatus.FAILURE  # not STARTED forever
     assert status == DagsterRunStatus.SUCCESS, (logs / "daemon.log").read_text()[-3000:]
     assert queued == "audit"  # through the queue's tag limit
     assert len(starts) == 2 and len(successes) == 1  # the killed step ran again, and completed
