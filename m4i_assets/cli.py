@@ -21,7 +21,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -31,9 +30,10 @@ from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.data.sources import partition_key, shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources, shard_outputs
 from m4i_assets.defs.assets.evaluation import version_verdicts
-from m4i_assets.defs.automation import AUDIT_ASSETS, audit_selection
+from m4i_assets.defs.automation import audit_selection
 from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
 from m4i_assets.defs.resources import Storage
+from m4i_assets.families import FAMILIES
 from m4i_assets.metrics.report import comparisons_markdown, verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 from m4i_assets.storage import warehouse
@@ -42,32 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = ["records", "record_roles"]  # after every shard of `source_shards`
 
 
-@dataclass(frozen=True)
-class AuditPlan:
-    """What the demo materializes for one model family: the models (one unpartitioned run), per helper
-    version (reference CLIPs, shadow captioners) what the audit needs of it, per audited version the rest;
-    with `--defenses`, the defended versions as well."""
-
-    models: list[str]
-    helpers: list[str]
-    audit: list[str]
-    defended: str
-
-
-PLANS = {
-    "clip": AuditPlan(
-        models=["target_clip", "null_control_clip", "reference_clips"],
-        helpers=["model_checkpoint", "embeddings"],
-        audit=AUDIT_ASSETS["clip"],
-        defended="defended_clips",
-    ),
-    "captioner": AuditPlan(
-        models=["target_captioner", "null_control_captioner", "shadow_captioners"],
-        helpers=["model_checkpoint", "generated_captions", "caption_metrics", "caption_nll", "m4i_attack_models"],
-        audit=AUDIT_ASSETS["captioner"],
-        defended="defended_captioners",
-    ),
-}
 DAGSTER_YAML = """\
 # Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
 telemetry:
@@ -163,13 +137,6 @@ def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def helper_versions(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
-    """The versions an audit of `family` learns from: reference CLIPs or shadow captioners."""
-    if family == "clip":
-        return storage.reference_versions(settings.audit, settings.n_reference_models)
-    return [m["model_version"] for m in storage.shadow_models(settings.audit)]
-
-
 def defended_versions(storage: Storage, target: str) -> list[str]:
     """The defended versions of a target, in registration order."""
     rows = storage.read("SELECT model_version FROM models WHERE role = 'defended' AND base_version = ? "
@@ -191,13 +158,14 @@ def demo(families: list[str], defenses: bool = False) -> None:
         "sources, shard by shard",
         [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
     )
-    models = DATA + [a for f in families for a in PLANS[f].models] + [PLANS[f].defended for f in families if defenses]
+    models = DATA + [a for f in families for a in FAMILIES[f].models]
+    models += [FAMILIES[f].defended for f in families if defenses]
     _run_phase("records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
     # One run per model version, two at a time: each writes its own partitions' files.
     _run_phase(
         "per-version signals of the reference and shadow models",
-        [partial(_materialize, PLANS[f].helpers, env, logs / f"{v}.log", v)
-         for f in families for v in helper_versions(storage, settings, f)],
+        [partial(_materialize, FAMILIES[f].helper_signals, env, logs / f"{v}.log", v) for f in families
+         for v in FAMILIES[f].helper_versions(storage, settings.audit, settings.n_reference_models)],
     )  # fmt: skip
     audited = {f: [storage.latest_versions(settings.audit, role, family=f)[0] for role in ("target", "null_control")]
                for f in families}  # fmt: skip
@@ -206,8 +174,9 @@ def demo(families: list[str], defenses: bool = False) -> None:
             audited[f] += defended_versions(storage, audited[f][0])
     _run_phase(
         "audit of the targets, the null controls" + " and the defended versions" * defenses,
-        [partial(_materialize, PLANS[f].audit, env, logs / f"{v}.log", v) for f in families for v in audited[f]],
-    )
+        [partial(_materialize, audit_selection(f, None), env, logs / f"{v}.log", v)
+         for f in families for v in audited[f]],
+    )  # fmt: skip
     if defenses:
         _run_phase("defense evaluations", [partial(_materialize, ["defense_evaluations"], env, logs / "defenses.log")])
     versions = [v for f in families for v in audited[f]]
@@ -282,18 +251,15 @@ def run_audit(spec: AuditSpec) -> list[str]:
     logs = home / "logs" / spec.name
     print(f"m4i audit: {spec.name!r} ({spec.kind} {spec.family} audit of {spec.dataset}), under {home}", flush=True)
     ingest_sources(env, settings, storage, logs)
-    models = ["record_roles", "audit_plan", f"target_{spec.family}"]
-    models += [f"null_control_{spec.family}"] * bool(spec.null_control) + ["reference_clips"] * bool(spec.references)
-    if spec.family == "captioner" and "population" in spec.values:
-        models.append("shadow_captioners")
+    family = FAMILIES[spec.family]
+    target, null_control, helpers = family.models
+    has_helpers = family.audit_has_helpers(spec)
+    models = ["record_roles", "audit_plan", target, *[null_control] * bool(spec.null_control)]
+    models += [helpers] * has_helpers
     _run_phase("roles, plan and models", [partial(_materialize, models, env, logs / "models.log")])
-    if spec.family == "clip":
-        helpers = storage.latest_versions(spec.name, "reference", len(spec.references))
-    else:
-        helpers = [m["model_version"] for m in storage.shadow_models(spec.name)]
-    helper_assets = PLANS[spec.family].helpers
+    versions = family.helper_versions(storage, spec.name, len(spec.references)) if has_helpers else []
     _run_phase("helper models' signals",
-               [partial(_materialize, helper_assets, env, logs / f"{v}.log", v) for v in helpers])  # fmt: skip
+               [partial(_materialize, family.helper_signals, env, logs / f"{v}.log", v) for v in versions])  # fmt: skip
     audited = storage.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
     audited += storage.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
     selection = audit_selection(spec.family, spec)
@@ -414,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["demo", "audit", "ingest", "home", "report", "ui-check"])
     parser.add_argument("name", nargs="?", help="m4i audit: the audit's name in the audit registry")
     parser.add_argument("--all", action="store_true", help="m4i audit: every audit of the registry")
-    parser.add_argument("--family", choices=[*PLANS, "all"], default="clip", help="which audit the demo runs")
+    parser.add_argument("--family", choices=[*FAMILIES, "all"], default="clip", help="which audit the demo runs")
     parser.add_argument("--defenses", action="store_true", help="also train, audit and evaluate defended versions")
     args = parser.parse_args(argv)
     if args.command == "audit":
@@ -429,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ingest":
         ingest()
     elif args.command == "demo":
-        demo(list(PLANS) if args.family == "all" else [args.family], defenses=args.defenses)
+        demo(list(FAMILIES) if args.family == "all" else [args.family], defenses=args.defenses)
     elif args.command == "ui-check":
         print("m4i ui-check: saved " + ", ".join(str(p) for p in ui_check(m4i_home())))
     elif args.command == "home":

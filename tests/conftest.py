@@ -71,7 +71,7 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
     process, then `defense_evaluations`; returns (defended versions, the evaluation's materialize result)."""
     from dagster import DagsterInstance, materialize
 
-    from m4i_assets.defs.automation import AUDIT_ASSETS
+    from m4i_assets.defs.automation import audit_selection
     from m4i_assets.defs.definitions import build_assets, build_resources
     from m4i_assets.settings import PROFILES, AuditSettings
 
@@ -86,7 +86,7 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
         storage = resources["storage"]
         versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
         for version in versions["model_version"]:
-            assert materialize(assets, selection=AUDIT_ASSETS[family], partition_key=version, **kwargs).success
+            assert materialize(assets, selection=audit_selection(family, None), partition_key=version, **kwargs).success
         evaluation = materialize(assets, selection=["defense_evaluations"], **kwargs)
         assert evaluation.success
         return versions["model_version"].to_list(), evaluation

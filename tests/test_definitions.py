@@ -65,3 +65,18 @@ def test_tracking_makes_metric_names_mlflow_accepts(tmp_path):
                               artifacts={})  # fmt: skip
     run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.data.metrics == {"clip-ab_embedding_noise_0.05.csa": 0.5}
+
+
+def test_every_job_sensor_and_schedule_resolves(tmp_path):
+    """Each family's audit job resolves over the family's assets (as the registry lists them), and the sensor
+    and the weekly schedules resolve against those jobs."""
+    from m4i_assets.families import FAMILIES
+
+    defs = build_definitions(home=tmp_path)
+    for name, family in FAMILIES.items():
+        job = defs.resolve_job_def(f"{name}_audit")
+        assert job.partitions_def.name == "model_versions"
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(family.job_assets())
+        assert defs.resolve_schedule_def(f"weekly_{name}_reaudit").job_name == job.name
+    sensor = defs.resolve_sensor_def("watched_models_sensor")
+    assert {j.name for j in sensor.jobs} == {f"{name}_audit" for name in FAMILIES}

@@ -1,8 +1,8 @@
 """Re-audits: one partitioned audit job per model family, a sensor on the watched models folder, and
 a weekly schedule that re-audits the latest target of each family.
 
-The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one checkpoint in a layout
-`describe_checkpoint` knows:
+The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one checkpoint in a layout a
+family of the registry recognizes (`m4i_assets.families.describe_checkpoint`):
 
 - an open_clip CLIP: `model.json` with `{"family": "clip", "arch": <open_clip architecture>}` and exactly one
   weights file, `model.safetensors` (as the platform saves them) or a torch file `*.pt`, `*.pth`, `*.bin`
@@ -21,7 +21,6 @@ unchanged folder launches nothing. A folder that is not a checkpoint is logged o
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 from dagster import (
     AssetKey,
@@ -40,115 +39,30 @@ from dagster import (
 from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage
-from m4i_assets.models.checkpoints import (
-    WEIGHT_SUFFIXES,
-    hf_clip_arch,
-    hf_weights_file,
-    read_json_object,
-    sha256_file,
-)
+from m4i_assets.families import FAMILIES, WatchedCheckpoint, describe_checkpoint
+from m4i_assets.models.checkpoints import sha256_file
 from m4i_assets.settings import AuditSettings
-
-# What one audited model version of a controlled audit materializes, per family (the demo CLI runs the same
-# lists); an audit of the registry runs the part its plan allows (`audit_selection`).
-AUDIT_ASSETS = {
-    "clip": ["model_checkpoint", "embeddings", "augmentation_deltas", "csa_scores", "aea_scores", "clip_loss_scores",
-             "rmia_scores", "pseudo_labels", "wsa_attack_model", "wsa_scores", "ref_calibrated_scores",
-             "blind_baseline_scores", "attack_metrics", "audit_report", "model_utility"],
-    "captioner": ["model_checkpoint", "generated_captions", "caption_metrics", "caption_nll", "m4i_mb_scores",
-                  "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores", "blind_baseline_scores",
-                  "attack_metrics", "m4i_scenarios", "audit_report", "model_utility"],
-}  # fmt: skip
-# The assets of each attack, and what a version of an audit of the registry materializes besides them.
-ATTACK_ASSETS = {
-    "csa": ["csa_scores"], "aea": ["augmentation_deltas", "aea_scores"],
-    "wsa": ["pseudo_labels", "wsa_attack_model", "wsa_scores"], "ref_calibrated": ["ref_calibrated_scores"],
-    "blind_baseline": ["blind_baseline_scores"], "m4i_mb": ["m4i_mb_scores", "m4i_scenarios"],
-    "m4i_fb": ["m4i_mb_scores", "m4i_scenarios"],
-}  # fmt: skip
-SIGNAL_ASSETS = {"clip": ["model_checkpoint", "embeddings"],
-                 "captioner": ["model_checkpoint", "generated_captions", "caption_metrics"]}  # fmt: skip
-LABELLED_ASSETS = ["attack_metrics", "audit_report", "model_utility"]
-UNLABELLED_ASSETS = {"clip": ["membership_rate"], "captioner": []}
 
 
 def audit_selection(family: str, audit: AuditSpec | None) -> list[str]:
-    """What one audited version materializes: every asset of its family for a controlled audit; for an audit
-    of the registry its signals, the attacks its plan runs, then attack metrics and the report (labelled; the
-    report needs the blind baseline's shift gate) or the estimated membership rate (unlabelled)."""
+    """What one audited version materializes (`Family.audit_assets`): everything of its family for a controlled
+    audit (`audit` None), what its plan allows for an audit of the registry."""
     if audit is None:
-        return AUDIT_ASSETS[family]
-    planned = audit.planned()
-    keys = SIGNAL_ASSETS[family] + [k for attack in planned for k in ATTACK_ASSETS[attack]]
-    if audit.kind == "labelled":
-        keys += [k for k in LABELLED_ASSETS if k != "audit_report" or "blind_baseline" in planned]
-    else:
-        keys += UNLABELLED_ASSETS[family]
-    return list(dict.fromkeys(keys))
+        return FAMILIES[family].audit_assets()
+    return FAMILIES[family].audit_assets(audit.planned(), labelled=audit.kind == "labelled")
 
 
 audit_jobs = {
     family: define_asset_job(
         f"{family}_audit",
-        selection=AssetSelection.assets(*keys, *UNLABELLED_ASSETS[family]),
+        selection=AssetSelection.assets(*spec.job_assets()),
         partitions_def=model_versions,
         description=f"The full audit of one {family} model version (its partition).",
         tags={"m4i/stage": "audit"},  # the instance's run queue limits concurrent audits by this tag
     )
-    for family, keys in AUDIT_ASSETS.items()
+    for family, spec in FAMILIES.items()
 }
 WATCHED = "watched_models"
-
-
-class WatchedCheckpoint(NamedTuple):
-    """A watched folder's model family, arch and weights file (whose sha256 names the version)."""
-
-    family: str
-    arch: str
-    weights: Path
-
-
-def _required(weights: Path | None, folder: Path, expected: str) -> Path:
-    if weights is None or not weights.is_file():
-        raise ValueError(f"{folder}: no {expected}")
-    return weights
-
-
-def _single_weights_file(folder: Path) -> Path:
-    """The one weights file of an open_clip folder (`model.safetensors`, `*.pt`, `*.pth` or `*.bin`)."""
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if len(found) > 1:
-        raise ValueError(f"{folder}: {len(found)} weights files ({', '.join(p.name for p in found)}), expected one")
-    return _required(found[0] if found else None, folder, "weights file (model.safetensors, *.pt, *.pth or *.bin)")
-
-
-def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
-    """(family, arch, weights file) of a checkpoint folder in a layout of the module docstring; a ValueError
-    naming the folder or file when it is not one."""
-    for name in ("model.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        config = read_json_object(path)
-        if config.get("family") == "clip" and isinstance(config.get("arch"), str):
-            return WatchedCheckpoint("clip", config["arch"], _single_weights_file(folder))
-        if config.get("model_type") == "clip":
-            weights = _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
-            return WatchedCheckpoint("clip", hf_clip_arch(folder), weights)
-        if config.get("family") == "captioner":
-            arch = config.get("spec", {}).get("arch", "cnn-lstm")
-            return WatchedCheckpoint(
-                "captioner", arch, _required(folder / "model.safetensors", folder, "model.safetensors")
-            )
-        if config.get("model_type") == "vision-encoder-decoder":
-            arch = "vit-gpt2" if (folder / "m4i.json").is_file() else "hf-vision-encoder-decoder"
-            return WatchedCheckpoint(
-                "captioner", arch, _required(folder / "model.safetensors", folder, "model.safetensors")
-            )
-    raise ValueError(
-        f"{folder}: neither model.json (an open_clip CLIP: family, arch) nor config.json (a Hugging Face CLIP, "
-        "or a captioner)"
-    )
 
 
 def register_watched(storage: Storage, audit: str, folder: Path, checkpoint: WatchedCheckpoint, sha: str) -> str:
@@ -236,4 +150,4 @@ def reaudit_schedule(family: str):
     return _schedule
 
 
-reaudit_schedules = [reaudit_schedule(family) for family in AUDIT_ASSETS]
+reaudit_schedules = [reaudit_schedule(family) for family in FAMILIES]

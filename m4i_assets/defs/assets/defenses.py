@@ -28,10 +28,9 @@ from m4i_assets.defs.assets.models import TrainJob, release_of, seeded_sample, t
 from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
+from m4i_assets.families import FAMILIES, zero_shot_text_embeddings
 from m4i_assets.metrics import privacy_utility as pu
 from m4i_assets.settings import AuditSettings
-
-FAMILIES = ("clip", "captioner")
 
 
 def metric_name(row: dict) -> str:
@@ -66,11 +65,8 @@ def defend(
     """Register the release-time defenses of the family's latest target and train its training-time ones
     (the target's recipe on the members, one defense switched on; early stopping validates on population
     records, never on a candidate)."""
-    from m4i_assets.models import captioner, clip
-
-    module = clip if family == "clip" else captioner
     target = latest_target(storage, settings.audit, family)
-    base = settings.clip_train_spec(0) if family == "clip" else settings.captioner_spec(settings.captioner_arch, 0)
+    base = FAMILIES[family].base_spec(settings)
     members = storage.audit_records(settings.audit, ("member",))
     population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
     validation = seeded_sample(population, settings.n_validation, settings.seed + 300)
@@ -93,7 +89,7 @@ def defend(
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
     context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
-    trained = train_and_register(context, settings, storage, compute, module, jobs)
+    trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(), jobs)
     table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)] + released
     return MaterializeResult(
         metadata={
@@ -110,7 +106,7 @@ def defended_clips(
 ) -> MaterializeResult:
     """Defended versions of the CLIP target: DP-SGD, augmentation, weight decay, early stopping (retrained),
     embedding noise and similarity rounding (released), at the strengths of `clip_defenses`."""
-    return defend(context, settings, storage, compute, "clip", settings.clip_defenses)
+    return defend(context, settings, storage, compute, "clip", FAMILIES["clip"].defenses(settings))
 
 
 @asset(group_name="defenses", deps=["target_captioner"], kinds={"pytorch"})
@@ -119,7 +115,7 @@ def defended_captioners(
 ) -> MaterializeResult:
     """Defended versions of the captioner target: DP-SGD (retrained) and sampled decoding (released), at the
     strengths of `captioner_defenses`."""
-    return defend(context, settings, storage, compute, "captioner", settings.captioner_defenses)
+    return defend(context, settings, storage, compute, "captioner", FAMILIES["captioner"].defenses(settings))
 
 
 def clip_utility(
@@ -127,8 +123,6 @@ def clip_utility(
 ) -> tuple[dict, dict]:
     """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
     released embeddings (prompts released like any text query), and each one's chance level."""
-    import torch
-
     from m4i_assets.metrics import utility
     from m4i_assets.models import clip
 
@@ -144,17 +138,16 @@ def clip_utility(
         prompts = utility.zero_shot_prompts(classes, settings.corpus_style)
         flat = [p for per_class in prompts for p in per_class]
         bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
-        with torch.no_grad():
-            tokens = bundle.tokenizer(flat).to(next(bundle.model.parameters()).device)
-            text = bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()
-        text = release_of(info, settings.seed).embeddings(text, flat, "text")
+        text = release_of(info, settings.seed).embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")
         values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
                                                                   labels)  # fmt: skip
         chance["zero_shot_accuracy"] = utility.zero_shot_chance(len(classes))
     return values, chance
 
 
-def captioner_utility(storage: Storage, info: dict, held: pl.DataFrame) -> tuple[dict, dict]:
+def captioner_utility(
+    storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame
+) -> tuple[dict, dict]:
     """BLEU-4, ROUGE-L and CIDEr of the version's (released) captions of held-out records, against all their
     references (the per-record values `caption_metrics` computed, averaged), and their chance levels: the
     same metrics for captions that ignore the image (another held-out image's reference)."""
@@ -167,6 +160,9 @@ def captioner_utility(storage: Storage, info: dict, held: pl.DataFrame) -> tuple
     references = held.sort("record_id").group_by("image_uri", maintain_order=True).agg("caption")["caption"]
     chance = utility.caption_chance(references.to_list()) if len(references) > 1 else {}
     return values, {k: v for k, v in chance.items() if k in values}
+
+
+UTILITY = {"clip": clip_utility, "captioner": captioner_utility}  # each family's utility, by family
 
 
 @asset(
@@ -189,10 +185,7 @@ def model_utility(
         passed = AssetCheckResult(check_name="utility_in_range", passed=True, metadata={"utility_of": naive})
         return MaterializeResult(metadata={"dagster/row_count": 0, "utility_of": naive}, check_results=[passed])
     held = storage.audit_records(info["audit"], ("nonmember",))
-    if info["family"] == "clip":
-        values, chance = clip_utility(storage, settings, compute, info, held)
-    else:
-        values, chance = captioner_utility(storage, info, held)
+    values, chance = UTILITY[info["family"]](storage, settings, compute, info, held)
     frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
                           "chance": [chance.get(m) for m in values], "n_records": held.height,
                           "audit": info["audit"]}, schema_overrides={"chance": pl.Float64})  # fmt: skip

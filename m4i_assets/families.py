@@ -1,0 +1,188 @@
+"""The registry of model families (open_clip's factory style: one table of families, one way to reach any of
+them): for each family, the module that builds, trains, saves and loads its models, how to recognize one of
+its checkpoint folders, the role of the helper models its attacks learn from, and what one audited version
+of it materializes (its signals, each attack's outputs, its metrics).
+
+The assets, the watched-models sensor, the CLI and the defenses ask this registry; no other module branches on
+a family's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, hf_clip_arch, hf_weights_file, read_json_object
+
+
+class WatchedCheckpoint(NamedTuple):
+    """A checkpoint folder's model family, arch and weights file (whose sha256 names the version)."""
+
+    family: str
+    arch: str
+    weights: Path
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. `models`: the training assets (target, null control, helpers), `signals` /
+    `helper_signals`: what an audited / a helper version computes before any attack, `attacks`: each attack
+    id of the audit registry and its assets, `controlled`: what a controlled audit runs beyond those attacks,
+    `unlabelled`: what an unlabelled audit reports instead of attack metrics."""
+
+    name: str
+    module: str
+    helper_role: str
+    models: tuple[str, ...]
+    defended: str
+    signals: tuple[str, ...]
+    helper_signals: tuple[str, ...]
+    attacks: dict[str, tuple[str, ...]]
+    controlled: tuple[str, ...]
+    unlabelled: tuple[str, ...]
+    recognize: Callable[[dict, Path], tuple[str, Path] | None]
+
+    def models_module(self) -> ModuleType:
+        """`m4i_assets.models.<family>`: FAMILY, `train_and_save` (picklable), the loaders (imported lazily:
+        torch is heavy)."""
+        return importlib.import_module(self.module)
+
+    def base_spec(self, settings: Any, seed_offset: int = 0) -> Any:
+        """The training recipe of the audit's target (`seed_offset` 0) or of another model of the plan."""
+        if self.helper_role == "reference":
+            return settings.clip_train_spec(seed_offset)
+        return settings.captioner_spec(settings.captioner_arch, seed_offset)
+
+    def defenses(self, settings: Any) -> dict[str, list[float]]:
+        """The defense grid of the settings for this family (`<family>_defenses`)."""
+        return getattr(settings, f"{self.name}_defenses")
+
+    def audit_has_helpers(self, audit: Any) -> bool:
+        """Whether an audit of the registry has helpers: reference checkpoints of its own, or population
+        records to train shadow captioners on."""
+        return bool(audit.references) if self.helper_role == "reference" else "population" in audit.values
+
+    def helper_versions(self, storage: Any, audit: str, n: int) -> list[str]:
+        """The helper versions an audit of this family learns from (its `n` reference CLIPs, or its newest
+        shadow captioner of each dataset, arch and seed)."""
+        if self.helper_role == "reference":
+            return storage.reference_versions(audit, n) if n else []
+        return [m["model_version"] for m in storage.shadow_models(audit)]
+
+    def audit_assets(self, planned: list[str] | None = None, labelled: bool = True) -> list[str]:
+        """What one audited version materializes: its signals, the assets of the `planned` attacks (None: a
+        controlled audit, every attack and the controlled extras), then attack metrics, the report (it needs
+        the blind baseline's shift gate) and utility (labelled), or the unlabelled estimates."""
+        attacks = list(self.attacks) if planned is None else planned
+        keys = [*self.signals, *(k for attack in attacks for k in self.attacks[attack])]
+        keys += self.controlled if planned is None else ()
+        if labelled:
+            keys += ["attack_metrics", *(["audit_report"] if "blind_baseline" in attacks else []), "model_utility"]
+        else:
+            keys += self.unlabelled
+        return list(dict.fromkeys(keys))
+
+    def job_assets(self) -> list[str]:
+        """Every asset an audit of this family may materialize (its job's selection)."""
+        return list(dict.fromkeys([*self.audit_assets(), *self.unlabelled]))
+
+
+def _single_weights_file(folder: Path) -> Path:
+    """The one weights file of an open_clip folder (`model.safetensors`, `*.pt`, `*.pth` or `*.bin`)."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(found) > 1:
+        raise ValueError(f"{folder}: {len(found)} weights files ({', '.join(p.name for p in found)}), expected one")
+    return _required(found[0] if found else None, folder, "weights file (model.safetensors, *.pt, *.pth or *.bin)")
+
+
+def _required(weights: Path | None, folder: Path, expected: str) -> Path:
+    if weights is None or not weights.is_file():
+        raise ValueError(f"{folder}: no {expected}")
+    return weights
+
+
+def _clip_checkpoint(config: dict, folder: Path) -> tuple[str, Path] | None:
+    """An open_clip folder (`model.json` with family and arch) or a Hugging Face CLIP directory."""
+    if config.get("family") == "clip" and isinstance(config.get("arch"), str):
+        return config["arch"], _single_weights_file(folder)
+    if config.get("model_type") == "clip":
+        weights = _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
+        return hf_clip_arch(folder), weights
+    return None
+
+
+def _captioner_checkpoint(config: dict, folder: Path) -> tuple[str, Path] | None:
+    """This platform's captioner (`config.json` with family and spec) or a Hugging Face VisionEncoderDecoder."""
+    if config.get("family") == "captioner":
+        arch = config.get("spec", {}).get("arch", "cnn-lstm")
+    elif config.get("model_type") == "vision-encoder-decoder":
+        arch = "vit-gpt2" if (folder / "m4i.json").is_file() else "hf-vision-encoder-decoder"
+    else:
+        return None
+    return arch, _required(folder / "model.safetensors", folder, "model.safetensors")
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(
+        name="clip",
+        module="m4i_assets.models.clip",
+        helper_role="reference",
+        models=("target_clip", "null_control_clip", "reference_clips"),
+        defended="defended_clips",
+        signals=("model_checkpoint", "embeddings"),
+        helper_signals=("model_checkpoint", "embeddings"),
+        attacks={"csa": ("csa_scores",), "aea": ("augmentation_deltas", "aea_scores"),
+                 "wsa": ("pseudo_labels", "wsa_attack_model", "wsa_scores"),
+                 "ref_calibrated": ("ref_calibrated_scores",), "blind_baseline": ("blind_baseline_scores",)},
+        controlled=("augmentation_deltas", "clip_loss_scores", "rmia_scores"),
+        unlabelled=("membership_rate",),
+        recognize=_clip_checkpoint,
+    ),
+    "captioner": Family(
+        name="captioner",
+        module="m4i_assets.models.captioner",
+        helper_role="shadow",
+        models=("target_captioner", "null_control_captioner", "shadow_captioners"),
+        defended="defended_captioners",
+        signals=("model_checkpoint", "generated_captions", "caption_metrics"),
+        helper_signals=("model_checkpoint", "generated_captions", "caption_metrics", "caption_nll",
+                        "m4i_attack_models"),
+        attacks={"m4i_mb": ("m4i_mb_scores", "m4i_scenarios"), "m4i_fb": ("m4i_mb_scores", "m4i_scenarios"),
+                 "blind_baseline": ("blind_baseline_scores",)},
+        controlled=("caption_nll", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores"),
+        unlabelled=(),
+        recognize=_captioner_checkpoint,
+    ),
+}  # fmt: skip
+
+
+def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
+    """(family, arch, weights file) of a checkpoint folder some family of the registry recognizes from its
+    `model.json` or `config.json`; a ValueError naming the folder or file when none does."""
+    for name in ("model.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = read_json_object(path)
+        for family in FAMILIES.values():
+            found = family.recognize(config, folder)
+            if found is not None:
+                return WatchedCheckpoint(family.name, *found)
+    raise ValueError(
+        f"{folder}: neither model.json (an open_clip CLIP: family, arch) nor config.json (a Hugging Face CLIP, "
+        "or a captioner)"
+    )
+
+
+def zero_shot_text_embeddings(bundle: Any, prompts: list[str]) -> Any:
+    """The CLIP's L2-normalised text embeddings of zero-shot prompts (Radford et al. 2021, section 3.1.4), as a
+    float numpy array, one row per prompt."""
+    import torch
+
+    with torch.no_grad():
+        tokens = bundle.tokenizer(prompts).to(next(bundle.model.parameters()).device)
+        return bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()
