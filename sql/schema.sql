@@ -41,7 +41,10 @@ CREATE TABLE IF NOT EXISTS audit_plan (       -- what an audit of the registry r
     attack  VARCHAR NOT NULL,
     status  VARCHAR NOT NULL,          -- run | skipped
     reason  VARCHAR,                   -- what the audit lacks, for a skipped attack
-    PRIMARY KEY (audit, attack)
+    -- '' for the whole audit; else the one version whose release interface rules the attack out
+    -- (`defenses.release.attack_skip_reason`: WSA against a similarities-only release)
+    model_version VARCHAR NOT NULL DEFAULT '',
+    PRIMARY KEY (audit, attack, model_version)
 );
 
 CREATE TABLE IF NOT EXISTS membership_rate (  -- unlabelled audits: how many candidates look like members
@@ -265,3 +268,17 @@ CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each 
     computed_at              TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack)
 );
+-- ATTACKS.md section 5: tpr_at_1pct_fpr is NULL below 1000 non-members (the reason beside it); the curves read
+-- the TPR at the known non-members' 1% threshold and the realised FPR on the candidates, Clopper-Pearson CIs.
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_null_reason VARCHAR;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct_ci_low DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct_ci_high DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct_ci_low DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_fpr_1pct_ci_high DOUBLE;
+-- The curves' privacy read: tpr_at_1pct_fpr (bootstrap CI) where reported, else the known-threshold TPR (CP CI)
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS privacy_tpr DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS privacy_tpr_ci_low DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS privacy_tpr_ci_high DOUBLE;
+ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS privacy_figure VARCHAR; -- tpr_at_1pct_fpr | known_threshold_tpr_1pct

@@ -147,11 +147,12 @@ def test_dagster_recorded_the_runs(demo_home):
 
 
 def test_defended_versions_are_audited_and_set_against_utility(demo_home):
-    """Defenses on the demo home (before the sensor test, which adds a target): a DP-SGD retraining and an
-    embedding-noise release of the target, each audited by every CLIP attack, with utility, in the
-    privacy-utility table, its plot in the metadata."""
+    """Defenses on the demo home (before the sensor test, which adds a target): a DP-SGD retraining, an
+    embedding-noise release and a similarity-rounding release of the target, each audited by every CLIP attack
+    its release interface allows, with utility, in the privacy-utility table, its plot in the metadata."""
     home = demo_home[0]
-    defended, evaluation = defend_in_process(home, "clip", {"dp_sgd": [1.0], "embedding_noise": [0.05]})
+    defended, evaluation = defend_in_process(home, "clip", {"dp_sgd": [1.0], "embedding_noise": [0.05],
+                                                            "similarity_rounding": [2]})  # fmt: skip
     db = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
     try:
         (target,) = db.execute("SELECT model_version FROM models WHERE role = 'target'").fetchone()
@@ -159,7 +160,8 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
                           "defense_facts FROM models WHERE role = 'defended' "
                           "ORDER BY defense, model_version").fetchall()  # fmt: skip
         assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("embedding_noise", 0.05, target),
-                                                      ("embedding_noise", 0.05, target)]  # naive, adaptive (k=2)
+                                                      ("embedding_noise", 0.05, target),  # naive, adaptive (k=2)
+                                                      ("similarity_rounding", 2.0, target)]  # fmt: skip
         assert json.loads(rows[2][5])["naive_version"] == rows[1][0] and rows[2][0].endswith("+k=2")
         dp_facts = json.loads(rows[0][5])["dp"]
         assert 0 < dp_facts["epsilon"] < dp_facts["epsilon_conservative"] and dp_facts["noise_multiplier"] == 1.0
@@ -172,7 +174,18 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         table = db.execute("SELECT defense, attack, utility_metric, utility_relative, model_version "
                            "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
         assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd", "embedding_noise")
-                                                 for a in ATTACKS - {"blind_baseline"}}  # fmt: skip
+                                                 for a in ATTACKS - {"blind_baseline"}} | {
+            ("similarity_rounding", a) for a in ATTACKS - {"blind_baseline", "wsa"}}  # fmt: skip
+        # Under the `similarities` interface CSA reads the released, rounded similarity; WSA (needs embeddings)
+        # is skipped for that version, with the reason, in audit_plan
+        rounded = rows[3][0]
+        csa = {v: db.execute("SELECT score FROM membership_scores WHERE model_version = ? AND attack = 'csa' "
+                             "ORDER BY record_id", [v]).pl()["score"].to_numpy() for v in (target, rounded)}  # fmt: skip
+        assert np.array_equal(csa[rounded], np.round(csa[target], 2)) and not np.array_equal(csa[rounded], csa[target])
+        plan = db.execute("SELECT attack, status, reason FROM audit_plan WHERE model_version = ?", [rounded]).fetchall()
+        assert [(a, s) for a, s, _ in plan] == [("wsa", "skipped")] and "similarities" in plan[0][2]
+        assert not db.execute("SELECT count(*) FROM membership_scores WHERE model_version = ? AND attack = 'wsa'",
+                              [rounded]).fetchone()[0]  # fmt: skip
         assert {r[2] for r in table} == {"i2t_recall@5"}
         assert all(r[3] == 1.0 for r in table if r[0] == "none")
         utility = dict(
@@ -186,7 +199,12 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
                             "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
         assert [(r[0], r[1], r[2]) for r in judged] == [
             ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None), ("embedding_noise", "naive", None),
-            ("none", "naive", None)]  # fmt: skip
+            ("none", "naive", None), ("similarity_rounding", "naive", None)]  # fmt: skip
+        figures = db.execute("SELECT tpr_at_1pct_fpr, tpr_at_1pct_fpr_null_reason, known_threshold_tpr_1pct, "
+                             "known_threshold_tpr_1pct_ci_low, known_threshold_tpr_1pct_ci_high FROM "
+                             "defense_evaluations WHERE attack = 'csa'").fetchall()  # fmt: skip
+        # 48 non-members: no TPR@1%FPR (ATTACKS.md section 5), the known-threshold TPR with its CI instead
+        assert all(r[0] is None and "false positives" in r[1] and r[3] <= r[2] <= r[4] for r in figures)
         assert all(r[3] is not None and r[3] >= 0 and r[4] == chance for r in judged)
     finally:
         db.close()

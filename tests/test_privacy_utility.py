@@ -29,11 +29,17 @@ def _tables():
         "defense_facts": [None, json.dumps({"dp": {"epsilon": 30.0}}), json.dumps({"dp": {"epsilon": 2.0}}), None],
     })  # fmt: skip
     tpr = {"t": (0.5, 0.2), "dp1": (0.3, 0.1), "dp2": (0.05, 0.02), "noise": (0.2, 0.25)}  # (csa, aea)
+    # 200 non-members: TPR@1%FPR is NULL (ATTACKS.md section 5), the known-threshold TPR is what the curves read
     metrics = pl.DataFrame([
         {"model_version": v, "attack": a, "auc": 0.5 + t, "auc_ci_low": 0.4, "auc_ci_high": 0.9,
-         "tpr_at_1pct_fpr": t, "tpr_at_1pct_fpr_ci_low": 0.0, "tpr_at_1pct_fpr_ci_high": 1.0, "mlflow_run_id": v}
+         "tpr_at_1pct_fpr": None, "tpr_at_1pct_fpr_ci_low": None, "tpr_at_1pct_fpr_ci_high": None,
+         "tpr_at_1pct_fpr_null_reason": "200 non-members x 0.01 FPR = 2 false positives < 10",
+         "known_threshold_tpr_1pct": t, "known_threshold_tpr_1pct_ci_low": t / 2,
+         "known_threshold_tpr_1pct_ci_high": min(1, 2 * t), "known_threshold_fpr_1pct": 0.015,
+         "known_threshold_fpr_1pct_ci_low": 0.003, "known_threshold_fpr_1pct_ci_high": 0.043, "mlflow_run_id": v}
         for v, pair in tpr.items() for a, t in zip(("csa", "aea", "blind_baseline"), (*pair, 0.9))
-    ])  # fmt: skip
+    ], schema_overrides={"tpr_at_1pct_fpr": pl.Float64, "tpr_at_1pct_fpr_ci_low": pl.Float64,
+                         "tpr_at_1pct_fpr_ci_high": pl.Float64})  # fmt: skip
     utility = pl.DataFrame({"model_version": ["t", "dp1", "dp2", "noise"], "metric": "i2t_recall@5",
                             "value": [0.80, 0.76, 0.40, 0.78]})  # fmt: skip
     return models, metrics, utility
@@ -44,14 +50,22 @@ def test_rows_points_and_best_defense():
     assert rows.height == 8 and "blind_baseline" not in rows["attack"].to_list()  # blind baseline is no attack
     assert rows.filter(pl.col("model_version") == "dp2")["epsilon"].to_list() == [2.0, 2.0]
     points = curve_points(rows)
-    worst = dict(zip(points["model_version"], points["tpr_at_1pct_fpr"]))
+    assert rows["tpr_at_1pct_fpr"].null_count() == rows.height  # never the raw figure below 1000 non-members
+    worst = dict(zip(points["model_version"], points["tpr"]))
     assert worst == {"t": 0.5, "dp1": 0.3, "dp2": 0.05, "noise": 0.25}  # strongest attack per version
     assert dict(zip(points["model_version"], points["worst_attack"]))["noise"] == "aea"
     # dp2 has the lowest TPR but loses half the utility; within 10%: dp1 (0.95) and noise (0.975).
     assert best_defense(rows)["model_version"] == "noise"
     assert best_defense(rows, max_relative_loss=0.6)["model_version"] == "dp2"
     assert best_defense(rows, max_relative_loss=0.0) is None
-    assert "| dp_sgd | 2 | 2 |  | csa | naive | 0.050 |" in defense_markdown(rows)
+    assert "| dp_sgd | 2 | 2 |  | csa | naive | 0.050 [0.025, 0.100] | known 1% threshold | 0.015 |" in defense_markdown(rows)
+    # from 1000 non-members on, the reported TPR@1%FPR (bootstrap CI) is the read
+    _, metrics, _ = _tables()
+    metrics = metrics.with_columns(tpr_at_1pct_fpr=pl.col("known_threshold_tpr_1pct") + 0.01,
+                                   tpr_at_1pct_fpr_ci_low=pl.lit(0.0), tpr_at_1pct_fpr_ci_high=pl.lit(1.0))  # fmt: skip
+    reported = curve_points(defense_rows(_tables()[0], metrics, _tables()[2], family="clip"))
+    assert set(reported["figure"]) == {"tpr_at_1pct_fpr"} and reported["fpr"].null_count() == reported.height
+    assert dict(zip(reported["model_version"], reported["tpr"]))["dp2"] == pytest.approx(0.06)
     assert privacy_utility_png(rows, "clip").startswith(b"\x89PNG")
 
 
@@ -64,13 +78,13 @@ def test_the_adaptive_attacker_is_the_privacy_read_and_clip_epsilons_are_marked(
             "defense_facts": json.dumps({"attacker": "adaptive", "queries": 8})}  # fmt: skip
     models = pl.concat([models, pl.DataFrame([twin])])
     metrics = pl.concat([metrics, metrics.filter(pl.col("model_version") == "noise").with_columns(
-        model_version=pl.lit("noise+k8"), tpr_at_1pct_fpr=pl.col("tpr_at_1pct_fpr") * 2)])  # fmt: skip
+        model_version=pl.lit("noise+k8"), known_threshold_tpr_1pct=pl.col("known_threshold_tpr_1pct") * 2)])  # fmt: skip
     utility = pl.concat([utility, pl.DataFrame({"model_version": ["noise+k8"], "metric": "i2t_recall@5",
                                                 "value": [0.78]})])  # fmt: skip
     rows = defense_rows(models, metrics, utility, family="clip")
     assert set(rows.filter(pl.col("defense") == "embedding_noise")["attacker"]) == {"naive", "adaptive"}
     points = curve_points(rows).filter(pl.col("defense") == "embedding_noise")
-    assert points.height == 1 and points["attacker"][0] == "adaptive" and points["tpr_at_1pct_fpr"][0] == 0.5
+    assert points.height == 1 and points["attacker"][0] == "adaptive" and points["tpr"][0] == 0.5
     table = defense_markdown(rows)
     assert "| dp_sgd | 0.5 | 30 (not a guarantee) |" in table and "| dp_sgd | 2 | 2 |" in table
 
@@ -80,7 +94,7 @@ def _points():
         "defense": ["none", "dp_sgd", "dp_sgd", "dp_sgd", "noise", "noise"],
         "strength": [None, 0.5, 1.0, 2.0, 0.05, 0.1],
         "utility": [0.80, 0.70, 0.50, 0.30, 0.75, 0.60],
-        "tpr_at_1pct_fpr": [0.50, 0.10, 0.05, 0.02, 0.30, 0.20],
+        "tpr": [0.50, 0.10, 0.05, 0.02, 0.30, 0.20],
     })  # fmt: skip
 
 

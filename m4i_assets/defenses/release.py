@@ -41,6 +41,14 @@ Every other CLIP attack needs similarity scores of chosen pairs only (AEA's augm
 negatives and the calibrated attacks' references included), and the captioner attacks need captions."""
 
 
+def interface_of(family: str, defense: str | None) -> Interface:
+    """What a model version releases: its release-time defense's interface (the defense applies there), else
+    the family's default (a CLIP's embeddings, a captioner's captions)."""
+    if defense in RELEASE_DEFENSES:
+        return RELEASE_DEFENSES[defense].interface
+    return DEFAULT_INTERFACE[family]
+
+
 def attack_skip_reason(attack: str, interface: Interface) -> str | None:
     """Why an attack cannot run against a release of `interface` (None when it can)."""
     needs = ATTACK_NEEDS.get(attack)

@@ -2,8 +2,8 @@
 beside its utility on held-out data, relative to the undefended target it defends.
 
 Privacy is read at low FPR (Carlini et al. 2022): a defense's point on the curve is the strongest attack's
-TPR at 1% FPR against the version's utility (one primary utility metric per model family). The
-undefended target is the reference point of every curve.
+TPR at the known non-members' 1% threshold (`PRIVACY`) against the version's utility (one primary utility
+metric per model family). The undefended target is the reference point of every curve.
 """
 
 from __future__ import annotations
@@ -20,13 +20,30 @@ PRIMARY_UTILITY = {"clip": "i2t_recall@5", "captioner": "cider"}
 NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the data, not the defense
 UNDEFENDED = "none"
 NAIVE = "naive"  # the attacker who does not know the defense; `adaptive` knows it (defense_facts["attacker"])
+PRIVACY = "privacy_tpr"
+"""The privacy read of the curves, one rule (ATTACKS.md section 5): TPR@1%FPR with its bootstrap CI where it is
+reported (from 1000 non-members up), else the TPR at the threshold the known non-members' 99% score quantile
+fixes, with its Clopper-Pearson CI (`metrics.evaluation.known_threshold`); `privacy_figure` names which. Never
+the raw TPR@1%FPR below ten possible false positives."""
+REPORTED, KNOWN = "tpr_at_1pct_fpr", "known_threshold_tpr_1pct"
+FIGURES = {REPORTED: "TPR@1%FPR", KNOWN: "known 1% threshold"}
+KNOWN_THRESHOLD = (
+    "tpr_at_1pct_fpr_null_reason",
+    "known_threshold_tpr_1pct",
+    "known_threshold_tpr_1pct_ci_low",
+    "known_threshold_tpr_1pct_ci_high",
+    "known_threshold_fpr_1pct",
+    "known_threshold_fpr_1pct_ci_low",
+    "known_threshold_fpr_1pct_ci_high",
+)
 REGULARISED = "augmentation"  # the well-regularised reference: "within 10%" is not relative to an overfit target only
 
 
 def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFrame, family: str) -> pl.DataFrame:
     """One row per (model version, attack): the defense and its strength (`none` for the undefended target),
-    epsilon when DP, AUC and TPR@1%FPR with CIs, the family's primary utility, and the utility relative to the
-    target's. `models` holds the target and its defended versions (columns model_version, role, defense,
+    epsilon when DP, AUC and TPR@1%FPR with CIs (NULL below 1000 non-members, with the reason), TPR and realised
+    FPR at the known non-members' 1% threshold with Clopper-Pearson CIs, the `PRIVACY` read, the family's primary
+    utility, and the utility relative to the target's. `models` holds the target and its defended versions (columns model_version, role, defense,
     defense_strength, defense_facts), `metrics` their `attack_metrics` rows, `utility` their `model_utility`."""
     metric = PRIMARY_UTILITY[family]
     facts = [json.loads(f) if f else {} for f in models["defense_facts"].to_list()]
@@ -47,9 +64,18 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
     )  # fmt: skip
     (reference,) = versions.filter(pl.col("defense") == UNDEFENDED).join(value, on="model_version")["utility"]
     regularised = versions.filter(pl.col("defense") == REGULARISED).join(value, on="model_version")["utility"].max()
+    metrics = metrics.with_columns(pl.lit(None, dtype=pl.Utf8 if c.endswith("reason") else pl.Float64).alias(c)
+                                   for c in KNOWN_THRESHOLD if c not in metrics.columns)  # fmt: skip
+    reported = pl.col(REPORTED).is_not_null()
     return (
         versions.join(metrics.filter(~pl.col("attack").is_in(NOT_AN_ATTACK)), on="model_version")
         .join(value, on="model_version", how="left")
+        .with_columns(
+            pl.when(reported).then(pl.col(f"{REPORTED}{s}")).otherwise(pl.col(f"{KNOWN}{s}")).alias(f"{PRIVACY}{s}")
+            for s in ("", "_ci_low", "_ci_high")
+        )
+        .with_columns(privacy_figure=pl.when(reported).then(pl.lit(REPORTED))
+                      .when(pl.col(KNOWN).is_not_null()).then(pl.lit(KNOWN)))  # fmt: skip
         .select(
             "defense",
             "strength",
@@ -64,6 +90,11 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
             "tpr_at_1pct_fpr",
             "tpr_at_1pct_fpr_ci_low",
             "tpr_at_1pct_fpr_ci_high",
+            *KNOWN_THRESHOLD,
+            PRIVACY,
+            f"{PRIVACY}_ci_low",
+            f"{PRIVACY}_ci_high",
+            "privacy_figure",
             utility_metric=pl.lit(metric),
             utility="utility",
             utility_relative=pl.col("utility") / reference if reference else pl.lit(None, dtype=pl.Float64),
@@ -79,11 +110,14 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
 
 
 def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
-    """Per (defense, strength): the strongest attack's TPR@1%FPR (and which, and by which attacker), with its
-    utility. An adaptive attacker's version and the naive one's are one point, read at the stronger of the two:
-    the attacker who knows the defense may also ignore it, so the privacy read is the adaptive one."""
+    """Per (defense, strength): the strongest attack's `PRIVACY` figure (`tpr`, its CI and `privacy_figure`; the
+    realised FPR on the candidates where it is the known-threshold one; which attack, by which attacker), with
+    its utility. Below 1000 non-members, attacks without scores of the known non-members (the shadow-trained
+    M^4I classifiers) have no such figure and are not read.
+    An adaptive attacker's version and the naive one's are one point, read at the stronger of the two: the
+    attacker who knows the defense may also ignore it, so the privacy read is the adaptive one."""
     return (
-        rows.sort("tpr_at_1pct_fpr", descending=True, nulls_last=True)
+        rows.sort(PRIVACY, descending=True, nulls_last=True)
         .group_by("defense", "strength", maintain_order=True)
         .first()
         .select(
@@ -96,7 +130,11 @@ def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
             *[c for c in ("epsilon_is_guarantee", "utility_chance", "epsilon_lb") if c in rows.columns],
             worst_attack="attack",
             attacker="attacker",
-            tpr_at_1pct_fpr="tpr_at_1pct_fpr",
+            tpr=PRIVACY,
+            tpr_ci_low=f"{PRIVACY}_ci_low",
+            tpr_ci_high=f"{PRIVACY}_ci_high",
+            figure="privacy_figure",
+            fpr=pl.when(pl.col("privacy_figure") == KNOWN).then(pl.col("known_threshold_fpr_1pct")),
             auc="auc",
         )  # fmt: skip
         .sort("defense", "strength")
@@ -104,18 +142,18 @@ def curve_points(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def best_defense(rows: pl.DataFrame, max_relative_loss: float = 0.10) -> dict | None:
-    """The defended version with the lowest worst-case TPR@1%FPR among those losing at most
+    """The defended version with the lowest worst-case privacy TPR (`PRIVACY`) among those losing at most
     `max_relative_loss` of the target's utility (ties: the higher utility); None when none qualifies."""
     points = curve_points(rows).filter(
         (pl.col("defense") != UNDEFENDED) & (pl.col("utility_relative") >= 1 - max_relative_loss)
     )
     if points.height == 0:
         return None
-    return points.sort(["tpr_at_1pct_fpr", "utility"], descending=[False, True]).row(0, named=True)
+    return points.sort(["tpr", "utility"], descending=[False, True]).row(0, named=True)
 
 
 def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
-    """Worst-case attack TPR@1%FPR against utility, one line per defense ordered by strength, the undefended
+    """Worst-case attack privacy TPR (`PRIVACY`) against utility, one line per defense ordered by strength, the undefended
     target as a star."""
     import matplotlib
 
@@ -128,13 +166,13 @@ def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
         if defense == UNDEFENDED:
             continue
         group = group.sort("strength")
-        ax.plot(group["utility"], group["tpr_at_1pct_fpr"], marker="o", label=defense)
+        ax.plot(group["utility"], group["tpr"], marker="o", label=defense)
         for r in group.iter_rows(named=True):
-            ax.annotate(f"{r['strength']:g}", (r["utility"], r["tpr_at_1pct_fpr"]), fontsize=7,
+            ax.annotate(f"{r['strength']:g}", (r["utility"], r["tpr"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))  # fmt: skip
     target = points.filter(pl.col("defense") == UNDEFENDED)
-    ax.scatter(target["utility"], target["tpr_at_1pct_fpr"], marker="*", s=200, c="k", zorder=5, label="undefended")
-    ax.set(xlabel=f"utility: {rows['utility_metric'][0]} (held-out)", ylabel="worst attack TPR @ 1% FPR", title=title)
+    ax.scatter(target["utility"], target["tpr"], marker="*", s=200, c="k", zorder=5, label="undefended")
+    ax.set(xlabel=f"utility: {rows['utility_metric'][0]} (held-out)", ylabel="worst attack TPR at 1% FPR (PRIVACY rule)", title=title)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -148,19 +186,26 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _ci(row: dict, name: str) -> str:
+    if row[name] is None:
+        return ""
+    return f"{row[name]:.3f} [{row[f'{name}_ci_low']:.3f}, {row[f'{name}_ci_high']:.3f}]"
+
+
 def defense_markdown(rows: pl.DataFrame) -> str:
     """The curve points as a markdown table: per (defense, strength) the worst attack and its attacker, the
     accountant's epsilon (marked where it is no DP guarantee), the empirical lower bound, and the utility
     beside its chance level."""
     lines = ["| defense | strength | accountant epsilon | empirical epsilon (lower bound) | worst attack | attacker | "
-             "TPR@1%FPR | AUC | utility | chance | relative |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "worst TPR [95% CI] | read as | realised FPR | AUC | utility | chance | relative |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in curve_points(rows).iter_rows(named=True):
         eps = _fmt(r["epsilon"], ".3g")
         if eps and r.get("epsilon_is_guarantee") is False:
             eps += " (not a guarantee)"
         lines.append(f"| {r['defense']} | {_fmt(r['strength'], 'g')} | {eps} | {_fmt(r.get('epsilon_lb'), '.3f')} | "
-                     f"{r['worst_attack']} | {r['attacker']} | {_fmt(r['tpr_at_1pct_fpr'], '.3f')} | "
+                     f"{r['worst_attack']} | {r['attacker']} | {_ci(r, 'tpr')} | {FIGURES.get(r['figure'], '')} | "
+                     f"{_fmt(r['fpr'], '.3f')} | "
                      f"{_fmt(r['auc'], '.3f')} | {_fmt(r['utility'], '.4f')} | "
                      f"{_fmt(r.get('utility_chance'), '.4f')} | {_fmt(r['utility_relative'], '.3f')} |")  # fmt: skip
     return "\n".join(lines)
@@ -168,22 +213,22 @@ def defense_markdown(rows: pl.DataFrame) -> str:
 
 def matched_utility_markdown(points: pl.DataFrame) -> str:
     """`matched_utility` as a markdown table."""
-    lines = ["| defense | strength | utility | worst TPR@1%FPR | best other defense at this utility | its TPR | "
+    lines = ["| defense | strength | utility | worst privacy TPR (`PRIVACY`) | best other defense at this utility | its TPR | "
              "most private here |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in matched_utility(points).iter_rows(named=True):
         lines.append(f"| {r['defense']} | {_fmt(r['strength'], 'g')} | {_fmt(r['utility'], '.4f')} | "
-                     f"{_fmt(r['tpr_at_1pct_fpr'], '.3f')} | {r['frontier_defense'] or ''} | "
+                     f"{_fmt(r['tpr'], '.3f')} | {r['frontier_defense'] or ''} | "
                      f"{_fmt(r['frontier_tpr'], '.3f')} | {'yes' if r['on_frontier'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
-    """One defense's worst-attack TPR@1%FPR at `utility`, linear between its two strengths that bracket it
+    """One defense's worst-attack privacy TPR (`PRIVACY`) at `utility`, linear between its two strengths that bracket it
     (None outside the utilities its strengths reach: no extrapolation)."""
-    curve = curve.drop_nulls(["utility", "tpr_at_1pct_fpr"]).sort("utility")
+    curve = curve.drop_nulls(["utility", "tpr"]).sort("utility")
     if curve.height == 0:
         return None
-    u, t = curve["utility"].to_numpy(), curve["tpr_at_1pct_fpr"].to_numpy()
+    u, t = curve["utility"].to_numpy(), curve["tpr"].to_numpy()
     if utility < u[0] or utility > u[-1]:
         return None
     return float(np.interp(utility, u, t))
@@ -191,7 +236,7 @@ def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
 
 def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
     """The frontier at matched utility: for each defended point (a `curve_points` row), every other defense's
-    worst-attack TPR@1%FPR interpolated at that point's utility, and the lowest of them (`frontier_tpr`, by
+    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility, and the lowest of them (`frontier_tpr`, by
     `frontier_defense`). A point whose own TPR is at or below the frontier is the most private at its utility;
     comparing at one strength each would set a defense that kept less utility against one that kept more."""
     defended = points.filter(pl.col("defense") != UNDEFENDED)
@@ -203,17 +248,17 @@ def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
         best = min(others, key=others.get) if others else None
         rows.append({
             "defense": r["defense"], "strength": r["strength"], "utility": r["utility"],
-            "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"], "frontier_defense": best,
+            "tpr": r["tpr"], "frontier_defense": best,
             "frontier_tpr": others.get(best) if best else None,
-            "on_frontier": best is None or r["tpr_at_1pct_fpr"] <= others[best],
+            "on_frontier": best is None or r["tpr"] <= others[best],
         })  # fmt: skip
-    schema = {"defense": pl.Utf8, "strength": pl.Float64, "utility": pl.Float64, "tpr_at_1pct_fpr": pl.Float64,
+    schema = {"defense": pl.Utf8, "strength": pl.Float64, "utility": pl.Float64, "tpr": pl.Float64,
               "frontier_defense": pl.Utf8, "frontier_tpr": pl.Float64, "on_frontier": pl.Boolean}  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
 
 
 def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
-    """The defense whose curve is lowest (worst-attack TPR@1%FPR, interpolated) at `utility`, with that TPR;
+    """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`), interpolated) at `utility`, with that TPR;
     None when no defense's strengths reach that utility."""
     defended = points.filter(pl.col("defense") != UNDEFENDED)
     at = {d: interpolate_tpr(g, utility) for (d,), g in defended.group_by(["defense"], maintain_order=True)}
@@ -221,7 +266,7 @@ def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
     if not at:
         return None
     best = min(at, key=at.get)
-    return {"defense": best, "utility": utility, "tpr_at_1pct_fpr": at[best]}
+    return {"defense": best, "utility": utility, "tpr": at[best]}
 
 
 def worst_attack_heldout(

@@ -6,7 +6,15 @@ store the scores with ground truth attached.
 
 import numpy as np
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from m4i_assets.attacks import aea, calibrated, csa
 from m4i_assets.defs.assets.data import record_roles, schema_of
@@ -84,6 +92,26 @@ def write_scores(
             ),  # fmt: skip
         },
     )
+
+
+def interface_skip(storage: Storage, model_version: str, attack: str) -> str | None:
+    """Why `attack` cannot run against this version's release interface (`defenses.release.interface_of`: e.g.
+    WSA's MLP needs embeddings, a similarity-rounding release gives similarities only); None when it can."""
+    from m4i_assets.defenses.release import attack_skip_reason, interface_of
+
+    info = storage.model_info(model_version)
+    return attack_skip_reason(attack, interface_of(info["family"], info.get("defense")))
+
+
+def skipped_scores(storage: Storage, model_version: str, attack: str, reason: str) -> MaterializeResult:
+    """An attack the version's release rules out: no scores (any earlier ones removed), the candidates-scored
+    check failed at WARN severity with the reason (it does not block the rest of the audit)."""
+    for table in ("membership_scores", "known_nonmember_scores"):
+        storage.write(table, pl.DataFrame(schema={"record_id": pl.String, "score": pl.Float64}),
+                      model_version=model_version, attack=attack)  # fmt: skip
+    check = AssetCheckResult(check_name=SCORES_CHECK, passed=False, severity=AssetCheckSeverity.WARN,
+                             metadata={"skipped": reason})  # fmt: skip
+    return MaterializeResult(check_results=[check], metadata={"dagster/row_count": 0, "skipped": reason})
 
 
 def candidate_signals(storage: Storage, model_version: str, roles: tuple[str, ...] = CANDIDATE_ROLES) -> pl.DataFrame:
@@ -266,6 +294,8 @@ def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, st
     from m4i_assets.attacks import wsa
 
     version = context.partition_key
+    if reason := interface_skip(storage, version, "wsa"):
+        return MaterializeResult(metadata={"skipped": reason})
     cands, known, X, X_known = wsa_inputs(storage, version, settings)
     labels = storage.read("SELECT record_id, is_pseudo_member, fold FROM pseudo_labels WHERE model_version = ?",
                           [version])  # fmt: skip
@@ -290,6 +320,8 @@ def wsa_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
     from m4i_assets.attacks import wsa
 
     version = context.partition_key
+    if reason := interface_skip(storage, version, wsa.ATTACK_ID):
+        return skipped_scores(storage, version, wsa.ATTACK_ID, reason)
     model = wsa.CrossFittedWsa.from_bytes(storage.read_attack_model(version, "wsa.safetensors", "wsa_attack_model"))
     cands, known, X, X_known = wsa_inputs(storage, version, settings)
     return write_scores(storage, version, wsa.ATTACK_ID, cands["record_id"], model.score(X),

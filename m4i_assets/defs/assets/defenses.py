@@ -23,7 +23,7 @@ from dagster import (
 )
 
 from m4i_assets.defenses.grid import defended_spec, grid, is_release
-from m4i_assets.defenses.release import RELEASE_DEFENSES
+from m4i_assets.defenses.release import ATTACK_NEEDS, RELEASE_DEFENSES, attack_skip_reason, interface_of
 from m4i_assets.defs.assets.models import TrainJob, release_of, seeded_sample, train_and_register
 from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
@@ -33,10 +33,10 @@ from m4i_assets.metrics import privacy_utility as pu
 from m4i_assets.settings import AuditSettings
 
 
-def metric_name(row: dict) -> str:
-    """The MLflow metric name of one row's TPR@1%FPR (Tracking makes it a name MLflow accepts)."""
+def metric_name(row: dict, metric: str = "tpr_at_1pct_fpr") -> str:
+    """The MLflow metric name of one row's `metric` (Tracking makes it a name MLflow accepts)."""
     strength = "" if row["strength"] is None else f"{row['strength']:g}"
-    return f"{row['family']}.{row['defense']}{strength}.{row['attack']}.tpr_at_1pct_fpr"
+    return f"{row['family']}.{row['defense']}{strength}.{row['attacker']}.{row['attack']}.{metric}"
 
 
 def latest_target(storage: Storage, audit: str, family: str) -> dict:
@@ -52,6 +52,25 @@ def adaptive_queries(defense: str, queries: int) -> int:
     release is deterministic, or for sampled captions, whose k-query attacker is not implemented yet."""
     spec = RELEASE_DEFENSES[defense]
     return queries if spec.randomized and spec.interface == "embeddings" else 1
+
+
+def plan_release_skips(storage: Storage, audit: str, family: str, versions: list[dict]) -> list[dict]:
+    """`audit_plan` rows of the attacks each release rules out (`attack_skip_reason`: WSA needs embeddings, a
+    similarity-rounding release gives similarities only), one per (version, attack); the audit's other rows
+    are kept. Returns the rows."""
+    rows = [{"attack": attack, "status": "skipped", "reason": reason, "model_version": r["model_version"]}
+            for r in versions for attack in ATTACK_NEEDS
+            if (reason := attack_skip_reason(attack, interface_of(family, r["defense"])))]  # fmt: skip
+    names = [r["model_version"] for r in versions]
+    kept = storage.read("SELECT attack, status, reason, coalesce(model_version, '') AS model_version, kind "
+                        "FROM audit_plan WHERE audit = ? AND NOT list_contains(?, coalesce(model_version, ''))",
+                        [audit, names])  # fmt: skip
+    kind = kept["kind"][0] if kept.height else "labelled"  # a controlled audit is labelled
+    frame = pl.DataFrame(rows, schema={"attack": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8,
+                                       "model_version": pl.Utf8}).with_columns(kind=pl.lit(kind))  # fmt: skip
+    frame = pl.concat([kept.select(frame.columns), frame], how="vertical_relaxed")
+    storage.write("audit_plan", frame, audit=audit)
+    return rows
 
 
 def defend(
@@ -89,12 +108,14 @@ def defend(
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
     context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
+    skipped = plan_release_skips(storage, settings.audit, family, released)
     trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(), jobs)
     table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)] + released
     return MaterializeResult(
         metadata={
             "base_version": target["model_version"],
             "defended_versions": MetadataValue.json(table),
+            "skipped_attacks": MetadataValue.json(skipped),
             "dagster/row_count": len(table),
         }
     )
@@ -250,10 +271,9 @@ def defense_evaluations(
             [target, target],
         )
         ids = models["model_version"].to_list()
-        # The privacy-utility curves read TPR@1%FPR even below ten possible false positives (the defenses
-        # profile's 200 non-members), as the raw figure attack_metrics keeps beside its NULL.
-        metrics = storage.read("SELECT * REPLACE (coalesce(tpr_at_1pct_fpr, tpr_at_1pct_fpr_raw) AS tpr_at_1pct_fpr) "
-                               "FROM attack_metrics WHERE list_contains(?, model_version)", [ids])  # fmt: skip
+        # TPR@1%FPR as attack_metrics reports it (NULL below 1000 non-members, ATTACKS.md section 5); the curves
+        # read the TPR at the known non-members' 1% threshold with its Clopper-Pearson CI (`pu.PRIVACY`).
+        metrics = storage.read("SELECT * FROM attack_metrics WHERE list_contains(?, model_version)", [ids])
         utility = storage.read("SELECT * FROM model_utility WHERE list_contains(?, model_version)", [ids])
         facts = {v: json.loads(f or "{}") for v, f in zip(ids, models["defense_facts"])}
         utility = pl.concat([utility, *(  # an adaptive attacker's view of a release has the release's utility
@@ -277,6 +297,11 @@ def defense_evaluations(
             f"![{family}](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
         metadata[f"{family}_best_within_10pct_utility"] = MetadataValue.json(best or {})
+        skipped = storage.read("SELECT model_version, attack, reason FROM audit_plan WHERE status = 'skipped' AND "
+                               "list_contains(?, model_version) ORDER BY ALL", [ids])  # fmt: skip
+        metadata[f"{family}_skipped_attacks"] = MetadataValue.md("\n".join(
+            ["| model version | attack | why skipped |", "|---|---|---|"]
+            + [f"| {v} | {a} | {why} |" for v, a, why in skipped.iter_rows()]))  # fmt: skip
         points = pu.curve_points(rows)
         metadata[f"{family}_frontier_at_matched_utility"] = MetadataValue.md(pu.matched_utility_markdown(points))
         reference = points.filter(pl.col("defense") == pu.UNDEFENDED)["utility"][0]
@@ -295,7 +320,8 @@ def defense_evaluations(
         params={"audit": settings.audit, "clip_defenses": settings.clip_defenses,
                 "captioner_defenses": settings.captioner_defenses, "dp_delta": settings.dp_delta,
                 "dp_max_grad_norm": settings.dp_max_grad_norm},
-        metrics={metric_name(r): r["tpr_at_1pct_fpr"] for r in table.to_dicts()},
+        metrics={metric_name(r, m): r[m] for r in table.to_dicts() for m in ("tpr_at_1pct_fpr", pu.PRIVACY, "auc")
+                 if r[m] is not None},
         tags={"audit": settings.audit, "kind": "defense_evaluations", "dagster_run_id": context.run_id},
         artifacts=artifacts,
     )  # fmt: skip
