@@ -3,8 +3,9 @@ import math
 import numpy as np
 import pytest
 
+from m4i_assets.data.text import normalise_caption
 from m4i_assets.metrics import captions
-from m4i_assets.metrics.captions import METRICS, caption_metric_features, normalise_caption
+from m4i_assets.metrics.captions import METRICS, caption_metric_features
 
 BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
 ROUGE = ("rouge1", "rouge2", "rougeL")

@@ -20,8 +20,9 @@ from m4i_assets.defs.resources import Storage
 from m4i_assets.models import clip, hf_clip
 from m4i_assets.models.captioner import CaptionerSpec, Vocabulary, build_captioner, save_captioner
 from m4i_assets.models.checkpoints import checkpoint_tensor_count, model_version_for, read_state_dict, sha256_file
+from m4i_assets.models.clip import split_normalisation
 from m4i_assets.settings import settings_for
-from m4i_assets.signals.augmentations import augmented_image_embeddings, split_normalisation, transform_registry
+from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 from m4i_assets.signals.embeddings import embed_records
 
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")

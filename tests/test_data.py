@@ -91,7 +91,7 @@ def _png(path, mode: str, size=(24, 24), fmt: str = "PNG"):
 
 
 def test_odd_image_modes_are_kept_and_load_as_rgb(tmp_path):
-    from m4i_assets.models.captioner import load_image_tensor
+    from m4i_assets.data.images import load_image_tensor
 
     files = [_png(tmp_path / "gray.png", "L"), _png(tmp_path / "bits.png", "1"), _png(tmp_path / "deep.png", "I;16"),
              _png(tmp_path / "cmyk.jpg", "CMYK", fmt="JPEG"), _png(tmp_path / "alpha.png", "RGBA"),

@@ -4,11 +4,10 @@ import torch
 
 from m4i_assets.defenses.release import (
     RELEASE_DEFENSES,
-    SAMPLED_DECODING_TOP_K,
     noisy_embeddings,
     round_similarities,
-    sample_next_token,
 )
+from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K, sample_next_token
 
 
 def _unit_rows(n: int, d: int, seed: int = 1234) -> np.ndarray:

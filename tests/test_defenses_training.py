@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from m4i_assets.data.corpus import CorpusSpec, generate_pairs
-from m4i_assets.defenses import dp
-from m4i_assets.defenses.regularisation import (
+from m4i_assets.models import captioner, clip, dp
+from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models.training import (
     DEFENSE_FIELDS,
     EarlyStopping,
     TrainingDefense,
@@ -22,13 +23,12 @@ from m4i_assets.defenses.regularisation import (
     split_pairs,
     validation_split,
 )
-from m4i_assets.models import captioner, clip
-from m4i_assets.models.checkpoints import sha256_file
 
 # sha256 of json.dumps(asdict(spec), sort_keys=True) of the default specs before the defense fields existed
 # (what the platform's training fingerprint hashes): `recipe(spec)` must reproduce it for undefended specs.
+# CLIP's since its unused `extra` field was deleted (issue 13; it was 44f15ede...).
 PRE_DEFENSE_RECIPES = {
-    "clip": "44f15ede237a1021349d1a2b267871304954bf0cb84fe139c99ca6d46c91ff02",
+    "clip": "0627ee345b4e1ab54ffa6b96a5865f1d5c44ed2c403ad6989c04e3d842d1982d",
     "cnn-lstm": "fa58da652323e59d723cf22b50c75e9c496396d8f307338c1e3d61d632eb379c",
     "vit-gpt2": "2365516ca9f6ec109378262b2d31b6a9b438fcbfccd2853cbe5fa4b7dcb58db2",
 }
@@ -192,13 +192,15 @@ def test_dp_clip_trains_saves_loads_and_accounts(pairs, tmp_path):
 
 
 def test_accountant_for_the_demo_recipe():
-    grid = [dp.planned_epsilon(500, 64, 40, TrainingDefense(dp_noise_multiplier=s), coupled=True)
-            for s in (0.5, 1.0, 2.0)]  # fmt: skip
-    assert [g["sample_rate"] for g in grid] == [1 / 8] * 3 and [g["steps"] for g in grid] == [320] * 3
+    # 500 pairs, batch 64, 40 epochs: Poisson rate 1/8 and 320 steps, as `PrivateTraining` sets them up
+    q, steps, delta = 1 / 8, 320, 1e-5
+    grid = [dp.reported_epsilon(s, q, steps, delta) for s in (0.5, 1.0, 2.0)]
     eps = [g["epsilon"] for g in grid]
     assert eps[0] > eps[1] > eps[2] > 1 and all(g["epsilon_rdp"] >= g["epsilon"] for g in grid)
-    assert all(g["epsilon_conservative"] > 1000 * g["epsilon"] for g in grid)  # valid, and very loose
-    assert grid[0]["batch_cap"] == dp.batch_cap(500, 1 / 8, 320, 1e-5) > 62
+    cap = dp.batch_cap(500, q, steps, delta)
+    assert cap > 62
+    conservative = [dp.conservative_epsilon(s, q, steps, cap, delta) for s in (0.5, 1.0, 2.0)]
+    assert all(c > 1000 * e for c, e in zip(conservative, eps))  # valid, and very loose
 
 
 def test_dp_captioner_trains_saves_loads_and_generates(pairs, tmp_path):

@@ -3,11 +3,10 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 
 from m4i_assets.metrics.evaluation import (
-    balanced_accuracy,
+    FPR_BOUNDS,
     evaluate_scores,
     roc_auc,
     roc_plot_png,
-    tpr_at_fpr,
 )
 
 
@@ -26,23 +25,29 @@ def test_auc_matches_sklearn(labels, scores):
     assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
-@pytest.mark.parametrize("labels,scores", list(_cases()))
-@pytest.mark.parametrize("bound", [0.0, 0.001, 0.01, 0.1, 0.5])
-def test_tpr_at_fpr_matches_sklearn_roc(labels, scores, bound):
+@pytest.mark.parametrize("ties", [False, True])
+def test_tpr_at_fpr_matches_sklearn_roc(ties):
+    """The reported TPR at each FPR bound (enough non-members for both bounds to be reported)."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(2000, bool), np.zeros(10_000, bool)]
+    scores = rng.normal(size=len(labels)) + 1.5 * labels
+    scores = np.round(scores, 1) if ties else scores
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    assert tpr_at_fpr(labels, scores, bound) == pytest.approx(tpr[fpr <= bound].max(), abs=1e-12)
+    point = evaluate_scores(labels, scores, n_bootstrap=2).point
+    for name, bound in FPR_BOUNDS.items():
+        assert point[name] == pytest.approx(tpr[fpr <= bound].max(), abs=1e-12)
 
 
 @pytest.mark.parametrize("labels,scores", list(_cases()))
 def test_balanced_accuracy_is_best_threshold_sklearn(labels, scores):
     best = max(balanced_accuracy_score(labels, scores >= t) for t in np.r_[np.unique(scores), np.inf])
-    assert balanced_accuracy(labels, scores) == pytest.approx(best, abs=1e-12)
+    assert evaluate_scores(labels, scores, n_bootstrap=2).point["balanced_accuracy"] == pytest.approx(best, abs=1e-12)
 
 
 def test_perfect_and_inverted_scores():
     labels = np.array([1, 1, 0, 0], dtype=bool)
     assert roc_auc(labels, np.array([4.0, 3, 2, 1])) == 1.0
-    assert tpr_at_fpr(labels, np.array([4.0, 3, 2, 1]), 0.0) == 1.0
+    assert evaluate_scores(labels, np.array([4.0, 3, 2, 1]), n_bootstrap=2).point["balanced_accuracy"] == 1.0
     assert roc_auc(labels, np.array([1.0, 2, 3, 4])) == 0.0
     assert roc_auc(labels, np.zeros(4)) == 0.5
 

@@ -3,13 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from m4i_assets.data.corpus import SHAPES, CorpusSpec, generate
+from m4i_assets.data.corpus import SHAPES, CorpusSpec, generate, zero_shot_prompts, zero_shot_task
 from m4i_assets.metrics.utility import (
     caption_utility,
     retrieval_recall,
     zero_shot_accuracy,
-    zero_shot_prompts,
-    zero_shot_task,
 )
 
 

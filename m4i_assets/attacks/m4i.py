@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from m4i_assets.metrics.captions import normalise_caption
+from m4i_assets.data.images import load_image_tensor
+from m4i_assets.data.text import normalise_caption
 from m4i_assets.models.device import device_for
 
 MB, FB = "m4i_mb", "m4i_fb"
@@ -206,7 +207,6 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def train_mfe(image_uris: list[str], captions: list[str], spec: MfeSpec, device: str | None = None) -> Mfe:
     """Fit the MFE on the attacker's (image, reference caption) pairs."""
-    from m4i_assets.models.captioner import load_image_tensor
 
     torch.manual_seed(spec.seed)
     words = tuple(sorted({w for c in captions for w in normalise_caption(c).split()}))
@@ -233,7 +233,6 @@ def train_mfe(image_uris: list[str], captions: list[str], spec: MfeSpec, device:
 @torch.no_grad()
 def fb_features(mfe: Mfe, image_uris: list[str], generated: list[str], batch_size: int = 256) -> np.ndarray:
     """FB step 2: |MFE_img(image) - MFE_txt(generated caption)| per record, shape (n, dim)."""
-    from m4i_assets.models.captioner import load_image_tensor
 
     out = []
     for start in range(0, len(image_uris), batch_size):

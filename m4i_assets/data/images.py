@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, urlencode, urlparse
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 TAR_SCHEME = "tar"
 
@@ -62,3 +66,15 @@ def open_rgb(uri: str) -> Image.Image:
             return to_rgb(image)
     with Image.open(uri) as image:
         return to_rgb(image)
+
+
+def load_image_tensor(uris: list[str], size: int) -> torch.Tensor:
+    """Images as float tensors in [0, 1], resized to `size` (bicubic), channels first (n, 3, size, size): the
+    pixels of the captioners and the M^4I feature extractor."""
+    import torch  # imported here: reading records and manifests needs no torch
+
+    arrays = []
+    for uri in uris:
+        rgb = open_rgb(uri).resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(rgb, dtype=np.float32) / 255)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

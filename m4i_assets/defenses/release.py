@@ -7,7 +7,7 @@ entropy of the released distribution) and output perturbation in general (e.g. J
 
 - `noisy_embeddings`: Gaussian noise on released CLIP embeddings, re-normalised to unit length.
 - `round_similarities`: released similarity scores rounded to a few decimals.
-- `sample_next_token`: sampled decoding (temperature, top-k) for captioners instead of greedy.
+- sampled decoding (temperature, top-k; `models.captioner.sample_next_token`) for captioners instead of greedy.
 
 `RELEASE_DEFENSES` names them and says what each one's `strength` parameter is. Everything is
 deterministic given a seed (or a seeded `torch.Generator`).
@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 
-SAMPLED_DECODING_TOP_K = 10
-"""Top-k of the `sampled_decoding` defense: its strength is the temperature, k stays fixed."""
-
+from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K
 
 Interface = Literal["embeddings", "similarities", "captions"]
 INTERFACES: dict[str, str] = {
@@ -170,28 +167,6 @@ def round_similarities(sim: np.ndarray, decimals: int) -> np.ndarray:
     if isinstance(decimals, bool) or int(decimals) != decimals or decimals < 0:
         raise ValueError(f"decimals must be an integer >= 0, got {decimals!r}")
     return np.round(np.asarray(sim), int(decimals))
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """One step of sampled decoding for captioners (temperature and top-k sampling; Fan et al. 2018).
-
-    `logits` is (batch, vocab). Returns int64 token ids (batch,): each row samples from
-    softmax(logits / temperature) restricted to its `top_k` largest logits (`top_k` larger than the
-    vocabulary means all of it). `temperature <= 0` or `top_k == 1` is greedy decoding, the argmax
-    (first index on ties), and uses no randomness. Reproducible for the same generator state, device
-    and torch version; `generator` must live on `logits`' device.
-    """
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if temperature <= 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    k = min(int(top_k), logits.shape[-1])
-    values, indices = torch.topk(logits.float(), k, dim=-1)
-    probs = torch.softmax(values / temperature, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
-    return indices.gather(-1, choice).squeeze(-1)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ Supported metrics, in `METRICS` order, all from maintained implementations (noth
 - `meteor`: METEOR 1.5, `pycocoevalcap` `Meteor`; it runs a bundled Java jar (offline), so it needs a
   working `java` binary and raises `RuntimeError` when asked for without one. Not in the default set.
 
-Every caption is tokenised by `normalise_caption` (lowercase, punctuation removed, whitespace
+Every caption is tokenised by `data.text.normalise_caption` (lowercase, punctuation removed, whitespace
 collapsed) and the tokens are joined by single spaces before scoring; `pycocoevalcap`'s
 `PTBTokenizer` (Java) is not used. References that normalise to the empty string are dropped.
 
@@ -39,14 +39,15 @@ pulled in by `rouge-score`). METEOR adds about 6 s to start its Java process. Re
 from __future__ import annotations
 
 import functools
-import re
-from collections import defaultdict
 import shutil
 import subprocess
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from m4i_assets.data.text import normalise_caption
 
 METRICS: tuple[str, ...] = (
     "bleu1",
@@ -63,16 +64,6 @@ DEFAULT_METRICS: tuple[str, ...] = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1"
 
 _BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
 _ROUGE = ("rouge1", "rouge2", "rougeL")
-PUNCTUATION = re.compile(r"[^\w\s]|_")
-
-
-def normalise_caption(text: str) -> str:
-    """Lowercase, replace punctuation by spaces, collapse whitespace (Hu et al. 2022, M^4I, section 3).
-
-    The one tokenisation applied to generated and reference captions alike; tokens are the
-    space-separated words of the result.
-    """
-    return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
 
 
 @dataclass(frozen=True)

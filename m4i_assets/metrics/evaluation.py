@@ -58,18 +58,6 @@ def _balanced_accuracy(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(((tpr + 1 - fpr) / 2).max())
 
 
-def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
-    """Largest TPR over thresholds whose FPR is at most `max_fpr`."""
-    return _tpr_at(*roc_curve_points(labels, scores), max_fpr)
-
-
-def balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best balanced accuracy over thresholds: max (TPR + 1 - FPR) / 2."""
-    return _balanced_accuracy(*roc_curve_points(labels, scores))
-
-
-
-
 FPR_BOUNDS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
 MIN_FALSE_POSITIVES = 10  # n_nonmembers * x must reach this for a TPR at x FPR to be reported
 COMPARED = ("auc", *FPR_BOUNDS)  # the metrics attack_comparisons holds differences of

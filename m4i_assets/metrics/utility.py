@@ -3,8 +3,8 @@
 For CLIP models: image-to-text and text-to-image retrieval recall@k over matched pairs (the
 Flickr30k / MSCOCO retrieval protocol, as CLIP reports it; Radford et al. 2021) and zero-shot
 classification accuracy with prompt ensembling (Radford et al. 2021, section 3.1.4), on a task whose
-labels exist in the embedded corpus (`zero_shot_task`, `zero_shot_prompts`). For captioners: BLEU-4,
-ROUGE-L and CIDEr means from the project's caption metrics (`m4i_assets.metrics.captions`).
+labels exist in the embedded corpus (`data.corpus.zero_shot_task`, `data.corpus.zero_shot_prompts`). For
+captioners: BLEU-4, ROUGE-L and CIDEr means from the project's caption metrics (`m4i_assets.metrics.captions`).
 
 Everything is deterministic; ties in similarity are broken pessimistically (a tie with a wrong item
 counts against the query), so a degenerate model that maps everything to one point scores 0 rather
@@ -13,12 +13,10 @@ than a lucky recall.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from m4i_assets.data.corpus import OPENERS, POSITIONS, SHAPES, SKETCH_OPENERS, SKETCH_SHAPES, STYLES
 from m4i_assets.metrics.captions import caption_metric_features
 
 _CHUNK = 512  # query rows per similarity block: 512 x 5000 float64 is 20 MB
@@ -140,58 +138,6 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_text_emb: np.ndarray, labels
     own = scores[rows, y].copy()
     scores[rows, y] = -np.inf
     return float((own > scores.max(axis=1)).mean())
-
-
-def zero_shot_task(metadata: Sequence[str | None], single_object: bool = False) -> tuple[list[str], list[int | None]]:
-    """A zero-shot classification task with labels that exist in the embedded corpus.
-
-    `metadata` holds records' metadata JSON (`m4i_assets.data.corpus.generate` writes "shapes",
-    "colours", "n_objects", "style", ...; the sketch style keeps the default shape names). The label is
-    the shape of the first object (the one each caption names first), the classes the corpus's
-    `SHAPES`. Returns (class names, label index per record); None where the metadata is missing, not
-    JSON, lacks a known first shape, or (with `single_object`) shows more than one object, which
-    makes the task unambiguous at the cost of about two thirds of the records.
-    """
-    classes = list(SHAPES)
-    index = {name: j for j, name in enumerate(classes)}
-    labels: list[int | None] = []
-    for raw in metadata:
-        label = None
-        try:
-            meta = json.loads(raw) if raw else None
-        except (TypeError, ValueError):
-            meta = None
-        if isinstance(meta, dict):
-            shapes = meta.get("shapes")
-            if isinstance(shapes, list) and shapes and isinstance(shapes[0], str):
-                if not single_object or len(shapes) == 1:
-                    label = index.get(shapes[0])
-        labels.append(label)
-    return classes, labels
-
-
-def zero_shot_prompts(class_names: Sequence[str], style: str = "default") -> list[list[str]]:
-    """Prompt texts per class in the corpus's own caption vocabulary, for `zero_shot_accuracy`.
-
-    One list per class, the same number of prompts each (stack their embeddings to
-    (n_classes, n_prompts, d)). `default`: the caption openers with "a {shape}" ("a circle", "there is a
-    circle", "the picture shows a circle", "we see a circle", "an image of a circle"). `shifted`, whose
-    captions are terse "{colour} {shape} {position}" lists: "{shape}" and "{shape} {position}" for every
-    position. `sketch`: its openers with its own shape words ("sketch of a disc", ...). Class names are
-    the corpus's `SHAPES`; `default` and `shifted` accept any name, `sketch` only those.
-    """
-    if style not in STYLES:
-        raise ValueError(f"unknown corpus style {style!r}; known styles: {', '.join(STYLES)}")
-    if isinstance(class_names, str):
-        raise ValueError("class_names must be a sequence of names, not a string")
-    if style == "sketch":
-        unknown = [c for c in class_names if c not in SKETCH_SHAPES]
-        if unknown:
-            raise ValueError(f"sketch prompts need corpus shape names, got unknown {unknown}")
-        return [[f"{opener}a {SKETCH_SHAPES[c]}" for opener in SKETCH_OPENERS] for c in class_names]
-    if style == "shifted":
-        return [[c] + [f"{c} {position}" for position, _, _ in POSITIONS] for c in class_names]
-    return [[f"{opener}a {c}" for opener in OPENERS] for c in class_names]
 
 
 def caption_utility(generated: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -17,9 +17,9 @@ caption metrics use). Both architectures share one teacher-forced training loop 
 sha256 of `model.safetensors` (written without varying metadata) names the model version, as for CLIPs;
 the bytes are reproducible for the same spec, data and torch thread count.
 
-Training-time defenses (`spec.defense`, `m4i_assets.defenses`) run in the same loop: DP-SGD with Opacus for
+Training-time defenses (`spec.defense`, `models.training`, `models.dp`) run in the same loop: DP-SGD with Opacus for
 cnn-lstm (built with group norm instead of batch norm, `CaptionerSpec.norm`; its LSTM trained as
-`defenses.dp.SequenceLSTM` and saved under nn.LSTM's names; the loss averaged per caption, so that each
+`models.dp.SequenceLSTM` and saved under nn.LSTM's names; the loss averaged per caption, so that each
 caption's gradient depends on that caption alone), training-time augmentation, weight decay and early
 stopping on validation pairs. A defended checkpoint is an ordinary checkpoint of its arch.
 
@@ -44,8 +44,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from m4i_assets.data.images import open_rgb
-from m4i_assets.defenses.regularisation import (
+from m4i_assets.data.images import load_image_tensor, open_rgb
+from m4i_assets.data.text import normalise_caption
+from m4i_assets.models.checkpoints import M4I_FILE, image_processor_file, read_json_object, sha256_file
+from m4i_assets.models.device import device_for, trains_deterministically
+from m4i_assets.models.training import (
     EarlyStopping,
     TrainingDefense,
     augmenter,
@@ -53,16 +56,13 @@ from m4i_assets.defenses.regularisation import (
     split_pairs,
     training_facts,
 )
-from m4i_assets.defenses.release import SAMPLED_DECODING_TOP_K, sample_next_token
-from m4i_assets.metrics.captions import normalise_caption
-from m4i_assets.models.checkpoints import image_processor_file, read_json_object, sha256_file
-from m4i_assets.models.device import device_for, trains_deterministically
 from m4i_assets.models.vocabulary import caption_words, tokenize, word_level_tokenizer
 
 FAMILY = "captioner"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
-M4I_FILE = "m4i.json"  # our spec and info beside a Hugging Face directory's own files
+SAMPLED_DECODING_TOP_K = 10
+"""Top-k of the `sampled_decoding` defense: its strength is the temperature, k stays fixed."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,28 @@ class CaptionerSpec(TrainingDefense):
         if norm not in ("batch", "group"):
             raise ValueError(f"captioner norm {norm!r} must be 'batch' or 'group'")
         return norm
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """One step of sampled decoding for captioners (temperature and top-k sampling; Fan et al. 2018).
+
+    `logits` is (batch, vocab). Returns int64 token ids (batch,): each row samples from
+    softmax(logits / temperature) restricted to its `top_k` largest logits (`top_k` larger than the
+    vocabulary means all of it). `temperature <= 0` or `top_k == 1` is greedy decoding, the argmax
+    (first index on ties), and uses no randomness. Reproducible for the same generator state, device
+    and torch version; `generator` must live on `logits`' device.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    k = min(int(top_k), logits.shape[-1])
+    values, indices = torch.topk(logits.float(), k, dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -243,15 +265,6 @@ class CaptionerBundle:
         return [normalise_caption(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def load_image_tensor(uris: list[str], size: int) -> torch.Tensor:
-    """Images as float tensors in [0, 1], resized to `size` (bicubic), channels first."""
-    arrays = []
-    for uri in uris:
-        rgb = open_rgb(uri).resize((size, size), Image.BICUBIC)
-        arrays.append(np.asarray(rgb, dtype=np.float32) / 255)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
 def _build_cnn_lstm(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
     return CaptionerBundle(CnnLstmCaptioner(len(vocab.words), spec), vocab, spec)
 
@@ -341,7 +354,7 @@ def train_captioner(
     if defense.dp:
         if not isinstance(model, CnnLstmCaptioner):
             raise ValueError(f"DP-SGD is implemented for the cnn-lstm captioner, not {spec.arch}")
-        from m4i_assets.defenses import dp  # Opacus, imported only for DP training
+        from m4i_assets.models import dp  # Opacus, imported only for DP training
 
         private = dp.PrivateTraining(
             model,
@@ -443,7 +456,7 @@ def generate_captions(
     seed: int = 0,
 ) -> list[str]:
     """Captions for image files, in order: greedy, or with `temperature` > 0 sampled from the top-k tokens
-    (`defenses.release.sample_next_token`; seeded, so the same inputs, batch size and seed give the same captions)."""
+    (`sample_next_token`; seeded, so the same inputs, batch size and seed give the same captions)."""
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
     generator = torch.Generator(device=dev).manual_seed(seed)

@@ -19,8 +19,8 @@ Training is open_clip's symmetric InfoNCE (`ClipLoss`) on the eval-preprocessed 
 augmentation by default: the embedded default deliberately trains a target that memorises its
 members, so membership ground truth produces a measurable signal (ATTACKS.md section 1).
 
-Training-time defenses (`spec.defense`, `m4i_assets.defenses`): DP-SGD with Opacus (open_clip ViT archs; what
-the reported epsilon does and does not cover for the contrastive loss is in `defenses.dp`), training-time
+Training-time defenses (`spec.defense`, `models.training`, `models.dp`): DP-SGD with Opacus (open_clip ViT archs; what
+the reported epsilon does and does not cover for the contrastive loss is in `models.dp`), training-time
 augmentation, weight decay and early stopping on a validation split, all switched on by the spec and run by
 the one training loop below; a defended checkpoint is an ordinary checkpoint of its arch.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from m4i_assets.data.images import open_rgb
-from m4i_assets.defenses.regularisation import (
-    EarlyStopping,
-    TrainingDefense,
-    augmenter,
-    batch_inputs,
-    split_pairs,
-    training_facts,
-)
 from m4i_assets.models import hf_clip
 from m4i_assets.models.checkpoints import (
     HF_WEIGHTS_FILES,
@@ -60,12 +52,20 @@ from m4i_assets.models.checkpoints import (
     sha256_file,
 )
 from m4i_assets.models.device import device_for, trains_deterministically
+from m4i_assets.models.training import (
+    EarlyStopping,
+    TrainingDefense,
+    augmenter,
+    batch_inputs,
+    split_pairs,
+    training_facts,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 FAMILY = "clip"
-# Frozen under DP-SGD besides what Opacus cannot sample (`defenses.dp`): a dense per-sample gradient of the
+# Frozen under DP-SGD besides what Opacus cannot sample (`models.dp`): a dense per-sample gradient of the
 # 49408-token embedding table costs 1.6 GB and several seconds per step of 64 pairs.
 DP_FROZEN = ("token_embedding.weight",)
 
@@ -82,7 +82,6 @@ class ClipTrainSpec(TrainingDefense):
     weight_decay: float = 0.0
     warmup_steps: int = 50
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +139,14 @@ def load_images(bundle: ClipBundle, image_uris: list[str]) -> torch.Tensor:
     return torch.stack([bundle.preprocess(open_rgb(uri)) for uri in image_uris])
 
 
+def split_normalisation(preprocess) -> tuple[Callable, Callable]:
+    """Split an open_clip eval transform into (to-[0,1]-tensor part, final Normalize)."""
+    steps = list(preprocess.transforms)
+    if not steps or type(steps[-1]).__name__ != "Normalize":
+        raise ValueError("expected the eval preprocessing to end with Normalize")
+    return type(preprocess)(steps[:-1]), steps[-1]
+
+
 def train_clip(
     bundle: ClipBundle,
     image_uris: list[str],
@@ -160,8 +167,6 @@ def train_clip(
     if 0 < len(val_idx) < 2:
         raise ValueError(f"the contrastive validation loss needs 2 held-out pairs; {len(val_idx)} of {n} held out")
     if defense.augment > 0:  # keep [0, 1] pixels: augment them per batch, then normalise
-        from m4i_assets.signals.augmentations import split_normalisation
-
         to_unit, normalise = split_normalisation(bundle.preprocess)
         images = torch.stack([to_unit(open_rgb(uri)) for uri in image_uris])
         augment = augmenter(defense.augment, spec.seed)
@@ -174,7 +179,7 @@ def train_clip(
     if defense.dp:
         if bundle.is_hugging_face:
             raise ValueError(f"DP-SGD is implemented for open_clip ViT CLIPs, not the Hugging Face {bundle.arch}")
-        from m4i_assets.defenses import dp  # Opacus, imported only for DP training
+        from m4i_assets.models import dp  # Opacus, imported only for DP training
 
         private = dp.PrivateTraining(
             model,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import tokenizers
 import transformers
 
-from m4i_assets.metrics.captions import PUNCTUATION, normalise_caption
+from m4i_assets.data.text import PUNCTUATION, normalise_caption
 
 
 def tokenize(text: str) -> list[str]:

@@ -16,7 +16,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader
 
-from m4i_assets.models.clip import ClipBundle
+from m4i_assets.models.clip import ClipBundle, split_normalisation
 from m4i_assets.models.device import device_for
 from m4i_assets.signals.embeddings import ImageFiles
 
@@ -65,14 +65,6 @@ def transform_registry(seed: int = 0) -> dict[str, Transform]:
         "posterize": _posterize,
         "augmix": _augmix(seed),
     }
-
-
-def split_normalisation(preprocess) -> tuple[Callable, Callable]:
-    """Split an open_clip eval transform into (to-[0,1]-tensor part, final Normalize)."""
-    steps = list(preprocess.transforms)
-    if not steps or type(steps[-1]).__name__ != "Normalize":
-        raise ValueError("expected the eval preprocessing to end with Normalize")
-    return type(preprocess)(steps[:-1]), steps[-1]
 
 
 @torch.no_grad()

@@ -144,6 +144,7 @@ def clip_utility(
 ) -> tuple[dict, dict]:
     """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
     released embeddings (prompts released like any text query), and each one's chance level."""
+    from m4i_assets.data import corpus
     from m4i_assets.metrics import utility
     from m4i_assets.models import clip
 
@@ -154,9 +155,9 @@ def clip_utility(
     chance = utility.retrieval_chance((1, 5, 10), n_texts=len(txt), n_images=len(img))
     query = "SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE list_contains(?, record_id)"
     meta = storage.read(query, [emb["record_id"].to_list()]).sort("record_id")
-    classes, labels = utility.zero_shot_task(meta["metadata"].to_list())
+    classes, labels = corpus.zero_shot_task(meta["metadata"].to_list())
     if any(label is not None for label in labels):
-        prompts = utility.zero_shot_prompts(classes, settings.corpus_style)
+        prompts = corpus.zero_shot_prompts(classes, settings.corpus_style)
         flat = [p for per_class in prompts for p in per_class]
         bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
         text = release_of(info, settings.seed).embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")

@@ -24,13 +24,13 @@ from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, Metadat
 
 from m4i_assets.data.audits import AuditSpec, Checkpoint
 from m4i_assets.data.roles import shadow_split
-from m4i_assets.defenses.regularisation import recipe
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
 from m4i_assets.families import WatchedCheckpoint, describe_checkpoint
 from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, checkpoint_tensor_count, read_json_object, sha256_file
+from m4i_assets.models.training import recipe
 from m4i_assets.settings import AuditSettings
 
 

@@ -1,4 +1,6 @@
-"""Training-time defenses: the recipe (`TrainingDefense`) and the regularisers that need no privacy accounting.
+"""Training-time defenses, the hooks of the one training loop: the recipe (`TrainingDefense`) and the regularisers
+that need no privacy accounting (DP-SGD is `models.dp`). They live with the models that train with them, below
+`defenses/` (the grids and release-time defenses), so the layers only point down.
 
 A defended model version is an ordinary model version: the same training code (`models.clip.train_clip`,
 `models.captioner.train_captioner`) with a defense switched on by its spec's fields, saved and loaded as any
@@ -6,7 +8,7 @@ other checkpoint of its architecture, so the whole audit runs on it unchanged.
 
 The fields (`DEFENSE_FIELDS` of `TrainingDefense`, which ClipTrainSpec and CaptionerSpec inherit, every default
 "off"): DP-SGD's
-`dp_noise_multiplier`, `dp_max_grad_norm`, `dp_delta` (`defenses.dp`), `augment`, `early_stopping_patience`,
+`dp_noise_multiplier`, `dp_max_grad_norm`, `dp_delta` (`models.dp`), `augment`, `early_stopping_patience`,
 `validation_fraction`; weight decay is the specs' own `weight_decay`. `TrainingDefense.of(spec)` reads and
 checks them. An undefended spec trains exactly as before, to the same checkpoint bytes; `recipe(spec)` is
 `asdict(spec)` without the defense fields that are at their defaults, i.e. the dict an undefended spec had

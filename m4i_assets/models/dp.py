@@ -93,14 +93,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from m4i_assets.defenses.regularisation import TrainingDefense
+from m4i_assets.models.training import TrainingDefense
 
 COVERAGE = {
     False: "(epsilon, delta)-DP for the training pairs (sample level, add/remove adjacency, Poisson sampling): "
     "each pair's loss depends on that pair alone; for the weights given the vocabulary, which is built from the "
     "training captions and not private; hyper-parameter selection not accounted.",
     True: "the accountant's figure under the per-example decomposability assumption, which the contrastive loss "
-    "breaks: NOT a DP guarantee (see epsilon_conservative and m4i_assets.defenses.dp).",
+    "breaks: NOT a DP guarantee (see epsilon_conservative and m4i_assets.models.dp).",
 }
 
 
@@ -318,24 +318,6 @@ def conservative_epsilon(noise_multiplier: float, sample_rate: float, steps: int
     """The valid, loose epsilon of a loss that couples the pairs of a batch cut to `cap` pairs (module docstring):
     sensitivity 2 cap C, so the RDP accountant at noise multiplier sigma / (2 cap)."""
     return dp_epsilon(noise_multiplier / (2 * cap), sample_rate, steps, delta, "rdp")
-
-
-def planned_sampling(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sample rate, steps) of DP training on `n` pairs, as `PrivateTraining` sets them up."""
-    per_epoch = math.ceil(n / batch_size)
-    return 1 / per_epoch, per_epoch * epochs
-
-
-def planned_epsilon(n: int, batch_size: int, epochs: int, defense: TrainingDefense, coupled: bool) -> dict[str, Any]:
-    """The epsilon a DP recipe will report, from the accountant alone (no training)."""
-    q, steps = planned_sampling(n, batch_size, epochs)
-    sigma, delta = defense.dp_noise_multiplier, defense.dp_delta
-    out = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "dp_delta": delta,
-           **reported_epsilon(sigma, q, steps, delta)}  # fmt: skip
-    if coupled:
-        cap = batch_cap(n, q, steps, delta)
-        out.update(epsilon_conservative=conservative_epsilon(sigma, q, steps, cap, delta), batch_cap=cap)
-    return out
 
 
 class PrivateTraining:
