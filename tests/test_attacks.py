@@ -95,6 +95,36 @@ def test_wsa_classifier_learns_a_separable_signal_and_round_trips():
     np.testing.assert_allclose(WsaClassifier.from_bytes(clf.to_bytes()).predict_proba(X), clf.predict_proba(X))
 
 
+def test_attack_classifiers_are_scikit_learn_estimators():
+    """clone, get_params and cross-fitting with sklearn.model_selection work on the attack classifiers, and a
+    second fit starts over (same data, same fitted model; no history carried over)."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
+
+    from m4i_assets.attacks.m4i import ShadowClassifier
+
+    rng = np.random.default_rng(1)
+    X = np.r_[rng.normal(1.0, 1.0, size=(60, 4)), rng.normal(-1.0, 1.0, size=(60, 4))].astype(np.float32)
+    y = np.r_[np.ones(60, int), np.zeros(60, int)]
+    wsa = WsaClassifier(max_epochs=4, random_state=2)
+    twin = clone(wsa)
+    assert twin is not wsa and twin.get_params() == wsa.get_params() and twin.get_params()["max_epochs"] == 4
+    with pytest.raises(NotFittedError):
+        twin.predict_proba(X)
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    p = cross_val_predict(wsa, X, y, cv=folds, method="predict_proba")[:, 1]
+    assert p.shape == (120,) and p[:60].mean() > p[60:].mean() + 0.3  # every record scored out of fold
+    assert not hasattr(wsa, "model_")  # cross-fitting fits clones, never the template
+    first = wsa.fit(X, y).predict_proba(X)
+    history = list(wsa.history_)
+    np.testing.assert_array_equal(wsa.fit(X, y).predict_proba(X), first)
+    assert wsa.history_ == history
+    shadow = ShadowClassifier(kinds=["logreg"], random_state=0)
+    assert clone(shadow).get_params() == shadow.get_params()
+    assert cross_val_score(shadow, X, y.astype(bool), cv=folds).mean() > 0.8
+
+
 def test_wsa_needs_both_classes():
     with pytest.raises(ValueError, match="at least 2"):
         WsaClassifier().fit(np.zeros((5, 2)), np.array([1, 0, 0, 0, 0]))

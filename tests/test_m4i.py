@@ -56,7 +56,7 @@ def test_shadow_classifier_chooses_on_validation_and_is_seeded():
     with pytest.raises(ValueError, match="both members and non-members"):
         m4i.ShadowClassifier().fit(X, np.ones(len(X), bool))
     with pytest.raises(ValueError, match="unknown classifier"):
-        m4i.ShadowClassifier(("forest",))
+        m4i.ShadowClassifier(("forest",)).fit(X, y)
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from safetensors.torch import load, save
+from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from m4i_assets.data.images import load_image_tensor
 from m4i_assets.data.text import normalise_caption
 from m4i_assets.models.device import device_for
+from m4i_assets.models.training import SeededBatches, train_loop
 
 MB, FB = "m4i_mb", "m4i_fb"
 SCENARIOS = ("unrestricted", "data_restricted", "arch_restricted", "both_restricted")
@@ -42,9 +44,10 @@ def scenario_of(target_dataset: str, target_arch: str, shadow_dataset: str, shad
     return SCENARIOS[(not same_data) + 2 * (not same_arch)]
 
 
-class ShadowClassifier:
-    """A membership classifier trained on shadow outputs, in scikit-learn's shape (`fit`, `score_samples`,
-    `predict`, explicit `random_state`).
+class ShadowClassifier(ClassifierMixin, BaseEstimator):
+    """A membership classifier trained on shadow outputs, a scikit-learn estimator (`fit`, `score_samples`,
+    `predict`, explicit `random_state`; hyper-parameters only in `__init__`, so `clone` and
+    `sklearn.model_selection` work; `fit` sets the attributes ending in `_` afresh).
 
     Each of `kinds` is fitted on a stratified `1 - val_fraction` of the shadow data; the one with the best
     validation AUC is kept (its validation accuracy is `shadow_accuracy_`) and refitted on all of it.
@@ -60,10 +63,7 @@ class ShadowClassifier:
         val_fraction: float = 0.2,
         random_state: int = 0,
     ) -> None:
-        unknown = [k for k in kinds if k not in CLASSIFIER_KINDS]
-        if unknown or not kinds:
-            raise ValueError(f"unknown classifier kinds {unknown or kinds}; known: {list(CLASSIFIER_KINDS)}")
-        self.kinds, self.svm_c, self.val_fraction, self.random_state = tuple(kinds), svm_c, val_fraction, random_state
+        self.kinds, self.svm_c, self.val_fraction, self.random_state = kinds, svm_c, val_fraction, random_state
 
     def _make(self, kind: str):
         from sklearn.linear_model import LogisticRegression
@@ -86,9 +86,13 @@ class ShadowClassifier:
         from sklearn.metrics import roc_auc_score
         from sklearn.model_selection import train_test_split
 
+        unknown = [k for k in self.kinds if k not in CLASSIFIER_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"unknown classifier kinds {unknown or self.kinds}; known: {list(CLASSIFIER_KINDS)}")
         y = np.asarray(y, dtype=int)
         if len(np.unique(y)) != 2:
             raise ValueError("shadow data needs both members and non-members")
+        self.classes_ = np.array([False, True])
         X_tr, X_val, y_tr, y_val = train_test_split(
             X, y, test_size=self.val_fraction, stratify=y, random_state=self.random_state
         )
@@ -206,7 +210,8 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def train_mfe(image_uris: list[str], captions: list[str], spec: MfeSpec, device: str | None = None) -> Mfe:
-    """Fit the MFE on the attacker's (image, reference caption) pairs."""
+    """Fit the MFE on the attacker's (image, reference caption) pairs (symmetric contrastive loss, the platform's
+    one training loop `models.training.train_loop`)."""
 
     torch.manual_seed(spec.seed)
     words = tuple(sorted({w for c in captions for w in normalise_caption(c).split()}))
@@ -214,18 +219,14 @@ def train_mfe(image_uris: list[str], captions: list[str], spec: MfeSpec, device:
     dev = device_for(device)
     images, bows = load_image_tensor(image_uris, spec.image_size), mfe.bag_of_words(captions)
     model = mfe.model.to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    gen = torch.Generator().manual_seed(spec.seed)
-    for _ in range(spec.epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for start in range(0, len(order), spec.batch_size):
-            idx = order[start : start + spec.batch_size]
-            logits = model.image(images[idx].to(dev)) @ model.text(bows[idx].to(dev)).T / spec.temperature
-            target = torch.arange(len(idx), device=dev)
-            loss = (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = model.image(images[idx].to(dev)) @ model.text(bows[idx].to(dev)).T / spec.temperature
+        target = torch.arange(len(idx), device=dev)
+        return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+    train_loop(model, torch.optim.Adam(model.parameters(), lr=spec.lr), spec.epochs,
+               SeededBatches(len(images), spec.batch_size, spec.seed), batch_loss)  # fmt: skip
     mfe.model = model.cpu().eval()
     return mfe
 

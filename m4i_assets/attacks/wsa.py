@@ -12,8 +12,8 @@ Never score a record with a model fit on it (ATTACKS.md section 5): the candidat
 folds; fold k's scores come from an MLP trained on the pseudo-members of the other folds
 (`CrossFittedWsa`). Features are configurable (`wsa_features`): the paper's concat[f_img, f_txt], the
 element-wise product f_img * f_txt (whose sum is CS), and CS and the augmentation deltas.
-The classifier follows scikit-learn's estimator shape: `fit(X, y)`, `predict_proba(X)`, explicit
-`random_state`.
+The classifier is a scikit-learn estimator (`fit(X, y)`, `predict_proba(X)`, explicit `random_state`), trained by
+the platform's one training loop (`models.training.train_loop`).
 """
 
 import json
@@ -22,6 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from safetensors.torch import load, save
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from m4i_assets.models.training import EarlyStopping, SeededBatches, train_loop
 
 ATTACK_ID = "wsa"
 TAU_RULES = ("quantile", "gaussian")
@@ -86,8 +90,10 @@ def _mlp(d: int) -> torch.nn.Sequential:
     )  # fmt: skip
 
 
-class WsaClassifier:
-    """The paper's attack MLP with class balancing and early stopping."""
+class WsaClassifier(ClassifierMixin, BaseEstimator):
+    """The paper's attack MLP with class balancing and early stopping, a scikit-learn estimator: the
+    hyper-parameters are `__init__`'s (so `get_params`, `clone` and `sklearn.model_selection` work); `fit` sets
+    `model_`, `history_` (validation loss per epoch) and `classes_` afresh each time."""
 
     def __init__(
         self, max_epochs: int = 15, patience: int = 3, batch_size: int = 32, lr: float = 1e-3,
@@ -95,8 +101,6 @@ class WsaClassifier:
     ) -> None:  # fmt: skip
         self.max_epochs, self.patience, self.batch_size, self.lr = max_epochs, patience, batch_size, lr
         self.val_fraction, self.random_state = val_fraction, random_state
-        self.model_: torch.nn.Sequential | None = None
-        self.history_: list[dict[str, float]] = []
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "WsaClassifier":
         y = np.asarray(y, dtype=np.int64)
@@ -110,42 +114,36 @@ class WsaClassifier:
         ]
         rng.shuffle(idx)
         n_val = max(2, int(round(self.val_fraction * len(idx))))
-        val, train = idx[:n_val], idx[n_val:]
+        val, train = idx[:n_val], torch.as_tensor(idx[n_val:])
         torch.manual_seed(self.random_state)
         model = _mlp(X.shape[1])
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         Xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
-        gen = torch.Generator().manual_seed(self.random_state)
-        best, best_state, waited = np.inf, None, 0
-        for epoch in range(self.max_epochs):
-            model.train()
-            order = torch.as_tensor(train)[torch.randperm(len(train), generator=gen)]
-            for start in range(0, len(order), self.batch_size):
-                b = order[start : start + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(model(Xt[b]), yt[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+
+        def batch_loss(positions: torch.Tensor) -> torch.Tensor:
+            b = train[positions]
+            return torch.nn.functional.cross_entropy(model(Xt[b]), yt[b])
+
+        @torch.no_grad()
+        def validation_loss() -> float:
             model.eval()
-            with torch.no_grad():
-                val_loss = float(torch.nn.functional.cross_entropy(model(Xt[val]), yt[val]))
-            self.history_.append({"epoch": epoch, "val_loss": val_loss})
-            if val_loss < best - 1e-6:
-                best, waited = val_loss, 0
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            else:
-                waited += 1
-                if waited >= self.patience:
-                    break
-        model.load_state_dict(best_state)
+            return float(torch.nn.functional.cross_entropy(model(Xt[val]), yt[val]))
+
+        stopping = EarlyStopping(self.patience, min_delta=1e-6)
+        train_loop(model, torch.optim.Adam(model.parameters(), lr=self.lr), self.max_epochs,
+                   SeededBatches(len(train), self.batch_size, self.random_state), batch_loss,
+                   validation_loss=validation_loss, stopping=stopping)  # fmt: skip
+        self.history_ = [{"epoch": epoch, "val_loss": loss} for epoch, loss in enumerate(stopping.losses)]
         self.model_ = model.eval()
+        self.classes_ = np.array([0, 1])
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        if self.model_ is None:
-            raise RuntimeError("WsaClassifier is not fitted")
+        check_is_fitted(self, "model_")
         with torch.no_grad():
             return torch.softmax(self.model_(torch.as_tensor(X, dtype=torch.float32)), dim=1).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     def to_bytes(self) -> bytes:
         """The fitted MLP as safetensors bytes (hashable, loadable with `from_bytes`)."""
@@ -153,11 +151,13 @@ class WsaClassifier:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "WsaClassifier":
+        """A fitted classifier from `to_bytes` (its training history is not stored: `history_` is empty)."""
         state = load(data)
         clf = cls()
         clf.model_ = _mlp(state["0.weight"].shape[1])
         clf.model_.load_state_dict(state)
         clf.model_.eval()
+        clf.history_, clf.classes_ = [], np.array([0, 1])
         return clf
 
 

@@ -30,6 +30,7 @@ sizes (width 128, 2 + 2 layers, patch 8; 1.0M parameters) about 53 s, cnn-lstm a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -47,14 +48,18 @@ from torch import nn
 from m4i_assets.data.images import load_image_tensor, open_rgb
 from m4i_assets.data.text import normalise_caption
 from m4i_assets.models.checkpoints import M4I_FILE, image_processor_file, read_json_object, sha256_file
-from m4i_assets.models.device import device_for, trains_deterministically
+from m4i_assets.models.device import device_for
 from m4i_assets.models.training import (
-    EarlyStopping,
+    FamilyTraining,
     TrainingDefense,
     augmenter,
     batch_inputs,
+    fit_pairs,
     split_pairs,
     training_facts,
+)
+from m4i_assets.models.training import (
+    train_and_save as train_family_and_save,
 )
 from m4i_assets.models.vocabulary import caption_words, tokenize, word_level_tokenizer
 
@@ -350,55 +355,19 @@ def train_captioner(
         images, augment, normalise = bundle.pixels(image_uris), None, None
     tokens = torch.tensor([bundle.vocab.encode(c, spec.max_len) for c in captions])
     model = bundle.model.to(dev).train()
-    private = None
-    if defense.dp:
-        if not isinstance(model, CnnLstmCaptioner):
-            raise ValueError(f"DP-SGD is implemented for the cnn-lstm captioner, not {spec.arch}")
-        from m4i_assets.models import dp  # Opacus, imported only for DP training
-
-        private = dp.PrivateTraining(
-            model,
-            lambda params: torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay),
-            len(train_idx), spec.batch_size, spec.epochs, defense, spec.seed, dev, coupled=False,
-        )  # fmt: skip
-        net, trained, opt = private.module, private.private, private.optimizer
-    else:
-        net = trained = model
-        opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(spec.seed)
-
-    def batches():
-        if private is not None:
-            return private.batches()
-        order = torch.randperm(len(train_idx), generator=gen)
-        return (order[start : start + spec.batch_size] for start in range(0, len(order), spec.batch_size))
-
+    if defense.dp and not isinstance(model, CnnLstmCaptioner):
+        raise ValueError(f"DP-SGD is implemented for the cnn-lstm captioner, not {spec.arch}")
     inputs = batch_inputs(images, augment, normalise, dev)
 
-    stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
-    history = []
-    for epoch in range(spec.epochs):
-        losses = []
-        for positions in batches():
-            if len(positions) == 0:  # only under DP's Poisson sampling: a noise-only step
-                private.noise_step()
-                continue
-            idx = train_idx[positions]
-            tok = tokens[idx].to(dev)
-            logits = net(inputs(idx, True), tok)
-            loss = _caption_loss(logits, tok, per_caption=private is not None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)) if losses else float("nan"))
-        if stopping is not None and stopping.update(epoch, _validation_loss(net, inputs, tokens, val_idx, spec, dev),
-                                                    trained):  # fmt: skip
-            break
-    restored = stopping is not None and stopping.restore_best(trained)
-    if private is not None:
-        private.export(model)
-    model.eval()
+    def batch_loss(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        tok = tokens[idx].to(dev)
+        return _caption_loss(net(inputs(idx, True), tok), tok, per_caption=defense.dp)
+
+    history, stopping, restored, private = fit_pairs(
+        model, spec, train_idx, val_idx, dev,
+        lambda params: torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay),
+        batch_loss, lambda net: _validation_loss(net, inputs, tokens, val_idx, spec, dev), coupled=False,
+    )  # fmt: skip
     if facts is not None:
         facts.update(training_facts(history, train_idx, val_idx, validation, stopping, restored, private))
     return history
@@ -589,28 +558,24 @@ def load_captioner(checkpoint_dir: str | os.PathLike, device: str | None = None)
     return bundle
 
 
-@trains_deterministically
-def train_and_save(
-    spec: CaptionerSpec,
-    image_uris: list[str],
-    captions: list[str],
-    out_dir: str | os.PathLike,
-    info: dict[str, Any],
-    device: str | None = None,
-    threads: int | None = None,
-    validation: tuple[list[str], list[str]] | None = None,
-) -> tuple[str, list[float], int, dict[str, Any]]:
-    """Build the vocabulary from `captions`, then build, train and save one captioner; return (sha256,
-    loss per epoch, parameter count, facts): what `train_captioner` reports the defense did, also saved beside
-    the spec (as "defense") for a defended spec. `validation` (image uris, captions): held-out pairs for early
-    stopping (see `train_captioner`); the vocabulary comes from the training captions alone. Arguments are
-    plain values, so this runs as well in a spawn worker process (with `threads` torch threads) as in the
-    caller's."""
-    bundle = build_captioner(Vocabulary.build(captions), spec)
-    facts: dict[str, Any] = {}
-    history = train_captioner(bundle, image_uris, captions, device, facts, validation)
-    saved = {**info, "n_train": len(image_uris), "loss_history": history}
-    if spec.defense.active:
-        saved["defense"] = facts
-    _, sha = save_captioner(bundle, out_dir, saved)
-    return sha, history, sum(p.numel() for p in bundle.model.parameters()), facts
+def _build(spec: CaptionerSpec, captions: list[str]) -> CaptionerBundle:
+    return build_captioner(Vocabulary.build(captions), spec)
+
+
+def _train(
+    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], spec: CaptionerSpec, device: str | None,
+    facts: dict[str, Any], validation: tuple[list[str], list[str]] | None,
+) -> list[float]:  # fmt: skip
+    return train_captioner(bundle, image_uris, captions, device, facts, validation)
+
+
+def _sidecar(spec: CaptionerSpec) -> dict[str, Any]:
+    return {}  # `save_captioner` writes the spec itself
+
+
+TRAINING = FamilyTraining(build=_build, train=_train, sidecar=_sidecar, save=save_captioner)
+train_and_save = functools.partial(train_family_and_save, TRAINING)
+"""`train_and_save(spec, image_uris, captions, out_dir, info, device=None, threads=None, validation=None)`: build
+the vocabulary from the training captions alone, then build, train (`train_captioner`) and save one captioner;
+returns (sha256, loss per epoch, parameter count, facts), the facts saved beside the spec (as "defense") for a
+defended spec. `models.training.train_and_save`."""

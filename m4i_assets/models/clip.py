@@ -27,6 +27,7 @@ the one training loop below; a defended checkpoint is an ordinary checkpoint of 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -51,14 +52,18 @@ from m4i_assets.models.checkpoints import (
     load_weights,
     sha256_file,
 )
-from m4i_assets.models.device import device_for, trains_deterministically
+from m4i_assets.models.device import device_for
 from m4i_assets.models.training import (
-    EarlyStopping,
+    FamilyTraining,
     TrainingDefense,
     augmenter,
     batch_inputs,
+    fit_pairs,
     split_pairs,
     training_facts,
+)
+from m4i_assets.models.training import (
+    train_and_save as train_family_and_save,
 )
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -174,73 +179,42 @@ def train_clip(
         images, normalise, augment = load_images(bundle, image_uris), None, None
     tokens = bundle.tokenizer(captions)
     model = bundle.model.to(dev).train()
+    if defense.dp and bundle.is_hugging_face:
+        raise ValueError(f"DP-SGD is implemented for open_clip ViT CLIPs, not the Hugging Face {bundle.arch}")
     loss_fn = open_clip.ClipLoss()
-    private = None
-    if defense.dp:
-        if bundle.is_hugging_face:
-            raise ValueError(f"DP-SGD is implemented for open_clip ViT CLIPs, not the Hugging Face {bundle.arch}")
-        from m4i_assets.models import dp  # Opacus, imported only for DP training
-
-        private = dp.PrivateTraining(
-            model,
-            lambda params: torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay),
-            len(train_idx), spec.batch_size, spec.epochs, defense, spec.seed, dev, coupled=True,
-            freeze=DP_FROZEN,
-        )  # fmt: skip
-        net, trained, opt = private.module, private.private, private.optimizer
-        steps_per_epoch = private.steps_per_epoch
-    else:
-        net = trained = model
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-        steps_per_epoch = max(1, len(train_idx) // spec.batch_size)
-    total = steps_per_epoch * spec.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, spec.warmup_steps)) * 0.5 * (1 + np.cos(np.pi * min(s, total) / max(1, total)))
-        ),
-    )
-    gen = torch.Generator().manual_seed(spec.seed)
-
-    def batches():
-        if private is not None:
-            return private.batches()
-        order = torch.randperm(len(train_idx), generator=gen)
-        return (order[step * spec.batch_size : (step + 1) * spec.batch_size] for step in range(steps_per_epoch))
-
     inputs = batch_inputs(images, augment, normalise, dev)
+    use_amp = dev.type == "cuda" and not defense.dp  # DP-SGD runs in fp32
 
-    use_amp = dev.type == "cuda" and private is None  # DP-SGD runs in fp32
-    stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
-    history = []
-    for epoch in range(spec.epochs):
-        losses = []
-        for positions in batches():
-            if len(positions) < 2:  # only under DP's Poisson sampling: no contrastive loss, a noise-only step
-                private.noise_step()
-                sched.step()
-                continue
-            idx = train_idx[positions]
-            with torch.autocast(dev.type, enabled=use_amp):
-                img_f, txt_f, scale = net(inputs(idx, True), tokens[idx].to(dev))[:3]
-                loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():  # open_clip clamps the learned temperature at 100
-                trained.logit_scale.clamp_(0, np.log(100))
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)) if losses else float("nan"))
-        if stopping is not None:
-            with torch.no_grad(), torch.autocast(dev.type, enabled=use_amp):
-                val_loss = _validation_loss(net, inputs, tokens, val_idx, spec.batch_size, loss_fn, dev)
-            if stopping.update(epoch, val_loss, trained):
-                break
-    restored = stopping is not None and stopping.restore_best(trained)
-    if private is not None:
-        private.export(model)
-    model.eval()
+    def batch_loss(net: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, enabled=use_amp):
+            img_f, txt_f, scale = net(inputs(idx, True), tokens[idx].to(dev))[:3]
+            return loss_fn(img_f, txt_f, scale)
+
+    def validation_loss(net: torch.nn.Module) -> float:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=use_amp):
+            return _validation_loss(net, inputs, tokens, val_idx, spec.batch_size, loss_fn, dev)
+
+    def schedule(opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+        total = steps_per_epoch * spec.epochs
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s: (
+                min(1.0, (s + 1) / max(1, spec.warmup_steps))
+                * 0.5 * (1 + np.cos(np.pi * min(s, total) / max(1, total)))
+            ),
+        )  # fmt: skip
+
+    def clamp_temperature(trained: torch.nn.Module) -> None:
+        with torch.no_grad():  # open_clip clamps the learned temperature at 100
+            trained.logit_scale.clamp_(0, np.log(100))
+
+    history, stopping, restored, private = fit_pairs(
+        model, spec, train_idx, val_idx, dev,
+        lambda params: torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay),
+        batch_loss, validation_loss, coupled=True, freeze=DP_FROZEN, drop_last=True,
+        min_batch=2,  # a single pair has no contrastive loss: under DP's Poisson sampling, a noise-only step
+        schedule=schedule, after_update=clamp_temperature,
+    )  # fmt: skip
     if facts is not None:
         facts.update(training_facts(history, train_idx, val_idx, validation, stopping, restored, private))
     return history
@@ -263,31 +237,12 @@ def _validation_loss(
     return total / count
 
 
-@trains_deterministically
-def train_and_save(
-    spec: ClipTrainSpec,
-    image_uris: list[str],
-    captions: list[str],
-    out_dir: str | os.PathLike,
-    info: dict[str, Any],
-    device: str | None = None,
-    threads: int | None = None,
-    validation: tuple[list[str], list[str]] | None = None,
-) -> tuple[str, list[float], int, dict[str, Any]]:
-    """Build, train and save one CLIP; return (sha256, loss per epoch, parameter count, facts): what
-    `train_clip` reports the defense did, also in the `model.json` sidecar (as "defense") for a defended spec.
-    `validation` (image uris, captions): held-out pairs for early stopping (see `train_clip`).
+def _build(spec: ClipTrainSpec, captions: list[str]) -> ClipBundle:
+    return build_clip(spec.arch, seed=spec.seed, captions=captions)
 
-    Arguments are plain values, so this runs as well in a worker process (with `threads` torch
-    threads) as in the caller's."""
-    bundle = build_clip(spec.arch, seed=spec.seed, captions=captions)
-    facts: dict[str, Any] = {}
-    history = train_clip(bundle, image_uris, captions, spec, device, facts, validation)
-    sidecar = {**info, "train": asdict(spec), "n_train": len(image_uris), "loss_history": history}
-    if spec.defense.active:
-        sidecar["defense"] = facts
-    _, sha = save_clip(bundle, out_dir, sidecar)
-    return sha, history, sum(p.numel() for p in bundle.model.parameters()), facts
+
+def _sidecar(spec: ClipTrainSpec) -> dict[str, Any]:
+    return {"train": asdict(spec)}
 
 
 def save_clip(
@@ -358,3 +313,10 @@ def load_clip(checkpoint: str | os.PathLike, arch: str | None = None, device: st
         load_weights(bundle.model, path, f"architecture {arch!r}")
     bundle.model.to(device_for(device)).eval()
     return bundle
+
+
+TRAINING = FamilyTraining(build=_build, train=train_clip, sidecar=_sidecar, save=save_clip)
+train_and_save = functools.partial(train_family_and_save, TRAINING)
+"""`train_and_save(spec, image_uris, captions, out_dir, info, device=None, threads=None, validation=None)`: build,
+train (`train_clip`) and save one CLIP; returns (sha256, loss per epoch, parameter count, facts), the `model.json`
+sidecar holding the spec ("train") and, for a defended spec, the facts ("defense"). `models.training.train_and_save`."""

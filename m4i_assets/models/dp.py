@@ -93,8 +93,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from m4i_assets.models.training import TrainingDefense
-
 COVERAGE = {
     False: "(epsilon, delta)-DP for the training pairs (sample level, add/remove adjacency, Poisson sampling): "
     "each pair's loss depends on that pair alone; for the weights given the vocabulary, which is built from the "
@@ -333,7 +331,7 @@ class PrivateTraining:
         n: int,
         batch_size: int,
         epochs: int,
-        defense: TrainingDefense,
+        defense: Any,  # a models.training.TrainingDefense (not imported: training imports this module)
         seed: int,
         device: torch.device,
         coupled: bool,

@@ -32,13 +32,16 @@ The regularisers:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+
+from m4i_assets.models.device import trains_deterministically
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,11 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
 
 
 class EarlyStopping:
-    """Tracks the validation loss per epoch; keeps a copy of the best epoch's weights."""
+    """Tracks the validation loss per epoch; keeps a copy of the best epoch's weights. An epoch improves when its
+    loss is below the best by more than `min_delta`."""
 
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience, self.min_delta = patience, min_delta
         self.best_loss = math.inf
         self.best_epoch = -1
         self.epochs_since_best = 0
@@ -158,7 +162,7 @@ class EarlyStopping:
     def update(self, epoch: int, loss: float, model: torch.nn.Module) -> bool:
         """Record epoch `epoch`'s validation loss; True when training should stop."""
         self.losses.append(loss)
-        if loss < self.best_loss:
+        if loss < self.best_loss - self.min_delta:
             self.best_loss, self.best_epoch, self.epochs_since_best = loss, epoch, 0
             if self.patience > 0:
                 self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -176,6 +180,165 @@ class EarlyStopping:
     def facts(self) -> dict[str, Any]:
         return {"validation_loss_history": self.losses, "best_epoch": self.best_epoch,
                 "best_validation_loss": self.best_loss}  # fmt: skip
+
+
+class SeededBatches:
+    """Batches of positions in range(n), a fresh permutation per epoch from a generator seeded with `seed`:
+    every batch of it (the last one possibly smaller), or with `drop_last` the first max(1, n // batch_size)
+    (all n positions in one batch when n < batch_size)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False) -> None:
+        self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // self.batch_size) if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __call__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n, generator=self.generator)
+        return (order[step * self.batch_size : (step + 1) * self.batch_size] for step in range(self.steps_per_epoch))
+
+
+def train_loop(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batches: Callable[[], Iterable[torch.Tensor]],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    after_update: Callable[[], None] | None = None,
+    min_batch: int = 1,
+    noise_step: Callable[[], None] | None = None,
+    validation_loss: Callable[[], float] | None = None,
+    stopping: EarlyStopping | None = None,
+    weights: torch.nn.Module | None = None,
+) -> tuple[list[float], bool]:
+    """The one training loop of every model the platform trains (CLIPs, captioners, the M^4I MFE, the WSA MLP);
+    returns (mean training loss of each epoch, whether the best epoch's weights were restored).
+
+    Each epoch: `net` in train mode, and for each batch of positions from `batches()`: `batch_loss(positions)`,
+    zero the gradients, backward, `optimizer.step()`, `scheduler.step()`, `after_update()` (e.g. a clamp). A
+    batch of fewer than `min_batch` positions (only DP-SGD's Poisson sampling draws one) is `noise_step()`, an
+    optimizer step on the noise alone, and still a scheduler step. Hooks: augmentation lives in `batch_loss`'s
+    inputs (`batch_inputs`), DP-SGD in the `net`, `optimizer`, `batches` and `noise_step` of a
+    `models.dp.PrivateTraining`; with `stopping`, `validation_loss()` after every epoch decides early stopping and
+    the best epoch's weights are loaded into `weights` (default `net`) at the end."""
+    keep = net if weights is None else weights
+    history: list[float] = []
+    for epoch in range(epochs):
+        net.train()
+        losses = []
+        for positions in batches():
+            if len(positions) < min_batch:
+                noise_step()
+                if scheduler is not None:
+                    scheduler.step()
+                continue
+            loss = batch_loss(positions)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_update is not None:
+                after_update()
+            losses.append(loss.item())
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+        if stopping is not None and stopping.update(epoch, validation_loss(), keep):
+            break
+    return history, stopping is not None and stopping.restore_best(keep)
+
+
+def fit_pairs(
+    model: torch.nn.Module,
+    spec: Any,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    device: torch.device,
+    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+    batch_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    validation_loss: Callable[[torch.nn.Module], float],
+    *,
+    coupled: bool,
+    freeze: Iterable[str] = (),
+    drop_last: bool = False,
+    min_batch: int = 1,
+    schedule: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    after_update: Callable[[torch.nn.Module], None] | None = None,
+) -> tuple[list[float], EarlyStopping | None, bool, Any]:
+    """Train `model` in place on the (image, caption) pairs at `train_idx` with `spec`'s defense switched on, by
+    `train_loop`: returns (loss per epoch, the early stopping tracker, whether its best epoch was restored, the
+    `dp.PrivateTraining` or None). The family gives the optimizer (of the parameters to train), the loss of a
+    batch of pair indices and the validation loss, both through the module it is handed (the private copy under
+    DP-SGD); `schedule(optimizer, steps per epoch)` an LR scheduler, `after_update(weights)` runs after each
+    update. Under DP-SGD (`models.dp`): `coupled` (a loss that couples a batch's pairs) and `freeze`."""
+    defense = TrainingDefense.of(spec)
+    private = None
+    if defense.dp:
+        from m4i_assets.models import dp  # Opacus, imported only for DP training
+
+        private = dp.PrivateTraining(model, optimizer, len(train_idx), spec.batch_size, spec.epochs, defense,
+                                     spec.seed, device, coupled=coupled, freeze=freeze)  # fmt: skip
+        net, trained, opt = private.module, private.private, private.optimizer
+        batches, steps_per_epoch = private.batches, private.steps_per_epoch
+    else:
+        net = trained = model
+        opt = optimizer(model.parameters())
+        batches = SeededBatches(len(train_idx), spec.batch_size, spec.seed, drop_last)
+        steps_per_epoch = batches.steps_per_epoch
+    stopping = EarlyStopping(defense.early_stopping_patience) if len(val_idx) else None
+    history, restored = train_loop(
+        net, opt, spec.epochs, batches, lambda positions: batch_loss(net, train_idx[positions]),
+        scheduler=None if schedule is None else schedule(opt, steps_per_epoch),
+        after_update=None if after_update is None else lambda: after_update(trained),
+        min_batch=min_batch, noise_step=None if private is None else private.noise_step,
+        validation_loss=lambda: validation_loss(net), stopping=stopping, weights=trained,
+    )  # fmt: skip
+    if private is not None:
+        private.export(model)
+    model.eval()
+    return history, stopping, restored, private
+
+
+@trains_deterministically
+def train_and_save(
+    family: FamilyTraining,
+    spec: Any,
+    image_uris: list[str],
+    captions: list[str],
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    device: str | None = None,
+    threads: int | None = None,
+    validation: tuple[list[str], list[str]] | None = None,
+) -> tuple[str, list[float], int, dict[str, Any]]:
+    """Build, train and save one model of a family; return (sha256 of its weights, loss per epoch, parameter
+    count, facts): what the training reports its defense did, also saved in the checkpoint's sidecar (as
+    "defense") for a defended spec. `validation` (image uris, captions): held-out pairs for early stopping.
+
+    Arguments are plain values (the family's functions by reference), so this runs as well in a spawn worker
+    process (with `threads` torch threads) as in the caller's, to the same bytes."""
+    bundle = family.build(spec, captions)
+    facts: dict[str, Any] = {}
+    history = family.train(bundle, image_uris, captions, spec, device, facts, validation)
+    sidecar = {**info, **family.sidecar(spec), "n_train": len(image_uris), "loss_history": history}
+    if spec.defense.active:
+        sidecar["defense"] = facts
+    _, sha = family.save(bundle, out_dir, sidecar)
+    return sha, history, sum(p.numel() for p in bundle.model.parameters()), facts
+
+
+@dataclass(frozen=True)
+class FamilyTraining:
+    """How `train_and_save` builds (spec, training captions), trains (bundle, uris, captions, spec, device, facts,
+    validation), describes (spec -> extra sidecar entries) and saves (bundle, folder, sidecar) a family's model."""
+
+    build: Callable[[Any, list[str]], Any]
+    train: Callable[..., list[float]]
+    sidecar: Callable[[Any], dict[str, Any]]
+    save: Callable[[Any, str | os.PathLike, dict[str, Any]], tuple[Any, str]]
 
 
 def augmenter(strength: float, seed: int, flip: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
