@@ -69,8 +69,10 @@ class Family:
     def helper_versions(self, storage: Any, audit: str, n: int) -> list[str]:
         """The helper versions an audit of this family learns from (its `n` reference CLIPs, or its newest
         shadow captioner of each dataset, arch and seed)."""
-        if self.helper_role == "reference":
-            return storage.reference_versions(audit, n) if n else []
+        if self.helper_role == "reference":  # and those trained with a defense, for its adaptive attacker
+            defended = storage.read("SELECT model_version FROM models WHERE audit = ? AND role = 'defended_reference' "
+                                    "ORDER BY model_version", [audit])["model_version"].to_list()  # fmt: skip
+            return (storage.reference_versions(audit, n) if n else []) + defended
         return [m["model_version"] for m in storage.shadow_models(audit)]
 
     def audit_assets(self, planned: list[str] | None = None, labelled: bool = True) -> list[str]:

@@ -86,6 +86,9 @@ class AuditSettings(ConfigurableResource):
     }  # fmt: skip
     captioner_defenses: dict[str, list[float]] = {"dp_sgd": [0.0, 0.5, 1.0, 2.0], "sampled_decoding": [0.7, 1.0]}
     adaptive_queries: int = 8  # variant queries the adaptive attacker averages against embedding noise (1: none)
+    # Training-time CLIP defenses whose adaptive attacker gets `n_reference_models` reference CLIPs trained with
+    # the same defense and strength (a pair of the grid only; each costs n_reference_models trainings)
+    adaptive_references: dict[str, list[float]] = {"dp_sgd": [1.0], "augmentation": [0.5]}
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
     n_validation: int = 100

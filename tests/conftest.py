@@ -84,6 +84,8 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
         kwargs = {"resources": resources, "instance": instance}
         assert materialize(assets, selection=[f"defended_{family}s"], **kwargs).success
         storage = resources["storage"]
+        for ref in storage.read("SELECT model_version FROM models WHERE role = 'defended_reference'")["model_version"]:
+            assert materialize(assets, selection=["model_checkpoint", "embeddings"], partition_key=ref, **kwargs).success
         versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
         for version in versions["model_version"]:
             assert materialize(assets, selection=audit_selection(family, None), partition_key=version, **kwargs).success

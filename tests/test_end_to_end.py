@@ -159,9 +159,21 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         rows = db.execute("SELECT model_version, defense, defense_strength, base_version, checkpoint_uri, "
                           "defense_facts FROM models WHERE role = 'defended' "
                           "ORDER BY defense, model_version").fetchall()  # fmt: skip
-        assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("embedding_noise", 0.05, target),
+        assert [(r[1], r[2], r[3]) for r in rows] == [("dp_sgd", 1.0, target), ("dp_sgd", 1.0, target),  # naive,
+                                                      ("embedding_noise", 0.05, target),  # adaptive (DP references)
                                                       ("embedding_noise", 0.05, target),  # naive, adaptive (k=2)
                                                       ("similarity_rounding", 2.0, target)]  # fmt: skip
+        twin = json.loads(rows[1][5])
+        assert rows[1][0] == rows[0][0] + "+adaptive" and twin["naive_version"] == rows[0][0]
+        assert rows[1][4] == rows[0][4] and twin["dp"] == json.loads(rows[0][5])["dp"]  # same checkpoint, same epsilon
+        refs = db.execute("SELECT model_version, defense, defense_strength FROM models WHERE role = "
+                          "'defended_reference' ORDER BY 1").fetchall()  # fmt: skip
+        assert sorted(twin["references"]) == [r[0] for r in refs] and {(r[1], r[2]) for r in refs} == {("dp_sgd", 1.0)}
+        calibrated = {v: db.execute("SELECT score FROM membership_scores WHERE model_version = ? AND attack = "
+                                    "'ref_calibrated' ORDER BY record_id", [v]).pl()["score"].to_numpy()
+                      for v in (rows[0][0], rows[1][0])}  # fmt: skip
+        assert not np.allclose(*calibrated.values())  # calibrated against DP references, not the undefended ones
+        registered, rows = [r[0] for r in rows], [rows[0], *rows[2:]]
         assert json.loads(rows[2][5])["naive_version"] == rows[1][0] and rows[2][0].endswith("+k=2")
         dp_facts = json.loads(rows[0][5])["dp"]
         assert 0 < dp_facts["epsilon"] < dp_facts["epsilon_conservative"] and dp_facts["noise_multiplier"] == 1.0
@@ -198,7 +210,7 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         judged = db.execute("SELECT DISTINCT defense, attacker, epsilon_is_guarantee, epsilon_lb, utility_chance "
                             "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
         assert [(r[0], r[1], r[2]) for r in judged] == [
-            ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None), ("embedding_noise", "naive", None),
+            ("dp_sgd", "adaptive", False), ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None), ("embedding_noise", "naive", None),
             ("none", "naive", None), ("similarity_rounding", "naive", None)]  # fmt: skip
         figures = db.execute("SELECT tpr_at_1pct_fpr, tpr_at_1pct_fpr_null_reason, known_threshold_tpr_1pct, "
                              "known_threshold_tpr_1pct_ci_low, known_threshold_tpr_1pct_ci_high FROM "
@@ -208,7 +220,7 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         assert all(r[3] is not None and r[3] >= 0 and r[4] == chance for r in judged)
     finally:
         db.close()
-    assert sorted(defended) == sorted(r[0] for r in rows)
+    assert sorted(defended) == sorted(registered)
     (check,) = evaluation.get_asset_check_evaluations()
     assert check.check_name == "every_defense_evaluated" and check.passed
     (event,) = evaluation.get_asset_materialization_events()

@@ -114,6 +114,15 @@ def skipped_scores(storage: Storage, model_version: str, attack: str, reason: st
     return MaterializeResult(check_results=[check], metadata={"dagster/row_count": 0, "skipped": reason})
 
 
+def references_of(storage: Storage, info: dict, n: int) -> list[str]:
+    """The reference CLIPs a version's calibrated attacks calibrate against: those trained with its defense for an
+    adaptive attacker's twin of a training-time defense (`defense_facts.references`), else the audit's `n`."""
+    import json
+
+    stored = json.loads(info.get("defense_facts") or "{}").get("references")
+    return sorted(stored) if stored else storage.reference_versions(info["audit"], n)
+
+
 def candidate_signals(storage: Storage, model_version: str, roles: tuple[str, ...] = CANDIDATE_ROLES) -> pl.DataFrame:
     """Embeddings of the records of `roles` (default: the candidates) of a model version's audit, by record id."""
     info = storage.model_info(model_version)
@@ -218,7 +227,7 @@ def rmia_scores(context: AssetExecutionContext, settings: AuditSettings, storage
 
     version = context.partition_key
     info = storage.model_info(version)
-    refs = storage.reference_versions(info["audit"], settings.n_reference_models)
+    refs = references_of(storage, info, settings.n_reference_models)
     cands, known = candidate_signals(storage, version), known_signals(storage, version)
     lp, lp_known, _ = clip_log_probs(storage, version, settings, cands, known)
     ref_lp = [clip_log_probs(storage, ref, settings, cands, known)[:2] for ref in refs]
@@ -337,7 +346,7 @@ def ref_calibrated_scores(
     candidate."""
     version = context.partition_key
     info = storage.model_info(version)
-    refs = storage.reference_versions(info["audit"], settings.n_reference_models)
+    refs = references_of(storage, info, settings.n_reference_models)
     cands, known = candidate_signals(storage, version), known_signals(storage, version)
     both = pl.concat([cands.select("record_id", "cosine_similarity"), known.select("record_id", "cosine_similarity")])
     ref_cs = []

@@ -73,6 +73,59 @@ def plan_release_skips(storage: Storage, audit: str, family: str, versions: list
     return rows
 
 
+def reference_jobs(
+    settings: AuditSettings, family: str, defenses: dict[str, list[float]], population: pl.DataFrame,
+    validation: pl.DataFrame, target: str,
+) -> list[TrainJob]:
+    """Reference CLIPs for the adaptive attacker of a training-time defense (Tramer et al. 2020; Aerni et al.,
+    CCS 2024): the reference recipe and population halves of `reference_clips`, with the defended target's
+    defense and strength switched on, for each (defense, strength) of `adaptive_references` in the grid
+    (role `defended_reference`, so no undefended audit ever calibrates against them)."""
+    if family != "clip":
+        return []
+    wanted = {(d, float(s)) for d, strengths in settings.adaptive_references.items() for s in strengths}
+    jobs = []
+    for defense, strength in grid(defenses, family):
+        if is_release(defense) or (defense, strength) not in wanted:
+            continue
+        for r in range(settings.n_reference_models):
+            spec = defended_spec(settings.clip_train_spec(100 + r), defense, strength)
+            if defense == "dp_sgd":
+                spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
+            train = seeded_sample(population, population.height // 2, settings.seed + 100 + r)
+            jobs.append(TrainJob("defended_reference", train, spec, defense=(defense, strength, target),
+                                 validation=validation if defense == "early_stopping" else None))  # fmt: skip
+    return jobs
+
+
+def register_adaptive_twins(
+    context: AssetExecutionContext, storage: Storage, jobs: list[TrainJob], trained: list[dict],
+    references: list[TrainJob], refs: list[dict],
+) -> list[dict]:
+    """For each trained defended version with references trained under its defense: its adaptive twin, the same
+    checkpoint as `<version>+adaptive` (facts: `attacker: adaptive`, `naive_version`, `references`), whose
+    calibrated attacks (offline LiRA, RMIA) calibrate against those references."""
+    by_defense: dict[tuple[str, float], list[str]] = {}
+    for job, ref in zip(references, refs):
+        by_defense.setdefault(job.defense[:2], []).append(ref["model_version"])
+    twins = []
+    for job, result in zip(jobs, trained):
+        matching = by_defense.get(job.defense[:2])
+        if not matching:
+            continue
+        naive = storage.model_info(result["model_version"])
+        facts = {**json.loads(naive.get("defense_facts") or "{}"), "attacker": "adaptive",
+                 "naive_version": naive["model_version"], "references": sorted(matching)}  # fmt: skip
+        twin = {**{k: v for k, v in naive.items() if k not in ("created_at",)},
+                "model_version": f"{naive['model_version']}+adaptive", "train_fingerprint": None,
+                "defense_facts": json.dumps(facts, default=str)}  # fmt: skip
+        storage.write("models", pl.DataFrame([twin]), model_version=twin["model_version"])
+        twins.append({"defense": job.defense[0], "strength": job.defense[1], "model_version": twin["model_version"],
+                      "attacker": "adaptive", "references": sorted(matching)})  # fmt: skip
+    context.instance.add_dynamic_partitions(model_versions.name, [t["model_version"] for t in twins])
+    return twins
+
+
 def defend(
     context: AssetExecutionContext,
     settings: AuditSettings,
@@ -107,10 +160,14 @@ def defend(
             spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
+    references = reference_jobs(settings, family, defenses, population, validation, target["model_version"])
     context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
     skipped = plan_release_skips(storage, settings.audit, family, released)
-    trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(), jobs)
+    trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(),
+                                 jobs + references)  # fmt: skip
+    trained, refs = trained[: len(jobs)], trained[len(jobs) :]
     table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)] + released
+    table += register_adaptive_twins(context, storage, jobs, trained, references, refs)
     return MaterializeResult(
         metadata={
             "base_version": target["model_version"],
