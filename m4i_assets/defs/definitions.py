@@ -17,8 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Everything but the ingestion assets, whose shard partitions depend on the audit's sources.
 AUDIT_GRAPH = [
     data.record_roles,
-    models.clip_models,
-    models.captioner_models,
+    *models.training_assets,
     models.model_checkpoint,
     signals.embeddings,
     signals.augmentation_deltas,

@@ -24,7 +24,8 @@ from dagster import (
 
 from m4i_assets.defenses.grid import defended_spec, grid, is_release
 from m4i_assets.defenses.release import ATTACK_NEEDS, RELEASE_DEFENSES, attack_skip_reason, interface_of
-from m4i_assets.defs.assets.models import TrainJob, release_of, seeded_sample, train_and_register
+from m4i_assets.defs.assets.models import release_of, train_and_register
+from m4i_assets.plans import TrainJob, seed_offset, seeded_sample, validation_sample
 from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
@@ -89,10 +90,11 @@ def reference_jobs(
         if is_release(defense) or (defense, strength) not in wanted:
             continue
         for r in range(settings.n_reference_models):
-            spec = defended_spec(settings.clip_train_spec(100 + r), defense, strength)
+            # the undefended reference r's records and seed, so the two reference sets differ only by the defense
+            spec = defended_spec(settings.clip_train_spec(seed_offset("reference", r)), defense, strength)
             if defense == "dp_sgd":
                 spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
-            train = seeded_sample(population, population.height // 2, settings.seed + 100 + r)
+            train = seeded_sample(population, population.height // 2, settings.seed + seed_offset("reference", r))
             jobs.append(TrainJob("defended_reference", train, spec, defense=(defense, strength, target),
                                  validation=validation if defense == "early_stopping" else None))  # fmt: skip
     return jobs
@@ -141,7 +143,7 @@ def defend(
     base = FAMILIES[family].base_spec(settings)
     members = storage.audit_records(settings.audit, ("member",))
     population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
-    validation = seeded_sample(population, settings.n_validation, settings.seed + 300)
+    validation = validation_sample(settings, population)
     released, jobs = [], []
     for defense, strength in grid(defenses, family):
         if is_release(defense):

@@ -6,31 +6,30 @@ dynamic partition; everything downstream is partitioned by model version, so a n
 partition and never overwrites an earlier one.
 """
 
-import hashlib
 import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
+from m4i_assets import plans
 from m4i_assets.data.audits import AuditSpec, Checkpoint
-from m4i_assets.data.roles import shadow_split
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
-from m4i_assets.families import WatchedCheckpoint, describe_checkpoint
+from m4i_assets.families import FAMILIES, Family, WatchedCheckpoint, describe_checkpoint
 from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, checkpoint_tensor_count, read_json_object, sha256_file
-from m4i_assets.models.training import recipe
+from m4i_assets.plans import TrainJob
 from m4i_assets.settings import AuditSettings
 
 
@@ -57,47 +56,6 @@ def release_of(info: dict, seed: int) -> Release:
         return Release(info["defense"], info["defense_strength"], seed if stored is None else int(stored),
                        facts.get("queries", 1))
     return Release()
-
-
-def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
-    """`n` rows of `frame` chosen with `seed`, in their original order."""
-    if n >= frame.height:
-        return frame
-    return frame[np.sort(np.random.default_rng(seed).choice(frame.height, n, replace=False))]
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """One model to train: its role, training records and recipe (a ClipTrainSpec or CaptionerSpec).
-    A shadow model also names its known non-members, kept in `shadow_records` beside its members; a
-    defended model its (defense, strength, base version) and, for early stopping, its validation records."""
-
-    role: str
-    train: pl.DataFrame
-    spec: Any
-    shadow_nonmembers: pl.DataFrame | None = None
-    defense: tuple[str, float, str] | None = None
-    validation: pl.DataFrame | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the recipe and the record ids (which hash image bytes and captions): the reuse key."""
-        held_out = [] if self.shadow_nonmembers is None else self.shadow_nonmembers["record_id"].to_list()
-        # `recipe`: the spec without defense fields left off, so undefended fingerprints predate those fields
-        payload = {"spec": recipe(self.spec), "records": self.train["record_id"].to_list()}
-        if held_out:
-            payload["shadow_nonmembers"] = held_out
-        if self.validation is not None:
-            payload["validation"] = self.validation["record_id"].to_list()
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def arguments(self, audit: str, staged: Path, device: str | None, threads: int | None) -> tuple:
-        """The arguments of a family's `train_and_save` (plain values: they cross into worker processes)."""
-        uris, captions = self.train["image_uri"].to_list(), self.train["caption"].to_list()
-        validation = None
-        if self.validation is not None:
-            validation = (self.validation["image_uri"].to_list(), self.validation["caption"].to_list())
-        return self.spec, uris, captions, staged, {"role": self.role, "audit": audit}, device, threads, validation
 
 
 def train_and_register(
@@ -172,46 +130,52 @@ def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: st
     return None
 
 
-@multi_asset(
-    specs=[
-        AssetSpec("target_clip", deps=[record_roles], kinds={"pytorch"},
-                  description="The audited CLIP, trained on the members."),
-        AssetSpec("null_control_clip", deps=[record_roles], kinds={"pytorch"},
-                  description="Same recipe and budget on population records only: it never sees a candidate "
-                  "(ATTACKS.md section 4), so every attack on it must be at chance."),
-        AssetSpec("reference_clips", deps=[record_roles], kinds={"pytorch"},
-                  description="Reference CLIPs for the calibrated attack (LiRA, Carlini et al. 2022), each with "
-                  "the target's recipe on a seeded random half of the population."),
-    ],
-    group_name="models",
-    can_subset=True,
-    op_tags=GPU_STEP,
-)  # fmt: skip
-def clip_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
-    """The audit's CLIPs, trained in one step so that all of them share the cores (one
-    single-threaded worker per core measured 15% more throughput than one model on two threads). An audit
-    of the registry registers its checkpoints instead."""
-    from m4i_assets.models import clip
+DESCRIPTIONS = {
+    "target": "The audited model, trained on the members (or registered from the audit registry).",
+    "null_control": "Same recipe and budget on population records only: it never sees a candidate (ATTACKS.md "
+    "section 4), so every attack on it must be at chance.",
+    "reference": "Reference CLIPs for the calibrated attacks (LiRA, Carlini et al. 2022), each with the target's "
+    "recipe on a seeded random half of the population.",
+    "shadow": "The attacker's shadow captioners (M^4I section 3): one per (population dataset, shadow "
+    "architecture), each trained on a seeded half of that dataset's population, the other half its known "
+    "non-members. None sees a candidate.",
+}
 
-    audit = settings.registered_audit(storage.root)
-    if audit is not None:
-        yield from register_audit_models(context, storage, audit, "clip")
-        return
 
-    population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
-    plan = {
-        "target_clip": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),
-                                 settings.clip_train_spec(0))],
-        # A non-member training set is cut to the member set's size: the same training budget.
-        "null_control_clip": [TrainJob("null_control", seeded_sample(population, settings.n_members, settings.seed + 1),
-                                       settings.clip_train_spec(1))],
-        "reference_clips": [
-            TrainJob("reference", seeded_sample(population, population.height // 2, settings.seed + 100 + r),
-                     settings.clip_train_spec(100 + r))
-            for r in range(settings.n_reference_models)
-        ],
-    }  # fmt: skip
-    yield from materialize_plan(context, settings, storage, compute, clip, plan, {"arch": settings.clip_arch})
+def training_asset(family: Family):
+    """The training multi-asset of one family of the registry (`<family>_models`): its target, null control and
+    helpers, trained in one step so that all of them share the cores (one single-threaded worker per core
+    measured 15% more throughput than one model on two threads), as `plans.controlled_plan` says. An audit of
+    the registry registers its checkpoints instead, and trains the shadow captioners on its population."""
+    roles = ("target", "null_control", family.helper_role)
+
+    @multi_asset(
+        name=f"{family.name}_models",
+        specs=[AssetSpec(key, deps=[record_roles], kinds={"pytorch"}, description=DESCRIPTIONS[role])
+               for key, role in zip(family.models, roles)],
+        group_name="models",
+        can_subset=True,
+        op_tags=GPU_STEP,
+    )  # fmt: skip
+    def _models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
+        audit = settings.registered_audit(storage.root)
+        records = partial(storage.audit_records, settings.audit)
+        if audit is None:
+            plan = plans.controlled_plan(family, settings, records)
+        else:
+            selected = {key.to_user_string() for key in context.selected_asset_keys}
+            trained = selected & {family.models[2]} if family.helper_role == "shadow" else set()
+            if selected - trained:
+                yield from register_audit_models(context, storage, audit, family, selected - trained)
+            plan = {key: plans.shadow_jobs(settings, [records(("population",), dataset=audit.dataset)])
+                    for key in trained}  # fmt: skip
+        arch = {"arch": family.base_spec(settings).arch}
+        yield from materialize_plan(context, settings, storage, compute, family.models_module(), plan, arch)
+
+    return _models
+
+
+training_assets = [training_asset(family) for family in FAMILIES.values()]
 
 
 def materialize_plan(
@@ -223,66 +187,15 @@ def materialize_plan(
     plan: dict[str, list[TrainJob]],
     extra: dict[str, Any],
 ) -> Iterator[MaterializeResult]:
-    """Train the jobs of the selected assets of a training multi-asset in one pool; yield each asset's result."""
-    selected = [key.to_user_string() for key in context.selected_asset_keys]
+    """Train the jobs of the selected assets of a training multi-asset (those of `plan`) in one pool; yield
+    each asset's result."""
+    selected = [key.to_user_string() for key in context.selected_asset_keys if key.to_user_string() in plan]
     jobs = [job for key in selected for job in plan[key]]
     trained = iter(train_and_register(context, settings, storage, compute, family, jobs))
     for key in selected:
         results = [next(trained) for _ in plan[key]]
         metadata = results[0] if len(results) == 1 else {"models": MetadataValue.json(results)}
         yield MaterializeResult(asset_key=key, metadata={**metadata, **extra})
-
-
-@multi_asset(
-    specs=[
-        AssetSpec("target_captioner", deps=[record_roles], kinds={"pytorch"},
-                  description="The audited image captioner (M^4I), trained on the members."),
-        AssetSpec("null_control_captioner", deps=[record_roles], kinds={"pytorch"},
-                  description="Same recipe and budget on population records only: every attack on it must be "
-                  "at chance (ATTACKS.md section 4)."),
-        AssetSpec("shadow_captioners", deps=[record_roles], kinds={"pytorch"},
-                  description="The attacker's shadow captioners (M^4I section 3): one per (population dataset, "
-                  "shadow architecture), each trained on a seeded half of that dataset's population, the other "
-                  "half its known non-members. None sees a candidate."),
-    ],
-    group_name="models",
-    can_subset=True,
-    op_tags=GPU_STEP,
-)  # fmt: skip
-def captioner_models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
-    """The audit's captioners, trained in one step so that all of them share the cores. An audit of the
-    registry registers its target and null control, and trains its shadows on its population."""
-    from m4i_assets.models import captioner
-
-    audit = settings.registered_audit(storage.root)
-    selected = {key.to_user_string() for key in context.selected_asset_keys}
-    if audit is not None and selected - {"shadow_captioners"}:
-        yield from register_audit_models(context, storage, audit, "captioner", selected - {"shadow_captioners"})
-    main = audit.dataset if audit else settings.main_dataset()
-    population = storage.audit_records(settings.audit, ("population",), dataset=main)
-    second = settings.second_domain_spec() if audit is None else None
-    datasets = [main, *([second.name] if second else [])]
-    shadows = []
-    for d, dataset in enumerate(datasets):
-        pool = storage.audit_records(settings.audit, ("population",), dataset=dataset)
-        members, nonmembers = shadow_split(pool["record_id"].to_list(), settings.seed + 200 + d)
-        for a, arch in enumerate(settings.shadow_archs):
-            for repeat in range(settings.shadow_seeds):  # training variance: same data, another seed
-                shadows.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
-                                        settings.captioner_spec(arch, 200 + 10 * d + a + 1000 * repeat),
-                                        shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
-    arch = settings.captioner_arch
-    plan = {
-        "target_captioner": [TrainJob("target", storage.audit_records(settings.audit, ("member",)),
-                                      settings.captioner_spec(arch, 0))],
-        "null_control_captioner": [TrainJob("null_control", seeded_sample(population, settings.n_members,
-                                                                          settings.seed + 1),
-                                            settings.captioner_spec(arch, 1))],
-        "shadow_captioners": shadows,
-    }  # fmt: skip
-    if audit is not None:
-        plan = {"shadow_captioners": shadows} if "shadow_captioners" in selected else {}
-    yield from materialize_plan(context, settings, storage, compute, captioner, plan, {"arch": arch})
 
 
 def stage_checkpoint(storage: Storage, audit: AuditSpec, checkpoint: Checkpoint) -> tuple[Path, WatchedCheckpoint]:
@@ -313,19 +226,20 @@ def stage_checkpoint(storage: Storage, audit: AuditSpec, checkpoint: Checkpoint)
 
 
 def register_audit_models(
-    context: AssetExecutionContext, storage: Storage, audit: AuditSpec, family: str, selected: set[str] | None = None
+    context: AssetExecutionContext, storage: Storage, audit: AuditSpec, family: Family, selected: set[str]
 ) -> Iterator[MaterializeResult]:
     """Register the checkpoints of an audit of the registry (its targets, null control and references) as
     model versions of the audit, one result per selected training asset."""
-    roles = {f"target_{family}": ("target", audit.targets),
-             f"null_control_{family}": ("null_control", (audit.null_control,) if audit.null_control else ()),
-             "reference_clips": ("reference", audit.references)}  # fmt: skip
-    for key in sorted(selected or {k.to_user_string() for k in context.selected_asset_keys}):
+    target, null_control, helpers = family.models
+    roles = {target: ("target", audit.targets),
+             null_control: ("null_control", (audit.null_control,) if audit.null_control else ()),
+             helpers: (family.helper_role, audit.references)}  # fmt: skip
+    for key in sorted(selected):
         role, checkpoints = roles[key]
         registered = []
         for checkpoint in checkpoints:
             folder, described = stage_checkpoint(storage, audit, checkpoint)
-            row = {"family": family, "arch": described.arch, "role": role, "audit": audit.name,
+            row = {"family": family.name, "arch": described.arch, "role": role, "audit": audit.name,
                    "train_config": json.dumps({"source": checkpoint.path}), "train_dataset": audit.dataset}  # fmt: skip
             staged = folder != Path(checkpoint.path)
             weights = described.weights.relative_to(folder).as_posix()
@@ -338,7 +252,7 @@ def register_audit_models(
                                                          "registered_from": audit.name})  # fmt: skip
 
 
-@asset(group_name="models", partitions_def=model_versions, deps=[clip_models, captioner_models], kinds={"pytorch"})
+@asset(group_name="models", partitions_def=model_versions, deps=training_assets, kinds={"pytorch"})
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """One model version: its checkpoint verified against the registered sha256 and its tensors counted
     (weights are loaded by the signal assets, which name the file in any error)."""

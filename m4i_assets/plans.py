@@ -1,0 +1,130 @@
+"""Who trains on what: the training plan of a controlled audit (target, null control, reference CLIPs or
+shadow captioners, defended versions' validation data), each model with its training records and its seed,
+all seeds derived here from the audit's seed (`seed_offset`), and the fingerprint that decides reuse.
+
+The null control gets the target's recipe and budget on population records only (ATTACKS.md section 4);
+each reference CLIP the target's recipe on a seeded half of the population (LiRA, Carlini et al. 2022); each
+shadow captioner a seeded half of one population dataset, the other half its known non-members (M^4I,
+Hu et al. 2022, section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from m4i_assets.data.roles import shadow_split
+from m4i_assets.defenses.regularisation import recipe
+
+# Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
+# a shadow's split, shared by every arch and repeat trained on one dataset.
+NULL_CONTROL, REFERENCE, SHADOW, VALIDATION = 1, 100, 200, 300
+SHADOW_ARCH, SHADOW_REPEAT = 10, 1000  # a shadow's recipe: 200 + 10 dataset + arch + 1000 repeat
+
+
+def seed_offset(role: str, index: int = 0, arch: int = 0, repeat: int = 0) -> int:
+    """The offset from the audit's seed of one model of the plan, or of one data draw (`role` "shadow_split",
+    "validation"): target 0, null control 1, reference `index` 100 + index, shadow of dataset `index`, arch
+    `arch` and training repeat `repeat` 200 + 10 index + arch + 1000 repeat; the shadow split of dataset
+    `index` 200 + index; the defenses' validation sample 300."""
+    offsets = {"target": 0, "null_control": NULL_CONTROL, "reference": REFERENCE + index,
+               "shadow": SHADOW + SHADOW_ARCH * index + arch + SHADOW_REPEAT * repeat,
+               "shadow_split": SHADOW + index, "validation": VALIDATION}  # fmt: skip
+    return offsets[role]
+
+
+def seeded_sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """`n` rows of `frame` chosen with `seed`, in their original order."""
+    if n >= frame.height:
+        return frame
+    return frame[np.sort(np.random.default_rng(seed).choice(frame.height, n, replace=False))]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train: its role, training records and recipe (a ClipTrainSpec or CaptionerSpec).
+    A shadow model also names its known non-members, kept in `shadow_records` beside its members; a
+    defended model its (defense, strength, base version) and, for early stopping, its validation records."""
+
+    role: str
+    train: pl.DataFrame
+    spec: Any
+    shadow_nonmembers: pl.DataFrame | None = None
+    defense: tuple[str, float, str] | None = None
+    validation: pl.DataFrame | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the recipe and the record ids (which hash image bytes and captions): the reuse key."""
+        held_out = [] if self.shadow_nonmembers is None else self.shadow_nonmembers["record_id"].to_list()
+        # `recipe`: the spec without defense fields left off, so undefended fingerprints predate those fields
+        payload = {"spec": recipe(self.spec), "records": self.train["record_id"].to_list()}
+        if held_out:
+            payload["shadow_nonmembers"] = held_out
+        if self.validation is not None:
+            payload["validation"] = self.validation["record_id"].to_list()
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def arguments(self, audit: str, staged: Path, device: str | None, threads: int | None) -> tuple:
+        """The arguments of a family's `train_and_save` (plain values: they cross into worker processes)."""
+        uris, captions = self.train["image_uri"].to_list(), self.train["caption"].to_list()
+        validation = None
+        if self.validation is not None:
+            validation = (self.validation["image_uri"].to_list(), self.validation["caption"].to_list())
+        return self.spec, uris, captions, staged, {"role": self.role, "audit": audit}, device, threads, validation
+
+
+def reference_jobs(settings: Any, population: pl.DataFrame) -> list[TrainJob]:
+    """`n_reference_models` reference CLIPs, each the target's recipe on a seeded half of the population."""
+    return [TrainJob("reference", seeded_sample(population, population.height // 2,
+                                                settings.seed + seed_offset("reference", r)),
+                     settings.clip_train_spec(seed_offset("reference", r)))
+            for r in range(settings.n_reference_models)]  # fmt: skip
+
+
+def shadow_jobs(settings: Any, pools: list[pl.DataFrame]) -> list[TrainJob]:
+    """Shadow captioners: per population dataset (`pools`, in order), arch of `shadow_archs` and training
+    repeat, the arch's recipe on a seeded half of the dataset's population, the other half its known
+    non-members."""
+    jobs = []
+    for d, pool in enumerate(pools):
+        members, nonmembers = shadow_split(pool["record_id"].to_list(), settings.seed + seed_offset("shadow_split", d))
+        for a, arch in enumerate(settings.shadow_archs):
+            for repeat in range(settings.shadow_seeds):  # training variance: same data, another seed
+                jobs.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
+                                     settings.captioner_spec(arch, seed_offset("shadow", d, a, repeat)),
+                                     shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
+    return jobs
+
+
+def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFrame]) -> dict[str, list[TrainJob]]:
+    """The training jobs of each training asset of `family` (a `Family`) in a controlled audit: the target on
+    the members, the null control on as many population records of the main dataset (the same budget), and
+    the helpers: reference CLIPs on that population, shadow captioners on it and on the second domain's.
+    `records(roles, dataset=None)` reads the audit's records of some roles."""
+    target, null_control, helpers = family.models
+    population = records(("population",), dataset=settings.main_dataset())
+    null_train = seeded_sample(population, settings.n_members, settings.seed + seed_offset("null_control"))
+    if family.helper_role == "reference":
+        helper_jobs = reference_jobs(settings, population)
+    else:
+        second = settings.second_domain_spec()
+        pools = [population, *([records(("population",), dataset=second.name)] if second else [])]
+        helper_jobs = shadow_jobs(settings, pools)
+    return {
+        target: [TrainJob("target", records(("member",)), family.base_spec(settings, seed_offset("target")))],
+        null_control: [TrainJob("null_control", null_train, family.base_spec(settings, seed_offset("null_control")))],
+        helpers: helper_jobs,
+    }
+
+
+def validation_sample(settings: Any, population: pl.DataFrame) -> pl.DataFrame:
+    """The population records early stopping validates on (never a candidate)."""
+    return seeded_sample(population, settings.n_validation, settings.seed + seed_offset("validation"))
