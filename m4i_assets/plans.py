@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from m4i_assets.data.roles import shadow_split
-from m4i_assets.defenses.regularisation import recipe
+from m4i_assets.models.training import recipe
 
 # Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
 # a shadow's split, shared by every arch and repeat trained on one dataset.
