@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta
+
+from m4i_assets.metrics.privacy import clopper_pearson
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,6 @@ class MembershipRate:
 
     def as_row(self) -> dict:
         return asdict(self)
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The exact binomial confidence interval of k successes in n trials."""
-    tail = (1 - level) / 2
-    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
-    return low, high
 
 
 def estimate_membership_rate(candidates: np.ndarray, known_nonmembers: np.ndarray, alpha: float) -> MembershipRate:
