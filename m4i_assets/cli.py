@@ -34,7 +34,7 @@ from m4i_assets.defs.automation import audit_selection
 from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES
-from m4i_assets.metrics.report import comparisons_markdown, verdict_lines
+from m4i_assets.metrics.report import comparisons_markdown, target_seed_spread, target_spread_markdown, verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 from m4i_assets.storage import warehouse
 
@@ -144,10 +144,18 @@ def defended_versions(storage: Storage, target: str) -> list[str]:
     return rows["model_version"].to_list()
 
 
+def controlled_targets(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
+    """The audit's `target_seeds` newest targets of a family, first seed first (the defended versions' base)."""
+    versions = storage.latest_versions(settings.audit, "target", settings.target_seeds, family=family)
+    return sorted(versions, key=lambda v: json.loads(storage.model_info(v)["train_config"] or "{}").get("seed", 0))
+
+
 def demo(families: list[str], defenses: bool = False) -> None:
     home = m4i_home()
     env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home))}
     settings = settings_for()
+    if defenses and settings.target_seeds > 1:
+        raise SystemExit("m4i demo --defenses defends one target: set target_seeds to 1")
     start = time.monotonic()
     print(f"m4i demo: audit {settings.audit!r} of {' and '.join(families)} models, everything under {home}", flush=True)
     logs = home / "logs"
@@ -167,8 +175,8 @@ def demo(families: list[str], defenses: bool = False) -> None:
         [partial(_materialize, FAMILIES[f].helper_signals, env, logs / f"{v}.log", v) for f in families
          for v in FAMILIES[f].helper_versions(storage, settings.audit, settings.n_reference_models)],
     )  # fmt: skip
-    audited = {f: [storage.latest_versions(settings.audit, role, family=f)[0] for role in ("target", "null_control")]
-               for f in families}  # fmt: skip
+    targets = {f: controlled_targets(storage, settings, f) for f in families}
+    audited = {f: [*targets[f], storage.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
     if defenses:
         for f in families:
             audited[f] += defended_versions(storage, audited[f][0])
@@ -188,6 +196,10 @@ def demo(families: list[str], defenses: bool = False) -> None:
         print(comparisons_markdown(v["comparisons"]) + "\n")
         print("\n".join(verdict_lines(v["rows"], v["comparisons"], settings.shift_gate_margin,
                                      v["known_vs_candidates"], v["permutation"])))
+    for f in families:
+        query = "SELECT attack, auc, tpr_at_1pct_fpr FROM attack_metrics WHERE list_contains(?, model_version)"
+        rows = storage.read(query, [targets[f]]).to_dicts()
+        print(f"\n{f} target: " + target_spread_markdown(target_seed_spread(rows)))
     if defenses:
         table = storage.read(warehouse.sql_file("queries/defense_evaluations.sql"))
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):

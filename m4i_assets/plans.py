@@ -26,16 +26,17 @@ from m4i_assets.models.training import recipe
 # Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
 # a shadow's split, shared by every arch and repeat trained on one dataset.
 NULL_CONTROL, REFERENCE, SHADOW, VALIDATION = 1, 100, 200, 300
-SHADOW_ARCH, SHADOW_REPEAT = 10, 1000  # a shadow's recipe: 200 + 10 dataset + arch + 1000 repeat
+SHADOW_ARCH, REPEAT = 10, 1000  # a shadow's recipe: 200 + 10 dataset + arch + 1000 repeat; a target's 1000 repeat
 
 
 def seed_offset(role: str, index: int = 0, arch: int = 0, repeat: int = 0) -> int:
     """The offset from the audit's seed of one model of the plan, or of one data draw (`role` "shadow_split",
-    "validation"): target 0, null control 1, reference `index` 100 + index, shadow of dataset `index`, arch
+    "validation"): target of training repeat `repeat` 1000 repeat (0 for the first), null control 1,
+    reference `index` 100 + index, shadow of dataset `index`, arch
     `arch` and training repeat `repeat` 200 + 10 index + arch + 1000 repeat; the shadow split of dataset
     `index` 200 + index; the defenses' validation sample 300."""
-    offsets = {"target": 0, "null_control": NULL_CONTROL, "reference": REFERENCE + index,
-               "shadow": SHADOW + SHADOW_ARCH * index + arch + SHADOW_REPEAT * repeat,
+    offsets = {"target": REPEAT * repeat, "null_control": NULL_CONTROL, "reference": REFERENCE + index,
+               "shadow": SHADOW + SHADOW_ARCH * index + arch + REPEAT * repeat,
                "shadow_split": SHADOW + index, "validation": VALIDATION}  # fmt: skip
     return offsets[role]
 
@@ -106,11 +107,12 @@ def shadow_jobs(settings: Any, pools: list[pl.DataFrame]) -> list[TrainJob]:
 
 def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFrame]) -> dict[str, list[TrainJob]]:
     """The training jobs of each training asset of `family` (a `Family`) in a controlled audit: the target on
-    the members, the null control on as many population records of the main dataset (the same budget), and
+    the members (`target_seeds` times, another seed each: training variance), the null control on as many
+    population records of the main dataset (the same budget), and
     the helpers: reference CLIPs on that population, shadow captioners on it and on the second domain's.
     `records(roles, dataset=None)` reads the audit's records of some roles."""
     target, null_control, helpers = family.models
-    population = records(("population",), dataset=settings.main_dataset())
+    population, members = records(("population",), dataset=settings.main_dataset()), records(("member",))
     null_train = seeded_sample(population, settings.n_members, settings.seed + seed_offset("null_control"))
     if family.helper_role == "reference":
         helper_jobs = reference_jobs(settings, population)
@@ -119,7 +121,8 @@ def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFr
         pools = [population, *([records(("population",), dataset=second.name)] if second else [])]
         helper_jobs = shadow_jobs(settings, pools)
     return {
-        target: [TrainJob("target", records(("member",)), family.base_spec(settings, seed_offset("target")))],
+        target: [TrainJob("target", members, family.base_spec(settings, seed_offset("target", repeat=r)))
+                 for r in range(settings.target_seeds)],
         null_control: [TrainJob("null_control", null_train, family.base_spec(settings, seed_offset("null_control")))],
         helpers: helper_jobs,
     }

@@ -118,6 +118,9 @@ class AuditSettings(ConfigurableResource):
     # Training variance: every shadow captioner is trained with this many seeds (the scenario table gives
     # the mean and spread over them); 1 = spread unmeasured.
     shadow_seeds: int = 1
+    # ... and the target of a controlled audit (the demo audits every one; the headline gives the mean and
+    # spread of each attack's figures over them); 1 = spread unmeasured.
+    target_seeds: int = 1
     # Torch threads of every training run (in process or in a worker), so a checkpoint's bytes do not
     # depend on the host's cores or on where it trained.
     train_threads: int = 1

@@ -3,6 +3,8 @@ baseline, and the verdicts that keep an audit honest (ATTACKS.md section 5): no 
 members and non-members (the blind baseline at chance, known non-members like candidate non-members), which
 attacks beat the blind baseline (Das et al. 2024) and CSA by paired CIs, and the label-permutation test."""
 
+import numpy as np
+
 from m4i_assets.metrics.evaluation import FPR_BOUNDS
 
 BLIND = "blind_baseline"
@@ -186,4 +188,35 @@ def scenarios_markdown(rows: list[dict]) -> str:
             f"| {r['attack']} | {r['scenario']} | {r['shadow_dataset']}, {r['shadow_arch']} | {n_seeds} "
             f"| {ci_text(r, 'auc')} | {spread} | {ci_text(r, 'tpr_at_1pct_fpr')} | {_num(r['attack_success_rate'])} |"
         )
+    return "\n".join(lines)
+
+
+def target_seed_spread(rows: list[dict]) -> list[dict]:
+    """Training variance of the headline (ATTACKS.md section 5): per attack, the mean and standard deviation
+    of AUC and TPR@1%FPR over the `attack_metrics` rows of targets trained on the same members with other
+    seeds (`target_seeds`); the standard deviations are None with one seed (unmeasured)."""
+    by_attack: dict[str, list[dict]] = {}
+    for r in rows:
+        by_attack.setdefault(r["attack"], []).append(r)
+    out = []
+    for attack, group in sorted(by_attack.items()):
+        row = {"attack": attack, "n_seeds": len(group)}
+        for metric in ("auc", "tpr_at_1pct_fpr"):
+            values = np.array([np.nan if r[metric] is None else r[metric] for r in group], dtype=float)
+            known = not np.isnan(values).any()
+            row[f"{metric}_seed_mean"] = float(values.mean()) if known else None
+            row[f"{metric}_seed_std"] = float(values.std(ddof=1)) if known and len(values) > 1 else None
+        out.append(row)
+    return out
+
+
+def target_spread_markdown(spread: list[dict]) -> str:
+    """`target_seed_spread` as markdown, saying plainly when the spread is unmeasured."""
+    if not spread or spread[0]["n_seeds"] < 2:
+        return "Spread over target training seeds: unmeasured (1 target seed; set `target_seeds` > 1)."
+    lines = [f"Spread over {spread[0]['n_seeds']} target training seeds (same members, another seed each):", "",
+             "| attack | seeds | AUC mean +- sd | TPR@1%FPR mean +- sd |", "|---|---|---|---|"]  # fmt: skip
+    for r in spread:
+        lines.append(f"| {r['attack']} | {r['n_seeds']} | {_num(r['auc_seed_mean'], r['auc_seed_std'])} "
+                     f"| {_num(r['tpr_at_1pct_fpr_seed_mean'], r['tpr_at_1pct_fpr_seed_std'])} |")  # fmt: skip
     return "\n".join(lines)
