@@ -7,8 +7,10 @@ from m4i_assets.data.manifest import read_manifest
 from m4i_assets.models import clip
 from m4i_assets.models.checkpoints import model_version_for, safetensors_tensor_count, sha256_file
 from m4i_assets.models.clip import split_normalisation
+from m4i_assets.data.images import open_rgb
+from m4i_assets.signals import embeddings
 from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
-from m4i_assets.signals.embeddings import embed_records
+from m4i_assets.signals.embeddings import embed_records, encode_batches, record_batches, tensor_batches
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,39 @@ def test_embeddings_are_unit_norm_and_batch_independent(tiny):
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(img, img2, atol=1e-5)
     np.testing.assert_allclose(txt, txt2, atol=1e-5)
+
+
+def test_streamed_embeddings_equal_the_in_memory_path_bit_for_bit(tiny, monkeypatch):
+    """Decode threads, chunks, per-batch tokenising and prefetch change nothing: the same bits as encoding
+    images and tokens prepared in memory, batch for batch (so the same attack figures)."""
+    monkeypatch.setattr(embeddings, "CHUNK", 2)  # several chunks per batch of 5
+    bundle, uris, captions = tiny
+    images, tokens = clip.load_images(bundle, uris), bundle.tokenizer(captions)
+    for batch_size in (5, 12):
+        reference = encode_batches(bundle, tensor_batches(images, tokens, batch_size), device="cpu")
+        runs = [embed_records(bundle, uris, captions, batch_size, device="cpu", threads=t) for t in (1, 3)]
+        prefetched = record_batches(uris, bundle.preprocess, batch_size, captions, bundle.tokenizer, 2, prefetch=2)
+        runs.append(encode_batches(bundle, prefetched, device="cpu"))
+        for img, txt in runs:
+            assert np.array_equal(img, reference[0]) and np.array_equal(txt, reference[1])
+    with pytest.raises(ValueError, match="12 images but 11 captions"):
+        embed_records(bundle, uris, captions[:-1])
+    empty = embed_records(bundle, [], [])
+    assert empty[0].shape == empty[1].shape == (0, bundle.embed_dim)
+
+
+def test_augmented_embeddings_equal_the_transforms_of_images_in_memory(tiny, monkeypatch):
+    monkeypatch.setattr(embeddings, "CHUNK", 2)
+    bundle, uris, _ = tiny
+    to_tensor, normalise = split_normalisation(bundle.preprocess)
+    x = torch.stack([to_tensor(open_rgb(u)) for u in uris])
+    transforms = transform_registry(0)
+    out = augmented_image_embeddings(bundle, uris, transforms, batch_size=5, device="cpu", threads=3)
+    with torch.no_grad():
+        for name, transform in transforms.items():
+            reference = torch.cat([bundle.model.encode_image(normalise(transform(x[s : s + 5]).clamp(0, 1)),
+                                                             normalize=True) for s in range(0, len(x), 5)])  # fmt: skip
+            assert np.array_equal(out[name], reference.numpy()), name
 
 
 def test_at_least_eight_transform_families_change_the_image_deterministically(tiny):

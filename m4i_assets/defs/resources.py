@@ -214,13 +214,6 @@ class Compute(ConfigurableResource):
         it), else one per core (single-threaded workers timeslice well beside other steps)."""
         return 1 if self._cuda() else os.cpu_count() or 1
 
-    @property
-    def loader_workers(self) -> int:
-        """DataLoader workers that decode and preprocess images: on a GPU they overlap with the model;
-        on a CPU they compete with its threads (bench/embeddings.py, 2 cores: asset path at 0.757 of the
-        raw forward with no workers, 0.700 with two), so none there."""
-        return min(8, os.cpu_count() or 1) if self._cuda() else 0
-
     def _cuda(self) -> bool:
         import torch
 

@@ -8,17 +8,16 @@ the normalisation is applied after the transform. AugMix draws its operations fr
 per batch from `seed`, so it is deterministic too.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
-from torch.utils.data import DataLoader
 
 from m4i_assets.models.clip import ClipBundle, split_normalisation
 from m4i_assets.models.device import device_for
-from m4i_assets.signals.embeddings import ImageFiles
+from m4i_assets.signals.embeddings import decode_plan, record_batches
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,24 +69,28 @@ def transform_registry(seed: int = 0) -> dict[str, Transform]:
 @torch.no_grad()
 def augmented_image_embeddings(
     bundle: ClipBundle,
-    image_uris: list[str],
+    image_uris: Sequence[str],
     transforms: dict[str, Transform],
     batch_size: int = 256,
-    num_workers: int = 0,
     device: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """For each transform, the L2-normalised image embeddings of T_k(x) (n x d, record order kept).
 
-    Each image is decoded once; all transforms run on the decoded batch on the device."""
+    Each image is decoded once (`record_batches`, `threads` decode threads); all transforms run on the
+    decoded batch on the device."""
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
     to_tensor, normalise = split_normalisation(bundle.preprocess)
-    loader = DataLoader(ImageFiles(image_uris, to_tensor), batch_size=batch_size, num_workers=num_workers)
+    plan_threads, prefetch = decode_plan(dev)
+    batches = record_batches(image_uris, to_tensor, batch_size, threads=threads or plan_threads, prefetch=prefetch,
+                             pin_memory=dev.type == "cuda")  # fmt: skip
     out: dict[str, list[torch.Tensor]] = {name: [] for name in transforms}
-    for batch in loader:
+    for batch, _ in batches:
         batch = batch.to(dev, non_blocking=True)
         for name, transform in transforms.items():
             with torch.autocast(dev.type, enabled=dev.type == "cuda"):
                 emb = model.encode_image(normalise(transform(batch).clamp(0, 1)), normalize=True)
             out[name].append(emb.float().cpu())
-    return {name: torch.cat(chunks).numpy() for name, chunks in out.items()}
+    return {name: torch.cat(chunks).numpy() if chunks else np.zeros((0, bundle.embed_dim), np.float32)
+            for name, chunks in out.items()}  # fmt: skip

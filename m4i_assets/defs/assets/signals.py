@@ -52,7 +52,6 @@ def embeddings(
         recs["image_uri"].to_list(),
         recs["caption"].to_list(),
         batch_size=settings.embed_batch_size,
-        num_workers=compute.loader_workers,
         device=compute.torch_device,
     )
     release, ids = release_of(info, settings.seed), recs["record_id"].to_list()
@@ -126,7 +125,7 @@ def augmentation_deltas(
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     transforms = transform_registry(settings.seed)
     augmented = augmented_image_embeddings(bundle, emb["image_uri"].to_list(), transforms, settings.embed_batch_size,
-                                           compute.loader_workers, compute.torch_device)  # fmt: skip
+                                           compute.torch_device)  # fmt: skip
     txt = np.stack(emb["text_embedding"].to_numpy())
     cs_clean = emb["cosine_similarity"].to_numpy()
     frames = []
