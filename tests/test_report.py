@@ -42,3 +42,10 @@ def test_verdicts_read_paired_differences_not_ci_overlap():
            "(better)" in text
     assert "beat CSA in TPR@1%FPR (paired CI above 0): clip_loss" in text
     assert "beat CSA in AUC (paired CI above 0): none" in text
+
+
+def test_a_model_without_csa_gets_no_verdict_against_it():
+    rows = [_row("m4i_loss", 0.99, 0.98, 1.0), _row("blind_baseline", 0.5, 0.46, 0.54)]
+    comparisons = [_cmp("m4i_loss", "blind_baseline", "auc", 0.49, 0.45, 0.53)]
+    text = "\n".join(report.verdict_lines(rows, comparisons, 0.1))
+    assert "CSA" not in text and "m4i_loss beats the blind baseline" in text

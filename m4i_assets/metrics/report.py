@@ -139,7 +139,7 @@ def verdict_lines(
     whether any attack beats the blind baseline, attacks at chance, and the permutation test."""
     at_chance = [r["attack"] for r in rows if r["auc_ci_low"] <= 0.5 <= r["auc_ci_high"]]
     lines = [*compare_to(comparisons, CSA)]
-    for metric in ("auc", "tpr_at_1pct_fpr"):
+    for metric in ("auc", "tpr_at_1pct_fpr") if any(r["attack"] == CSA for r in rows) else ():  # CLIP attack
         judged = [c for c in comparisons if c["baseline"] == CSA and c["metric"] == metric and c["attack"] != BLIND]
         beats = sorted(c["attack"] for c in judged if c["ci_low"] > 0)
         verdict = (", ".join(beats) or "none") if judged else "not judged (the figure is NULL at this many non-members)"
