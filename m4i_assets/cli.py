@@ -150,6 +150,19 @@ def controlled_targets(storage: Storage, settings: AuditSettings, family: str) -
     return sorted(versions, key=lambda v: json.loads(storage.model_info(v)["train_config"] or "{}").get("seed", 0))
 
 
+def print_frontiers(storage: Storage, audit: str) -> None:
+    """Per family of `defense_evaluations`: each defense's worst attack (the stronger attacker's) beside every
+    other defense's curve at its utility, and the best defense at matched utility (`metrics.privacy_utility`)."""
+    from m4i_assets.metrics import privacy_utility as pu
+
+    rows = storage.read("SELECT * FROM defense_evaluations WHERE audit = ?", [audit])
+    for (family,), frame in rows.group_by(["family"], maintain_order=True):
+        points = pu.curve_points(frame)
+        print(f"\n{family}: privacy-utility points and the frontier at matched utility\n\n"
+              f"{pu.defense_markdown(frame)}\n\n{pu.matched_utility_markdown(points)}\n\n"
+              f"best at matched utility: {json.dumps(pu.best_at_matched_utility(points))}")  # fmt: skip
+
+
 def demo(families: list[str], defenses: bool = False) -> None:
     home = m4i_home()
     env = {**os.environ, "M4I_HOME": str(home), "DAGSTER_HOME": str(prepare_dagster_home(home))}
@@ -204,6 +217,7 @@ def demo(families: list[str], defenses: bool = False) -> None:
         table = storage.read(warehouse.sql_file("queries/defense_evaluations.sql"))
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):
             print(f"\nDefenses (sql/queries/defense_evaluations.sql; every attack in defense_evaluations):\n{table}")
+        print_frontiers(storage, settings.audit)
     print(
         f"\nDagster UI: make dev   |   SQL: duckdb {home / 'warehouse.duckdb'}   |   "
         f"MLflow: mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}"

@@ -66,14 +66,21 @@ class Family:
         records to train shadow captioners on."""
         return bool(audit.references) if self.helper_role == "reference" else "population" in audit.values
 
+    @property
+    def defended_helper_role(self) -> str:
+        """The role of a helper trained with a defense, for the adaptive attacker of a defended version
+        (`defended_reference`, `defended_shadow`): no undefended audit ever learns from one."""
+        return f"defended_{self.helper_role}"
+
     def helper_versions(self, storage: Any, audit: str, n: int) -> list[str]:
         """The helper versions an audit of this family learns from (its `n` reference CLIPs, or its newest
-        shadow captioner of each dataset, arch and seed)."""
-        if self.helper_role == "reference":  # and those trained with a defense, for its adaptive attacker
-            defended = storage.read("SELECT model_version FROM models WHERE audit = ? AND role = 'defended_reference' "
-                                    "ORDER BY model_version", [audit])["model_version"].to_list()  # fmt: skip
+        shadow captioner of each dataset, arch and seed), and those trained with a defense, for its adaptive
+        attacker."""
+        defended = storage.read("SELECT model_version FROM models WHERE audit = ? AND role = ? ORDER BY model_version",
+                                [audit, self.defended_helper_role])["model_version"].to_list()  # fmt: skip
+        if self.helper_role == "reference":
             return (storage.reference_versions(audit, n) if n else []) + defended
-        return [m["model_version"] for m in storage.shadow_models(audit)]
+        return [m["model_version"] for m in storage.shadow_models(audit)] + defended
 
     def audit_assets(self, planned: list[str] | None = None, labelled: bool = True) -> list[str]:
         """What one audited version materializes: its signals, the assets of the `planned` attacks (None: a
@@ -160,6 +167,11 @@ FAMILIES: dict[str, Family] = {
         recognize=_captioner_checkpoint,
     ),
 }  # fmt: skip
+
+
+SHADOW_ROLES = ("shadow", "defended_shadow")
+"""The roles of shadow captioners (`Family.defended_helper_role`: the adaptive attacker's ones): models with
+`shadow_records`, queried on their own known members and non-members."""
 
 
 def describe_checkpoint(folder: Path) -> WatchedCheckpoint:

@@ -128,6 +128,17 @@ def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFr
     }
 
 
+def adaptive_helper_jobs(family: Any, settings: Any, population: pl.DataFrame) -> list[TrainJob]:
+    """The undefended helpers of `family` (a `Family`) that an adaptive attacker retrains with a defended
+    version's defense (Tramer et al. 2020; Aerni et al., CCS 2024), as jobs of the undefended plan: every
+    reference CLIP; the shadow captioners of the unrestricted scenario (the target's dataset, `population`, and
+    arch: the scenario whose scores the audit reports)."""
+    if family.helper_role == "reference":
+        return reference_jobs(settings, population)
+    arch = family.base_spec(settings).arch
+    return [job for job in shadow_jobs(settings, [population]) if job.spec.arch == arch]
+
+
 def validation_sample(settings: Any, population: pl.DataFrame) -> pl.DataFrame:
     """The population records early stopping validates on (never a candidate)."""
     return seeded_sample(population, settings.n_validation, settings.seed + seed_offset("validation"))

@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS models (
     model_version  VARCHAR PRIMARY KEY, -- family + first 12 hex digits of the checkpoint sha256
     family         VARCHAR NOT NULL,    -- clip | captioner
     arch           VARCHAR NOT NULL,
-    role           VARCHAR NOT NULL,    -- target | null_control | reference | shadow | defended | defended_reference
+    role           VARCHAR NOT NULL,    -- target | null_control | reference | shadow | defended | defended_reference | defended_shadow
     audit          VARCHAR NOT NULL,
     checkpoint_uri VARCHAR NOT NULL,
     sha256         VARCHAR NOT NULL,

@@ -73,6 +73,7 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
 
     from m4i_assets.defs.automation import audit_selection
     from m4i_assets.defs.definitions import build_assets, build_resources
+    from m4i_assets.families import FAMILIES
     from m4i_assets.settings import PROFILES, AuditSettings
 
     settings = AuditSettings(**{**PROFILES["tiny"], f"{family}_defenses": defenses})
@@ -84,8 +85,10 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
         kwargs = {"resources": resources, "instance": instance}
         assert materialize(assets, selection=[f"defended_{family}s"], **kwargs).success
         storage = resources["storage"]
-        for ref in storage.read("SELECT model_version FROM models WHERE role = 'defended_reference'")["model_version"]:
-            assert materialize(assets, selection=["model_checkpoint", "embeddings"], partition_key=ref, **kwargs).success
+        helpers = FAMILIES[family]  # the helpers trained with a defense, for its adaptive attacker
+        for ref in storage.read("SELECT model_version FROM models WHERE role = ?",
+                                [helpers.defended_helper_role])["model_version"]:  # fmt: skip
+            assert materialize(assets, selection=list(helpers.helper_signals), partition_key=ref, **kwargs).success
         versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
         for version in versions["model_version"]:
             assert materialize(assets, selection=audit_selection(family, None), partition_key=version, **kwargs).success

@@ -138,3 +138,47 @@ def test_empirical_epsilon_picks_the_strongest_attack_on_the_selection_half():
     bound = empirical_epsilon(labels, scores, delta=1e-5)
     assert bound.attack == "leaky" and 0 < bound.epsilon_lb < gaussian_epsilon(2.5, 1e-5)
     assert empirical_epsilon(labels, scores["leaky"], delta=1e-5).attack is None
+
+
+def test_k_query_caption_metrics_recover_the_auc_sampled_decoding_hides():
+    """A synthetic captioner whose per-word confidence in the reference is higher for members: greedy captions
+    separate members, one sampled caption per image (the release's draws keyed on the image's bytes) hides
+    much of it, and the caption metrics averaged over 16 re-encoded queries bring most of it back."""
+    import torch
+
+    from m4i_assets.attacks.adaptive import average_over_queries
+    from m4i_assets.defenses.release import Release
+    from m4i_assets.metrics.captions import caption_metric_features
+    from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K, sample_next_token
+
+    rng = np.random.default_rng(7)
+    n, length, vocab = 300, 8, 40
+    labels = np.r_[np.ones(n // 2, bool), np.zeros(n // 2, bool)]
+    words = [f"w{j}" for j in range(vocab)]
+    truth = rng.integers(1, vocab, (n, length))  # word 0 is the distractor every image may be captioned with
+    confidence = np.where(labels, 0.5, 0.0)[:, None] + rng.normal(0, 0.6, (n, length))  # reference over distractor
+    logits = np.zeros((n, length, vocab))
+    logits[:, :, 0] = 2.0
+    np.put_along_axis(logits, truth[:, :, None], (2.0 + confidence)[:, :, None], axis=2)
+    references = [[" ".join(words[j] for j in row)] for row in truth]
+
+    def captions(temperature: float, draws: np.ndarray) -> list[str]:
+        steps = [sample_next_token(torch.tensor(logits[:, t]), temperature, SAMPLED_DECODING_TOP_K,
+                                   torch.tensor(draws[:, t])) for t in range(length)]  # fmt: skip
+        return [" ".join(words[int(s[i])] for s in steps) for i in range(n)]
+
+    def auc(per_query: list[list[str]]) -> float:
+        features = average_over_queries([caption_metric_features(c, references, ("bleu1",)) for c in per_query])
+        return roc_auc(labels, features[:, 0])
+
+    release = Release("sampled_decoding", 1.0, seed=5)
+    keys = [[query_key(f"image-{i}#{j}") for i in range(n)] for j in range(16)]  # 16 encodings of each image
+    greedy = auc([captions(0.0, np.zeros((n, length)))])
+    naive = auc([captions(1.0, release.decoding_draws(keys[0], length))])
+    adaptive = auc([captions(1.0, release.decoding_draws(k, length)) for k in keys])
+    assert greedy > 0.75
+    assert naive - 0.5 < 0.8 * (greedy - 0.5)
+    assert adaptive > naive + 0.05 and adaptive - 0.5 > 0.9 * (greedy - 0.5)
+    # asking the same image again gets the same caption: repeating a query gains nothing
+    again = release.decoding_draws(list(keys[0]), length)
+    assert captions(1.0, again) == captions(1.0, release.decoding_draws(keys[0], length))

@@ -277,3 +277,24 @@ def test_a_checkpoint_dropped_under_an_audit_folder_is_a_target_of_that_audit(tm
     selected = {k.to_user_string() for k in by_audit["acme"].asset_selection}
     assert "ref_calibrated_scores" not in selected and {"csa_scores", "attack_metrics"} <= selected
     assert set(json.loads(result.cursor)) == {"acme/v2", "plain"}
+
+
+def test_rematerializing_the_plan_keeps_the_skips_of_defended_versions(tmp_path):
+    """`audit_plan` replaces the audit-wide rows only: the per-version skips a defended release adds
+    (`plan_release_skips`) survive it, and re-planning a version replaces that version's rows only."""
+    from m4i_assets.defs.assets.audits import replace_plan_rows
+    from m4i_assets.defs.resources import Storage
+
+    storage = Storage(home=str(tmp_path))
+    plan = pl.DataFrame({"attack": ["csa", "wsa"], "status": ["run", "run"], "reason": [None, None],
+                         "kind": ["labelled"] * 2}, schema_overrides={"reason": pl.Utf8})  # fmt: skip
+    skip = pl.DataFrame({"attack": ["wsa"], "status": ["skipped"], "reason": ["needs embeddings"],
+                         "model_version": ["v+round"], "kind": ["labelled"]})  # fmt: skip
+    replace_plan_rows(storage, "acme", plan, [""])
+    replace_plan_rows(storage, "acme", skip, ["v+round"])
+    replace_plan_rows(storage, "acme", plan.head(1), [""])  # the plan re-materialized, now with one attack
+    replace_plan_rows(storage, "other", plan, [""])
+    rows = storage.read("SELECT attack, status, model_version FROM audit_plan WHERE audit = 'acme' ORDER BY ALL")
+    assert rows.rows() == [("csa", "run", ""), ("wsa", "skipped", "v+round")]
+    replace_plan_rows(storage, "acme", skip.head(0), ["v+round"])
+    assert storage.read("SELECT count(*) AS n FROM audit_plan WHERE audit = 'acme'")["n"][0] == 1

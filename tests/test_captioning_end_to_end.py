@@ -111,31 +111,65 @@ def test_demo_prints_the_scenario_table_and_mlflow_has_it(demo_home, db):
 
 def test_defended_captioners_are_audited_and_set_against_utility(demo_home):
     """A DP-SGD retraining and a sampled-decoding release of the captioner target, judged by m4i_mb and
-    m4i_fb, with BLEU-4 / ROUGE-L / CIDEr on the non-members, in the privacy-utility table."""
+    m4i_fb (and, where the release gives likelihoods, the loss attacks), with BLEU-4 / ROUGE-L / CIDEr on the
+    non-members, in the privacy-utility table; the sampled release's k-query attacker as a row of its own."""
     home = demo_home[0]
     defended, evaluation = defend_in_process(home, "captioner", {"dp_sgd": [1.0], "sampled_decoding": [1.0]})
     db = next(read_only(home))
     try:
         (target,) = db.execute("SELECT model_version FROM models WHERE role = 'target'").fetchone()
         rows = db.execute("SELECT model_version, defense, defense_facts FROM models WHERE role = 'defended' "
-                          "ORDER BY defense").fetchall()  # fmt: skip
-        assert [r[1] for r in rows] == ["dp_sgd", "sampled_decoding"] and sorted(defended) == sorted(r[0] for r in rows)
+                          "ORDER BY defense, model_version").fetchall()  # fmt: skip
+        assert [r[1] for r in rows] == ["dp_sgd", "dp_sgd", "sampled_decoding", "sampled_decoding"]
+        assert sorted(defended) == sorted(r[0] for r in rows)
         assert 0 < json.loads(rows[0][2])["dp"]["epsilon"] < float("inf")
+        # DP-SGD's adaptive attacker: the same checkpoint, its shadows trained with DP-SGD at the same noise
+        twin = json.loads(rows[1][2])
+        assert rows[1][0] == rows[0][0] + "+adaptive" and twin["naive_version"] == rows[0][0]
+        shadows = db.execute("SELECT model_version, defense, defense_strength, arch FROM models WHERE role = "
+                             "'defended_shadow' ORDER BY 1").fetchall()  # fmt: skip
+        assert [s[0] for s in shadows] == twin["references"]
+        assert {s[1:] for s in shadows} == {("dp_sgd", 1.0, "cnn-lstm")}
+        used = db.execute("SELECT DISTINCT shadow_version FROM m4i_scenario_scores WHERE model_version = ? AND "
+                          "shadow_version <> 'none'", [rows[1][0]]).fetchall()  # fmt: skip
+        assert sorted(u[0] for u in used) == twin["references"]
+        naive_mb, adaptive_mb = (db.execute("SELECT score FROM membership_scores WHERE model_version = ? AND attack = "
+                                            "'m4i_loss_ref' ORDER BY record_id", [v]).pl()["score"].to_numpy()
+                                 for v in (rows[0][0], rows[1][0]))  # fmt: skip
+        assert not np.allclose(naive_mb, adaptive_mb)  # calibrated by the DP shadow, not the undefended ones
+        rows = [rows[0], *rows[2:]]
+        naive, adaptive = rows[1][0], rows[2][0]
+        assert json.loads(rows[2][2])["naive_version"] == naive and adaptive.endswith("+k=2")
         sampled, greedy = (db.execute("SELECT generated_caption FROM generated_captions WHERE model_version = ? "
-                                      "ORDER BY record_id", [v]).fetchall() for v in (rows[1][0], target))  # fmt: skip
+                                      "ORDER BY record_id", [v]).fetchall() for v in (naive, target))  # fmt: skip
         assert len(sampled) == len(greedy) and sampled != greedy
+        # the k-query attacker's first query is the naive one (same bytes, same draws), its second another encoding
+        queried = db.execute("SELECT generated_caption, query_captions FROM generated_captions WHERE model_version = ? "
+                             "ORDER BY record_id", [adaptive]).fetchall()  # fmt: skip
+        assert [(c,) for c, _ in queried] == sampled and all(len(q) == 2 and q[0] == c for c, q in queried)
+        assert any(q[0] != q[1] for _, q in queried)
         table = db.execute("SELECT DISTINCT defense, attack, utility_metric FROM defense_evaluations").fetchall()
-        assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd", "sampled_decoding")
-                                                 for a in ("m4i_mb", "m4i_fb", "m4i_loss", "m4i_loss_ref")}  # fmt: skip
+        assert {(r[0], r[1]) for r in table} == {(d, a) for d in ("none", "dp_sgd")
+                                                 for a in ("m4i_mb", "m4i_fb", "m4i_loss", "m4i_loss_ref")} | {
+            ("sampled_decoding", a) for a in ("m4i_mb", "m4i_fb")}  # fmt: skip
+        # the loss attacks need likelihoods, which a captions-only release does not give: skipped, with the reason
+        for version in (naive, adaptive):
+            plan = db.execute("SELECT attack, status, reason FROM audit_plan WHERE model_version = ? ORDER BY 1",
+                              [version]).fetchall()  # fmt: skip
+            assert [(a, s) for a, s, _ in plan] == [("m4i_loss", "skipped"), ("m4i_loss_ref", "skipped")]
+            assert all("needs likelihoods" in why for _, _, why in plan)
         assert {r[2] for r in table} == {"cider"}
         metrics = {
             m for (m,) in db.execute("SELECT metric FROM model_utility WHERE model_version = ?", [target]).fetchall()
         }
         assert metrics == {"bleu4", "rougeL", "cider"}
-        judged = db.execute("SELECT DISTINCT defense, epsilon_is_guarantee, epsilon_lb, utility_chance "
-                            "FROM defense_evaluations ORDER BY defense").fetchall()  # fmt: skip
-        assert [(r[0], r[1]) for r in judged] == [("dp_sgd", True), ("none", None), ("sampled_decoding", None)]
-        assert all(r[2] is not None and r[2] >= 0 and r[3] is not None and r[3] >= 0 for r in judged)
+        judged = db.execute("SELECT DISTINCT defense, attacker, epsilon_is_guarantee, epsilon_lb, utility_chance "
+                            "FROM defense_evaluations ORDER BY defense, attacker").fetchall()  # fmt: skip
+        assert [(r[0], r[1], r[2]) for r in judged] == [("dp_sgd", "adaptive", True), ("dp_sgd", "naive", True),
+                                                        ("none", "naive", None),
+                                                        ("sampled_decoding", "adaptive", None),
+                                                        ("sampled_decoding", "naive", None)]  # fmt: skip
+        assert all(r[3] is not None and r[3] >= 0 and r[4] is not None and r[4] >= 0 for r in judged)
     finally:
         db.close()
     (check,) = evaluation.get_asset_check_evaluations()

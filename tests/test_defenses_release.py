@@ -112,58 +112,84 @@ def _logits() -> torch.Tensor:
     return torch.tensor([[0.1, 2.0, -1.0, 1.5, 0.0], [3.0, 0.0, 0.5, 2.9, -2.0]])
 
 
+def _draws(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
 def test_temperature_zero_and_top_one_are_greedy():
     argmax = torch.tensor([1, 0])
     for temperature, top_k in ((0.0, 10), (-1.0, 3), (5.0, 1)):
-        got = sample_next_token(_logits(), temperature, top_k, torch.Generator().manual_seed(0))
+        got = sample_next_token(_logits(), temperature, top_k, _draws(2, 0))
         assert got.dtype == torch.int64
         assert torch.equal(got, argmax)
 
 
-def test_seeded_generator_gives_reproducible_samples():
+def test_each_rows_token_depends_on_its_own_draw_only():
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
-    a = sample_next_token(logits, 1.0, 10, torch.Generator().manual_seed(42))
-    b = sample_next_token(logits, 1.0, 10, torch.Generator().manual_seed(42))
-    c = sample_next_token(logits, 1.0, 10, torch.Generator().manual_seed(43))
+    draws = _draws(64, 42)
+    a = sample_next_token(logits, 1.0, 10, draws)
     assert a.shape == (64,)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert torch.equal(a, sample_next_token(logits, 1.0, 10, draws.clone()))
+    assert not torch.equal(a, sample_next_token(logits, 1.0, 10, _draws(64, 43)))
+    # the first 8 rows alone (another batch) sample the same tokens
+    assert torch.equal(a[:8], sample_next_token(logits[:8], 1.0, 10, draws[:8]))
+    with pytest.raises(ValueError, match="one draw per row"):
+        sample_next_token(logits, 1.0, 10, draws[:3])
 
 
 def test_high_temperature_spreads_over_the_top_k_only():
     logits = torch.tensor([[5.0, 4.0, 3.0, -1.0, -2.0, 0.0]]).repeat(3000, 1)
-    got = sample_next_token(logits, 100.0, 3, torch.Generator().manual_seed(0))
+    got = sample_next_token(logits, 100.0, 3, _draws(3000, 0))
     counts = torch.bincount(got, minlength=6)
     assert counts[3:].sum() == 0  # never outside the top 3
     assert (counts[:3] > 850).all()  # nearly uniform over the top 3 (expected about 1000 each)
     # Top-k larger than the vocabulary: the whole vocabulary.
-    wide = sample_next_token(logits, 100.0, 50, torch.Generator().manual_seed(0))
+    wide = sample_next_token(logits, 100.0, 50, _draws(3000, 0))
     assert (torch.bincount(wide, minlength=6) > 0).all()
 
 
 def test_low_temperature_concentrates_on_the_argmax():
     logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(500, 1)
-    got = sample_next_token(logits, 0.05, 3, torch.Generator().manual_seed(0))
+    got = sample_next_token(logits, 0.05, 3, _draws(500, 0))
     assert (got == 0).all()
 
 
 def test_sample_next_token_rejects_bad_input():
     with pytest.raises(ValueError):
-        sample_next_token(torch.zeros(5), 1.0, 3, torch.Generator())
+        sample_next_token(torch.zeros(5), 1.0, 3, _draws(5, 0))
     with pytest.raises(ValueError):
-        sample_next_token(torch.zeros(2, 5), 1.0, 0, torch.Generator())
+        sample_next_token(torch.zeros(2, 5), 1.0, 0, _draws(2, 0))
 
 
 def test_each_release_defense_names_the_interface_it_perturbs_and_what_it_rules_out():
-    from m4i_assets.defenses.release import DEFAULT_INTERFACE, attack_skip_reason
+    from m4i_assets.defenses.release import DEFAULT_INTERFACE, attack_skip_reason, family_attacks_needing
 
     assert {d: r.interface for d, r in RELEASE_DEFENSES.items()} == {
         "embedding_noise": "embeddings", "similarity_rounding": "similarities", "sampled_decoding": "captions"
     }  # fmt: skip
-    assert DEFAULT_INTERFACE == {"clip": "embeddings", "captioner": "captions"}
+    assert DEFAULT_INTERFACE == {"clip": "embeddings", "captioner": "likelihoods"}
     assert attack_skip_reason("wsa", "embeddings") is None
     assert "needs embeddings" in attack_skip_reason("wsa", "similarities")
     assert attack_skip_reason("csa", "similarities") is None
+    # the loss attacks read the captioner's likelihoods: a white-box captioner gives them, sampled captions do not
+    for attack in ("m4i_loss", "m4i_loss_ref"):
+        assert attack_skip_reason(attack, "likelihoods") is None
+        assert "needs likelihoods" in attack_skip_reason(attack, "captions")
+    assert attack_skip_reason("m4i_mb", "captions") is None
+    assert family_attacks_needing("clip") == ["wsa"]
+    assert family_attacks_needing("captioner") == ["m4i_loss", "m4i_loss_ref"]
+
+
+def test_sampled_decoding_draws_are_keyed_on_the_query():
+    """The same image bytes always get the same draws (asking again gains nothing), another encoding others."""
+    from m4i_assets.defenses.release import Release
+
+    release = Release("sampled_decoding", 1.0, seed=3)
+    a = release.decoding_draws(["k1", "k2"], 7)
+    assert a.shape == (2, 7) and ((a >= 0) & (a < 1)).all()
+    assert np.array_equal(a[1], release.decoding_draws(["k2"], 7)[0])  # not the position: the key
+    assert not np.array_equal(a[0], a[1])
+    assert not np.array_equal(a, Release("sampled_decoding", 1.0, seed=4).decoding_draws(["k1", "k2"], 7))
 
 
 def test_the_adaptive_attackers_variant_queries_average_the_noise_away():

@@ -135,3 +135,16 @@ def test_worst_attack_on_held_out_halves_is_not_biased_upward_by_the_pick():
     strong = {"weak": rng.standard_normal(400), "strong": rng.standard_normal(400) + 2 * labels}
     picked = worst_attack_heldout(labels, strong, roc_auc)
     assert picked["attack_first_half"] == picked["attack_second_half"] == "strong" and picked["value"] > 0.9
+
+
+def test_a_point_without_a_privacy_figure_is_left_out_of_the_plot():
+    """A version only shadow-trained classifiers attack (no known non-member scores, below 1000 non-members: e.g.
+    a sampled-decoding captioner, whose loss attacks its captions-only release rules out) has no privacy read:
+    the table shows it blank, the plot leaves it out."""
+    models, metrics, utility = _tables()
+    metrics = metrics.with_columns(
+        known_threshold_tpr_1pct=pl.when(pl.col("model_version") == "noise").then(None)
+        .otherwise(pl.col("known_threshold_tpr_1pct")))  # fmt: skip
+    rows = defense_rows(models, metrics, utility, family="clip")
+    assert dict(zip(curve_points(rows)["model_version"], curve_points(rows)["tpr"]))["noise"] is None
+    assert privacy_utility_png(rows, "clip").startswith(b"\x89PNG")

@@ -252,3 +252,22 @@ def test_chance_levels():
     assert set(chance) == {"bleu4", "rougeL", "cider"} and all(0 <= v < 0.5 for v in chance.values())
     with pytest.raises(ValueError):
         caption_chance(refs[:1])
+
+
+def test_retrieval_and_zero_shot_read_the_released_similarities():
+    """Utility at the release's interface: rounding every similarity to 0 decimals ties nearly everything, and
+    ties count against the query, so the rounded release's recall and accuracy fall where the cosines' do not."""
+    rng = np.random.default_rng(4)
+    img = rng.standard_normal((60, 16))
+    txt = img + 0.3 * rng.standard_normal((60, 16))
+    coarse = lambda sim: np.round(sim, 0)  # noqa: E731
+    exact = retrieval_recall(img, txt, ks=(1,))
+    assert exact["i2t_recall@1"] > 0.9
+    assert retrieval_recall(img, txt, ks=(1,), released=lambda sim: sim) == exact
+    rounded = retrieval_recall(img, txt, ks=(1,), released=coarse)
+    assert rounded["i2t_recall@1"] < 0.5 and rounded["t2i_recall@1"] < 0.5
+    classes = img[0] + 0.2 * rng.standard_normal((3, 16))  # three close classes: every cosine rounds to 1
+    labels = [0, 1, 2] * 20
+    queries = classes[labels] + 0.02 * rng.standard_normal((60, 16))
+    assert zero_shot_accuracy(queries, classes, labels) > 0.9
+    assert zero_shot_accuracy(queries, classes, labels, released=coarse) < 0.5

@@ -91,3 +91,24 @@ def caption_variant_keys(captions: Sequence[str], queries: int) -> list[list[str
     if queries <= 1:
         return []
     return _by_query([[query_key(v) for v in caption_variants(c, queries)[1:]] for c in captions])
+
+
+def image_query_keys(image_uris: Sequence[str], queries: int) -> list[list[str]]:
+    """Every query an attacker sends of each image, as a release keyed on content sees it: `queries` lists (the
+    original bytes' sha256 first, then `image_variant_keys`) of one key per image."""
+    from m4i_assets.data.images import read_image_bytes
+
+    return [[query_key(read_image_bytes(u)) for u in image_uris], *image_variant_keys(image_uris, queries)]
+
+
+def average_over_queries(per_query: Sequence[np.ndarray]) -> np.ndarray:
+    """The k-query attacker's features of a sampled-decoding release (Tramer et al. 2020 against randomized
+    outputs): the mean over the k queries of each record's features (an (n, m) array per query, e.g. the caption
+    metrics of the caption released for that query, M^4I's MB features, Hu et al. 2022 section 3.2), which
+    estimates the features' expectation under the sampling instead of one draw of them."""
+    if not per_query:
+        raise ValueError("need the features of at least one query")
+    shapes = {np.shape(f) for f in per_query}
+    if len(shapes) != 1:
+        raise ValueError(f"every query's features need one shape, got {sorted(shapes)}")
+    return np.mean(np.stack([np.asarray(f, dtype=np.float64) for f in per_query]), axis=0)

@@ -24,18 +24,35 @@ import numpy as np
 
 from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K
 
-Interface = Literal["embeddings", "similarities", "captions"]
+Interface = Literal["embeddings", "similarities", "likelihoods", "captions"]
 INTERFACES: dict[str, str] = {
     "embeddings": "the L2-normalised image and text embeddings of any query (and so every similarity)",
     "similarities": "only the image-text similarity score of a queried (image, caption) pair",
+    "likelihoods": "the generated caption of a queried image and the model's likelihood of any (image, caption) "
+    "pair (white box)",
     "captions": "only the generated caption of a queried image (black box, Hu et al. 2022 section 3)",
 }
-"""What an attacker can query of a model version, from most to least: the defense applies at this interface."""
-DEFAULT_INTERFACE: dict[str, Interface] = {"clip": "embeddings", "captioner": "captions"}
-ATTACK_NEEDS: dict[str, Interface] = {"wsa": "embeddings"}
-"""Attacks that need more than similarities: WSA's MLP reads the embeddings themselves (Ko et al. 2023, 3.4).
-Every other CLIP attack needs similarity scores of chosen pairs only (AEA's augmented queries, clip_loss's
-negatives and the calibrated attacks' references included), and the captioner attacks need captions."""
+"""What an attacker can query of a model version, from most to least within a family: the defense applies at
+this interface."""
+PROVIDES: dict[Interface, frozenset[str]] = {
+    "embeddings": frozenset({"embeddings", "similarities"}),
+    "similarities": frozenset({"similarities"}),
+    "likelihoods": frozenset({"likelihoods", "captions"}),
+    "captions": frozenset({"captions"}),
+}
+"""What each interface gives an attacker: itself and every interface below it."""
+DEFAULT_INTERFACE: dict[str, Interface] = {"clip": "embeddings", "captioner": "likelihoods"}
+ATTACK_NEEDS: dict[str, Interface] = {"wsa": "embeddings", "m4i_loss": "likelihoods", "m4i_loss_ref": "likelihoods"}
+"""Attacks that need more than the narrowest interface of their family: WSA's MLP reads the embeddings
+themselves (Ko et al. 2023, 3.4); the loss attacks read the captioner's likelihood of the reference caption
+(`attacks.caption_loss`), which a captions-only release (sampled decoding) does not give. Every other CLIP
+attack needs similarity scores of chosen pairs only (AEA's augmented queries, clip_loss's negatives and the
+calibrated attacks' references included), and the M^4I attacks need captions."""
+
+
+def family_attacks_needing(family: str) -> list[str]:
+    """The attacks of `ATTACK_NEEDS` that apply to a family (its default interface gives what they need)."""
+    return [a for a, needs in ATTACK_NEEDS.items() if needs in PROVIDES[DEFAULT_INTERFACE[family]]]
 
 
 def interface_of(family: str, defense: str | None) -> Interface:
@@ -49,7 +66,7 @@ def interface_of(family: str, defense: str | None) -> Interface:
 def attack_skip_reason(attack: str, interface: Interface) -> str | None:
     """Why an attack cannot run against a release of `interface` (None when it can)."""
     needs = ATTACK_NEEDS.get(attack)
-    if needs is None or interface == needs:
+    if needs is None or needs in PROVIDES[interface]:
         return None
     return f"{attack} needs {needs} ({INTERFACES[needs]}); this version releases {interface} only"
 
@@ -213,6 +230,14 @@ class Release:
         if self.defense != "similarity_rounding":
             return sim
         return round_similarities(sim, int(self.strength))
+
+    def decoding_draws(self, keys: Sequence[str], steps: int) -> np.ndarray:
+        """The draws of sampled decoding, (len(keys), steps) in [0, 1): query i's from its own generator seeded by
+        (seed, sha256 of keys[i]), keys being the content hashes of the queried images
+        (`attacks.adaptive.query_key`), so asking the same image again gets the same caption, and a re-encoded
+        image another one (the adaptive attacker's k queries, `attacks.adaptive.average_caption_metrics`)."""
+        return np.stack([_key_rng(self.seed, f"caption:{k}").random(steps) for k in keys]) if len(keys) else (
+            np.zeros((0, steps)))  # fmt: skip
 
     @property
     def temperature(self) -> float:

@@ -15,6 +15,7 @@ import duckdb
 import polars as pl
 from dagster import ConfigurableResource, InitResourceContext
 
+from m4i_assets.families import SHADOW_ROLES
 from m4i_assets.models.checkpoints import model_version_for
 from m4i_assets.storage.warehouse import Warehouse, file_lock
 
@@ -149,7 +150,7 @@ class Storage(ConfigurableResource):
         """The records a captioner is queried on, with ground truth: a shadow model's known members and
         non-members (`shadow_records`), else the audit's candidates."""
         info = self.model_info(model_version)
-        if info["role"] != "shadow":
+        if info["role"] not in SHADOW_ROLES:
             return self.audit_records(info["audit"], ("member", "nonmember", "candidate"))
         return self.read(
             """SELECT s.record_id, r.dataset, r.image_uri, r.caption, s.is_member FROM shadow_records s
@@ -167,15 +168,17 @@ class Storage(ConfigurableResource):
             [audit, role, family, n],
         )["model_version"].to_list()
 
-    def shadow_models(self, audit: str) -> list[dict[str, Any]]:
+    def shadow_models(self, audit: str, versions: list[str] | None = None) -> list[dict[str, Any]]:
         """The newest shadow captioner of each (training dataset, architecture, training seed) in an audit,
-        with its seed as `train_seed`."""
+        with its seed as `train_seed`; with `versions`, of those versions (e.g. the shadows an adaptive
+        attacker trained with a defense, role `defended_shadow`) instead of the undefended shadows."""
         return self.read(
             """SELECT DISTINCT ON (train_dataset, arch, train_seed) * FROM
                    (SELECT *, CAST(json_extract(train_config, '$.seed') AS INTEGER) AS train_seed FROM models
-                    WHERE audit = ? AND role = 'shadow' AND family = 'captioner')
+                    WHERE audit = ? AND family = 'captioner'
+                      AND (role = 'shadow' AND ? IS NULL OR list_contains(coalesce(?, []), model_version)))
                ORDER BY train_dataset, arch, train_seed, created_at DESC""",
-            [audit],
+            [audit, versions, versions],
         ).to_dicts()
 
     def reference_versions(self, audit: str, n: int) -> list[str]:

@@ -160,7 +160,7 @@ def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = curve_points(rows)
+    points = curve_points(rows).drop_nulls(["utility", "tpr"])  # a point without a privacy figure is not drawn
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for (defense,), group in points.group_by(["defense"], maintain_order=True):
         if defense == UNDEFENDED:
@@ -267,6 +267,18 @@ def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
         return None
     best = min(at, key=at.get)
     return {"defense": best, "utility": utility, "tpr": at[best]}
+
+
+def best_at_matched_utility(points: pl.DataFrame) -> dict[str, dict | None]:
+    """`best_at_utility` at 90% of the undefended target's utility and at 90% of the augmentation-defended
+    (well-regularised) version's, so "within 10%" is not relative to an overfit target only."""
+    reference = points.filter(pl.col("defense") == UNDEFENDED)["utility"][0]
+    regularised = points.filter(pl.col("defense") == REGULARISED)["utility"].max()
+    return {
+        "at 90% of the undefended target's utility": best_at_utility(points, 0.9 * reference),
+        "at 90% of the regularised (augmentation) version's": (
+            best_at_utility(points, 0.9 * regularised) if regularised else None),
+    }  # fmt: skip
 
 
 def worst_attack_heldout(

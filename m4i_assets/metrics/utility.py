@@ -13,7 +13,7 @@ than a lucky recall.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -44,8 +44,13 @@ def retrieval_recall(
     text_emb: np.ndarray,
     ks: Sequence[int] = (1, 5, 10),
     groups: Sequence[str] | None = None,
+    released: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Image-to-text and text-to-image retrieval recall@k over held-out matched pairs (Radford et al. 2021).
+
+    `released` maps a block of cosine similarities to what the model releases (elementwise, e.g.
+    `Release.similarities`, which rounds them under similarity rounding), so utility is measured at the
+    release's interface; None: the cosines themselves.
 
     Row i of `image_emb` and row i of `text_emb` are a matched pair; similarity is the cosine (rows
     are L2-normalised here). Returns `i2t_recall@k` then `t2i_recall@k` for every k in `ks`.
@@ -73,6 +78,7 @@ def retrieval_recall(
     ks = tuple(ks)
     if not ks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
         raise ValueError(f"ks must be integers >= 1, got {ks}")
+    release = released or (lambda sim: sim)
     n = img.shape[0]
     code = _group_codes(groups, n)
     n_groups = int(code.max()) + 1
@@ -85,12 +91,12 @@ def retrieval_recall(
     for lo in range(0, n, _CHUNK):
         rows = np.arange(lo, min(lo + _CHUNK, n))
         q_code = code[rows]
-        sim = img[rows] @ txt.T
+        sim = release(img[rows] @ txt.T)
         same = code[None, :] == q_code[:, None]
         best = np.where(same, sim, -np.inf).max(axis=1)
         i2t_wrong[rows] = ((sim >= best[:, None]) & ~same).sum(axis=1)
 
-        group_sim = np.maximum.reduceat((txt[rows] @ img.T)[:, order], starts, axis=1)  # (q, n_groups)
+        group_sim = np.maximum.reduceat(release(txt[rows] @ img.T)[:, order], starts, axis=1)  # (q, n_groups)
         own = group_sim[np.arange(len(rows)), q_code]
         t2i_wrong[rows] = (group_sim >= own[:, None]).sum(axis=1) - 1
 
@@ -104,7 +110,10 @@ def retrieval_recall(
     return out
 
 
-def zero_shot_accuracy(image_emb: np.ndarray, class_text_emb: np.ndarray, labels: Sequence[int | None]) -> float:
+def zero_shot_accuracy(
+    image_emb: np.ndarray, class_text_emb: np.ndarray, labels: Sequence[int | None],
+    released: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> float:  # fmt: skip
     """Zero-shot classification accuracy (Radford et al. 2021, section 3.1.4, with prompt ensembling).
 
     Image i is predicted as argmax_j cos(image_i, class_j). `class_text_emb` is (n_classes, d), one
@@ -112,7 +121,8 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_text_emb: np.ndarray, labels
     the class embedding is their mean, re-normalised (CLIP's embedding-space ensembling). `labels[i]`
     is image i's class index; images labelled None are left out. Pessimistic ties: an image is correct
     only when its class scores strictly above every other class. Raises ValueError when no image is
-    labelled or a label is out of range.
+    labelled or a label is out of range. `released`: as for `retrieval_recall` (the image-class similarities
+    the model releases).
     """
     img = _normalise(image_emb)
     cls = np.asarray(class_text_emb, dtype=np.float64)
@@ -134,6 +144,8 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_text_emb: np.ndarray, labels
     if y.min() < 0 or y.max() >= cls.shape[0]:
         raise ValueError(f"labels must be class indices in [0, {cls.shape[0]})")
     scores = img[kept] @ cls.T
+    if released is not None:
+        scores = np.array(released(scores), dtype=np.float64)
     rows = np.arange(kept.size)
     own = scores[rows, y].copy()
     scores[rows, y] = -np.inf

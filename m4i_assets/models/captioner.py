@@ -135,14 +135,14 @@ class CaptionerSpec(TrainingDefense):
         return norm
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
     """One step of sampled decoding for captioners (temperature and top-k sampling; Fan et al. 2018).
 
-    `logits` is (batch, vocab). Returns int64 token ids (batch,): each row samples from
-    softmax(logits / temperature) restricted to its `top_k` largest logits (`top_k` larger than the
-    vocabulary means all of it). `temperature <= 0` or `top_k == 1` is greedy decoding, the argmax
-    (first index on ties), and uses no randomness. Reproducible for the same generator state, device
-    and torch version; `generator` must live on `logits`' device.
+    `logits` is (batch, vocab), `uniforms` (batch,) draws in [0, 1), one per row: row i takes the token where
+    uniforms[i] falls in the cumulative softmax(logits / temperature) over its `top_k` largest logits
+    (inverse-CDF sampling; `top_k` larger than the vocabulary means all of it), so a row's token depends on its
+    own draw only, never on the other rows of the batch. Returns int64 token ids (batch,). `temperature <= 0`
+    or `top_k == 1` is greedy decoding, the argmax (first index on ties), and reads no draw.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
@@ -150,11 +150,19 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, gene
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1)
+    if uniforms.shape != (logits.shape[0],):
+        raise ValueError(f"need one draw per row: uniforms of shape ({logits.shape[0]},), got {tuple(uniforms.shape)}")
     k = min(int(top_k), logits.shape[-1])
     values, indices = torch.topk(logits.float(), k, dim=-1)
-    probs = torch.softmax(values / temperature, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    cdf = torch.softmax(values / temperature, dim=-1).cumsum(-1)
+    choice = (cdf < uniforms.to(cdf)[:, None]).sum(-1, keepdim=True).clamp(max=k - 1)
     return indices.gather(-1, choice).squeeze(-1)
+
+
+def decoding_draws(n: int, steps: int, seed: int) -> np.ndarray:
+    """Row-ordered draws for sampled decoding of `n` captions of up to `steps` tokens, from one seed: for callers
+    that key nothing (a release keys each query's draws on its content, `Release.decoding_draws`)."""
+    return np.random.default_rng(seed).random((n, steps))
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -200,17 +208,19 @@ class CnnLstmCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, max_len: int, temperature: float = 0.0, generator: torch.Generator | None = None
+        self, images: torch.Tensor, max_len: int, temperature: float = 0.0, draws: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Greedy decoding (the paper's; `temperature` 0) or top-k sampled decoding (the `sampled_decoding`
-        defense): ids of shape (batch, max_len + 1), stopping at EOS."""
+        defense, step t of row i reading draws[i, t], `sample_next_token`): ids of shape (batch, max_len + 1),
+        stopping at EOS."""
         f = self.encoder(images)
         state = self._state(f)
         token = torch.full((len(images), 1), BOS, dtype=torch.long, device=images.device)
         out = []
-        for _ in range(max_len + 1):
+        for t in range(max_len + 1):
             step, state = self.lstm(self._inputs(token, f), state)
-            token = sample_next_token(self.out(step)[:, -1], temperature, SAMPLED_DECODING_TOP_K, generator)[:, None]
+            draw = None if draws is None else draws[:, t]
+            token = sample_next_token(self.out(step)[:, -1], temperature, SAMPLED_DECODING_TOP_K, draw)[:, None]
             out.append(token)
         return torch.cat(out, dim=1)
 
@@ -231,18 +241,29 @@ class VisionEncoderDecoderCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, pixels: torch.Tensor, max_len: int, temperature: float = 0.0, generator: torch.Generator | None = None
+        self, pixels: torch.Tensor, max_len: int, temperature: float = 0.0, draws: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Greedy (`temperature` 0) or top-k sampled decoding by `transformers`' `generate`: ids of shape (batch,
-        at most max_len + 2), the start token first. `generate` samples from torch's global generator, so it
-        is seeded from `generator` inside a forked RNG state."""
-        if temperature <= 0:
-            return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=True, num_beams=1,
-                                    temperature=temperature, top_k=SAMPLED_DECODING_TOP_K)  # fmt: skip
+        at most max_len + 2), the start token first. Sampling is `sample_next_token` on each step's logits with
+        row i's draw draws[i, t] (a logits processor that leaves only the sampled token, which greedy search
+        then takes), so both archs sample one way."""
+        processors = transformers.LogitsProcessorList()
+        if temperature > 0:
+            processors.append(_DrawnToken(temperature, draws))
+        return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1,
+                                logits_processor=processors)
+
+
+class _DrawnToken(transformers.LogitsProcessor):
+    """Keeps only the token `sample_next_token` draws at this step (step t: t tokens after the start token)."""
+
+    def __init__(self, temperature: float, draws: torch.Tensor) -> None:
+        self.temperature, self.draws = temperature, draws
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        draw = self.draws[:, input_ids.shape[1] - 1]
+        token = sample_next_token(scores, self.temperature, SAMPLED_DECODING_TOP_K, draw)
+        return torch.full_like(scores, float("-inf")).scatter(1, token[:, None], 0.0)
 
 
 @dataclass
@@ -423,17 +444,30 @@ def generate_captions(
     device: str | None = None,
     temperature: float = 0.0,
     seed: int = 0,
+    draws: np.ndarray | None = None,
 ) -> list[str]:
     """Captions for image files, in order: greedy, or with `temperature` > 0 sampled from the top-k tokens
-    (`sample_next_token`; seeded, so the same inputs, batch size and seed give the same captions)."""
+    (`sample_next_token`), image i's step t reading draws[i, t] (`caption_steps` columns; default: row-ordered
+    draws from `seed`, `decoding_draws`). A caption depends on its image and its draws only, not on the batch."""
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
-    generator = torch.Generator(device=dev).manual_seed(seed)
+    steps = caption_steps(bundle.spec.max_len)
+    if draws is None:
+        draws = decoding_draws(len(image_uris), steps, seed)
+    if draws.shape != (len(image_uris), steps):
+        raise ValueError(f"need ({len(image_uris)}, {steps}) decoding draws, got {draws.shape}")
+    draws_t = torch.as_tensor(draws, dtype=torch.float64, device=dev)
     out: list[str] = []
     for start in range(0, len(image_uris), batch_size):
         pixels = bundle.pixels(image_uris[start : start + batch_size]).to(dev)
-        out += bundle.decode(model.generate(pixels, bundle.spec.max_len, temperature, generator).cpu().tolist())
+        rows = draws_t[start : start + batch_size]
+        out += bundle.decode(model.generate(pixels, bundle.spec.max_len, temperature, rows).cpu().tolist())
     return out
+
+
+def caption_steps(max_len: int) -> int:
+    """Decoding steps of a caption of at most `max_len` words: the words and EOS."""
+    return max_len + 1
 
 
 @torch.no_grad()

@@ -103,15 +103,19 @@ def interface_skip(storage: Storage, model_version: str, attack: str) -> str | N
     return attack_skip_reason(attack, interface_of(info["family"], info.get("defense")))
 
 
-def skipped_scores(storage: Storage, model_version: str, attack: str, reason: str) -> MaterializeResult:
+def skipped_scores(
+    storage: Storage, model_version: str, attack: str, reason: str, asset_key: str | None = None
+) -> MaterializeResult:
     """An attack the version's release rules out: no scores (any earlier ones removed), the candidates-scored
-    check failed at WARN severity with the reason (it does not block the rest of the audit)."""
+    check failed at WARN severity with the reason (it does not block the rest of the audit); `asset_key` as
+    for `write_scores`."""
     for table in ("membership_scores", "known_nonmember_scores"):
         storage.write(table, pl.DataFrame(schema={"record_id": pl.String, "score": pl.Float64}),
                       model_version=model_version, attack=attack)  # fmt: skip
-    check = AssetCheckResult(check_name=SCORES_CHECK, passed=False, severity=AssetCheckSeverity.WARN,
-                             metadata={"skipped": reason})  # fmt: skip
-    return MaterializeResult(check_results=[check], metadata={"dagster/row_count": 0, "skipped": reason})
+    check = AssetCheckResult(asset_key=asset_key, check_name=SCORES_CHECK, passed=False,
+                             severity=AssetCheckSeverity.WARN, metadata={"skipped": reason})  # fmt: skip
+    return MaterializeResult(asset_key=asset_key, check_results=[check],
+                             metadata={"dagster/row_count": 0, "skipped": reason})  # fmt: skip
 
 
 def references_of(storage: Storage, info: dict, n: int) -> list[str]:

@@ -19,6 +19,20 @@ def plan_markdown(plan: list[dict]) -> str:
     return "\n".join(lines + [f"| {r['attack']} | {r['status']} | {r['reason']} |" for r in plan])
 
 
+def replace_plan_rows(storage: Storage, audit: str, frame: pl.DataFrame, versions: list[str]) -> None:
+    """Replace an audit's `audit_plan` rows of `versions` ('' for the audit-wide rows) with `frame` (columns
+    attack, status, reason, kind, and model_version unless only '' is replaced), keeping the rows of every other
+    version: the per-version skips the defended versions' releases add survive the plan's re-materialization."""
+    if "model_version" not in frame.columns:
+        frame = frame.with_columns(model_version=pl.lit(""))
+    kept = storage.read("SELECT attack, status, reason, coalesce(model_version, '') AS model_version, kind "
+                        "FROM audit_plan WHERE audit = ? AND NOT list_contains(?, coalesce(model_version, ''))",
+                        [audit, versions])  # fmt: skip
+    columns = ["attack", "status", "reason", "model_version", "kind"]
+    merged = pl.concat([kept.select(columns), frame.select(columns)], how="vertical_relaxed")
+    storage.write("audit_plan", merged, audit=audit)
+
+
 @asset(group_name="data", deps=[record_roles], kinds={"duckdb", "mlflow"})
 def audit_plan(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking):
     """Every attack of the audit's family: run, or skipped with what the audit lacks (references, labels,
@@ -28,8 +42,7 @@ def audit_plan(context: AssetExecutionContext, settings: AuditSettings, storage:
         raise ValueError(f"audit {settings.audit!r} is not in {settings.audit_registry_path(storage.root)}: a "
                          "controlled audit runs every attack")  # fmt: skip
     plan = audit.plan()
-    frame = pl.DataFrame(plan).with_columns(audit=pl.lit(audit.name), kind=pl.lit(audit.kind))
-    storage.write("audit_plan", frame, audit=audit.name)
+    replace_plan_rows(storage, audit.name, pl.DataFrame(plan).with_columns(kind=pl.lit(audit.kind)), [""])
     run_id = tracking.log_run(
         run_name=f"{audit.name}/audit_plan",
         params={

@@ -23,13 +23,15 @@ from dagster import (
 )
 
 from m4i_assets.attacks import caption_loss, m4i
-from m4i_assets.defs.assets.attacks import SCORES_CHECK, write_scores
+from m4i_assets.attacks.adaptive import average_over_queries, image_query_keys
+from m4i_assets.defs.assets.attacks import SCORES_CHECK, interface_skip, skipped_scores, write_scores
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.evaluation import attack_metrics
 from m4i_assets.defs.assets.models import model_checkpoint, release_of
 from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, load_signal, signal_asset, write_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
+from m4i_assets.families import SHADOW_ROLES
 from m4i_assets.metrics import report
 from m4i_assets.metrics.evaluation import evaluate_scores
 from m4i_assets.settings import AuditSettings
@@ -59,9 +61,17 @@ def generated_captions(
     recs = storage.captioned_records(version)
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
     release = release_of(info, settings.seed)  # sampled decoding, for that release-time defense
-    captions = captioner.generate_captions(bundle, recs["image_uri"].to_list(), settings.caption_batch_size,
-                                           compute.torch_device, release.temperature, settings.seed)  # fmt: skip
+    uris = recs["image_uri"].to_list()
+    # the release keys its sampling on the queried image's bytes; an adaptive attacker sends `queries` encodings
+    keys = image_query_keys(uris, release.queries) if release.temperature > 0 else [[""] * len(uris)]
+    steps = captioner.caption_steps(bundle.spec.max_len)
+    per_query = [captioner.generate_captions(bundle, uris, settings.caption_batch_size, compute.torch_device,
+                                             release.temperature, draws=release.decoding_draws(k, steps))
+                 for k in keys]  # fmt: skip
+    captions = per_query[0]
     frame = pl.DataFrame({"model_version": version, "record_id": recs["record_id"], "generated_caption": captions})
+    if len(per_query) > 1:  # every query's caption, for the k-query attacker's averaged features
+        frame = frame.with_columns(query_captions=pl.Series([list(q) for q in zip(*per_query)]))
     path = write_signal(storage, "generated_captions", version, frame)
     n_empty = sum(not c.strip() for c in captions)
     sample = recs.head(5).with_columns(generated=pl.Series(captions[:5]))
@@ -96,8 +106,9 @@ def caption_metrics(context: AssetExecutionContext, settings: AuditSettings, sto
     # target features alike (not on each call's own records)
     population = storage.audit_records(info["audit"], ("population",))["record_id"].to_list()
     corpus = cider_corpus(storage.references(population)) if "cider" in metrics else None
-    values = caption_metric_features(gen["generated_caption"].to_list(), storage.references(gen["record_id"].to_list()),
-                                     metrics, corpus)  # fmt: skip
+    references = storage.references(gen["record_id"].to_list())
+    queried = query_captions(gen)
+    values = average_over_queries([caption_metric_features(q, references, metrics, corpus) for q in queried])
     frame = pl.DataFrame({"model_version": version, "record_id": gen["record_id"]}).with_columns(
         pl.DataFrame(values, schema=list(metrics))
     )
@@ -143,6 +154,14 @@ def caption_nll(
     })  # fmt: skip
 
 
+def query_captions(gen: pl.DataFrame) -> list[list[str]]:
+    """Each query's released captions of a `generated_captions` frame: one list per query (the adaptive attacker's
+    k queries of a sampled-decoding release, `query_captions`), else the generated captions alone."""
+    if "query_captions" not in gen.columns:
+        return [gen["generated_caption"].to_list()]
+    return [list(q) for q in zip(*gen["query_captions"].to_list())]
+
+
 def nll_of(storage: Storage, version: str, record_ids: pl.Series) -> np.ndarray:
     """A captioner's caption NLL of these records, in their order."""
     frame = pl.DataFrame({"record_id": record_ids}).join(
@@ -172,7 +191,7 @@ def m4i_attack_models(
     classifier learns from), each a file with its sha256."""
     version = context.partition_key
     info = captioner_info(storage, version)
-    if info["role"] != "shadow":
+    if info["role"] not in SHADOW_ROLES:
         raise ValueError(f"{version} is a {info['role']} model: attack models are trained on shadow models only")
     data = features(storage, version, settings.caption_metrics)
     y = data["is_member"].to_numpy()
@@ -228,10 +247,12 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
     cands = features(storage, version, settings.caption_metrics)
     known = storage.audit_records(info["audit"], ("known_nonmember",))
     metrics = cands.select(settings.caption_metrics).to_numpy()
-    uris, generated = cands["image_uri"].to_list(), cands["generated_caption"].to_list()
+    uris = cands["image_uri"].to_list()
     both = pl.concat([cands["record_id"], known["record_id"]])
     nll = nll_of(storage, version, both)
-    shadows = [m for m in storage.shadow_models(info["audit"])
+    # an adaptive attacker's twin learns from the shadows trained with its defense (`defense_facts.references`)
+    defended = json.loads(info.get("defense_facts") or "{}").get("references")
+    shadows = [m for m in storage.shadow_models(info["audit"], defended)
                if (m["train_seed"] - settings.seed) // 1000 < settings.shadow_seeds]  # fmt: skip
     if not shadows:
         raise LookupError(f"audit {info['audit']!r} has no shadow captioners: materialize shadow_captioners")
@@ -257,14 +278,16 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
         mfe = m4i.Mfe.from_bytes(storage.read_attack_model(shadow_version, MFE_FILE, "m4i_attack_models"))
         for attack, name, X in (
             (m4i.MB, MB_FILE, metrics),
-            (m4i.FB, FB_FILE, m4i.fb_features(mfe, uris, generated)),
+            (m4i.FB, FB_FILE, average_over_queries([m4i.fb_features(mfe, uris, q) for q in query_captions(cands)])),
         ):
             clf = m4i.ShadowClassifier.from_bytes(storage.read_attack_model(shadow_version, name, "m4i_attack_models"))
             frames.append(frame(attack, scenario, shadow, clf.score_samples(X), clf, clf.predict(X)))
         shadow_nll.append(nll_of(storage, shadow_version, both))
         ref = caption_loss.loss_ref_scores(nll, shadow_nll[-1][:, None])[: cands.height]
         frames.append(frame(caption_loss.LOSS_REF, scenario, shadow, ref))
-    scored = pl.concat(frames)
+    # the loss attacks read likelihoods, which a captions-only release (sampled decoding) does not give
+    skips = {a: why for a in (caption_loss.LOSS, caption_loss.LOSS_REF) if (why := interface_skip(storage, version, a))}
+    scored = pl.concat(frames).filter(~pl.col("attack").is_in(list(skips)))
     unrestricted_seeds = [s["train_seed"] for s in shadows if m4i.scenario_of(
         info["train_dataset"], info["arch"], s["train_dataset"], s["arch"]) == "unrestricted"]  # fmt: skip
     if not unrestricted_seeds:
@@ -281,7 +304,9 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
         caption_loss.LOSS_REF: (calibrated, f"{len(shadow_nll)} shadow captioners"),
     }
     for key, (attack, _) in SCORE_ASSETS.items():
-        if attack in own:
+        if attack in skips:
+            result = skipped_scores(storage, version, attack, skips[attack], asset_key=key)
+        elif attack in own:
             values, how = own[attack]
             result = write_scores(storage, version, attack, cands["record_id"], values[: cands.height], asset_key=key,
                                   known=(known["record_id"], values[cands.height :]))  # fmt: skip

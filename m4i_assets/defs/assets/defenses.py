@@ -22,15 +22,17 @@ from dagster import (
     asset,
 )
 
+from m4i_assets import plans
 from m4i_assets.defenses.grid import defended_spec, grid, is_release
-from m4i_assets.defenses.release import ATTACK_NEEDS, RELEASE_DEFENSES, attack_skip_reason, interface_of
+from m4i_assets.defenses.release import RELEASE_DEFENSES, attack_skip_reason, family_attacks_needing, interface_of
+from m4i_assets.defs.assets.audits import replace_plan_rows
 from m4i_assets.defs.assets.models import release_of, train_and_register
-from m4i_assets.plans import TrainJob, seed_offset, seeded_sample, validation_sample
 from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, zero_shot_text_embeddings
 from m4i_assets.metrics import privacy_utility as pu
+from m4i_assets.plans import TrainJob, validation_sample
 from m4i_assets.settings import AuditSettings
 
 
@@ -48,65 +50,67 @@ def latest_target(storage: Storage, audit: str, family: str) -> dict:
 
 
 def adaptive_queries(defense: str, queries: int) -> int:
-    """How many variant queries the adaptive attacker of a release-time defense averages: `queries` against
-    randomized embeddings (k-query averaging, `m4i_assets.attacks.adaptive`); 1 (no adaptive twin) where the
-    release is deterministic, or for sampled captions, whose k-query attacker is not implemented yet."""
-    spec = RELEASE_DEFENSES[defense]
-    return queries if spec.randomized and spec.interface == "embeddings" else 1
+    """How many variant queries the adaptive attacker of a release-time defense averages: `queries` against a
+    randomized release (`m4i_assets.attacks.adaptive`: noisy embeddings averaged, sampled captions' metrics and
+    FB features averaged); 1 (no adaptive twin) where the release is deterministic."""
+    return queries if RELEASE_DEFENSES[defense].randomized else 1
 
 
 def plan_release_skips(storage: Storage, audit: str, family: str, versions: list[dict]) -> list[dict]:
     """`audit_plan` rows of the attacks each release rules out (`attack_skip_reason`: WSA needs embeddings, a
-    similarity-rounding release gives similarities only), one per (version, attack); the audit's other rows
-    are kept. Returns the rows."""
+    similarity-rounding release gives similarities only; the loss attacks need likelihoods, a sampled-decoding
+    release gives captions only), one per (version, attack); the audit's other rows are kept. Returns the rows."""
     rows = [{"attack": attack, "status": "skipped", "reason": reason, "model_version": r["model_version"]}
-            for r in versions for attack in ATTACK_NEEDS
+            for r in versions for attack in family_attacks_needing(family)
             if (reason := attack_skip_reason(attack, interface_of(family, r["defense"])))]  # fmt: skip
-    names = [r["model_version"] for r in versions]
-    kept = storage.read("SELECT attack, status, reason, coalesce(model_version, '') AS model_version, kind "
-                        "FROM audit_plan WHERE audit = ? AND NOT list_contains(?, coalesce(model_version, ''))",
-                        [audit, names])  # fmt: skip
-    kind = kept["kind"][0] if kept.height else "labelled"  # a controlled audit is labelled
+    kinds = storage.read("SELECT DISTINCT kind FROM audit_plan WHERE audit = ?", [audit])["kind"]
+    kind = kinds[0] if len(kinds) else "labelled"  # a controlled audit is labelled
     frame = pl.DataFrame(rows, schema={"attack": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8,
                                        "model_version": pl.Utf8}).with_columns(kind=pl.lit(kind))  # fmt: skip
-    frame = pl.concat([kept.select(frame.columns), frame], how="vertical_relaxed")
-    storage.write("audit_plan", frame, audit=audit)
+    replace_plan_rows(storage, audit, frame, [r["model_version"] for r in versions])
     return rows
 
 
-def reference_jobs(
+def adaptive_helper_jobs(
     settings: AuditSettings, family: str, defenses: dict[str, list[float]], population: pl.DataFrame,
     validation: pl.DataFrame, target: str,
 ) -> list[TrainJob]:
-    """Reference CLIPs for the adaptive attacker of a training-time defense (Tramer et al. 2020; Aerni et al.,
-    CCS 2024): the reference recipe and population halves of `reference_clips`, with the defended target's
-    defense and strength switched on, for each (defense, strength) of `adaptive_references` in the grid
-    (role `defended_reference`, so no undefended audit ever calibrates against them)."""
-    if family != "clip":
-        return []
+    """Helpers for the adaptive attacker of a training-time defense (Tramer et al. 2020; Aerni et al., CCS 2024):
+    the family's helpers of the undefended plan (`plans.adaptive_helper_jobs`: reference CLIPs, the
+    unrestricted scenario's shadow captioners), each with its own records, known non-members and seed and the
+    defended target's defense and strength switched on, for each (defense, strength) of `adaptive_references`
+    in the grid (role `defended_reference` / `defended_shadow`, so no undefended audit ever learns from them):
+    the two helper sets differ only by the defense."""
     wanted = {(d, float(s)) for d, strengths in settings.adaptive_references.items() for s in strengths}
+    helpers = plans.adaptive_helper_jobs(FAMILIES[family], settings, population)
     jobs = []
     for defense, strength in grid(defenses, family):
         if is_release(defense) or (defense, strength) not in wanted:
             continue
-        for r in range(settings.n_reference_models):
-            # the undefended reference r's records and seed, so the two reference sets differ only by the defense
-            spec = defended_spec(settings.clip_train_spec(seed_offset("reference", r)), defense, strength)
-            if defense == "dp_sgd":
-                spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
-            train = seeded_sample(population, population.height // 2, settings.seed + seed_offset("reference", r))
-            jobs.append(TrainJob("defended_reference", train, spec, defense=(defense, strength, target),
-                                 validation=validation if defense == "early_stopping" else None))  # fmt: skip
+        for helper in helpers:
+            jobs.append(replace(helper, role=FAMILIES[family].defended_helper_role,
+                                spec=defense_spec(settings, helper.spec, defense, strength),
+                                defense=(defense, strength, target),
+                                validation=validation if defense == "early_stopping" else None))  # fmt: skip
     return jobs
+
+
+def defense_spec(settings: AuditSettings, spec, defense: str, strength: float):
+    """A training recipe with one training-time defense on (DP-SGD with the settings' clipping norm and delta)."""
+    spec = defended_spec(spec, defense, strength)
+    if defense == "dp_sgd":
+        spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
+    return spec
 
 
 def register_adaptive_twins(
     context: AssetExecutionContext, storage: Storage, jobs: list[TrainJob], trained: list[dict],
     references: list[TrainJob], refs: list[dict],
 ) -> list[dict]:
-    """For each trained defended version with references trained under its defense: its adaptive twin, the same
-    checkpoint as `<version>+adaptive` (facts: `attacker: adaptive`, `naive_version`, `references`), whose
-    calibrated attacks (offline LiRA, RMIA) calibrate against those references."""
+    """For each trained defended version with helpers trained under its defense: its adaptive twin, the same
+    checkpoint as `<version>+adaptive` (facts: `attacker: adaptive`, `naive_version`, `references`: those
+    helpers), whose calibrated attacks (offline LiRA, RMIA; M^4I's shadow classifiers and `m4i_loss_ref`) learn
+    from those helpers."""
     by_defense: dict[tuple[str, float], list[str]] = {}
     for job, ref in zip(references, refs):
         by_defense.setdefault(job.defense[:2], []).append(ref["model_version"])
@@ -157,12 +161,10 @@ def defend(
                 released.append({"defense": defense, "strength": strength, "model_version": twin_version,
                                  "release": True, "attacker": "adaptive"})  # fmt: skip
             continue
-        spec = defended_spec(base, defense, strength)
-        if defense == "dp_sgd":
-            spec = replace(spec, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
+        spec = defense_spec(settings, base, defense, strength)
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
-    references = reference_jobs(settings, family, defenses, population, validation, target["model_version"])
+    references = adaptive_helper_jobs(settings, family, defenses, population, validation, target["model_version"])
     context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
     skipped = plan_release_skips(storage, settings.audit, family, released)
     trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(),
@@ -202,7 +204,8 @@ def clip_utility(
     storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame
 ) -> tuple[dict, dict]:
     """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
-    released embeddings (prompts released like any text query), and each one's chance level."""
+    released embeddings and similarities (prompts released like any text query; similarity rounding rounds the
+    scores the rankings read, pessimistic ties), and each one's chance level."""
     from m4i_assets.data import corpus
     from m4i_assets.metrics import utility
     from m4i_assets.models import clip
@@ -210,7 +213,8 @@ def clip_utility(
     emb = load_signal(storage, "embeddings", info["model_version"]).join(held.select("record_id"), on="record_id")
     emb = emb.sort("record_id")
     img, txt = np.stack(emb["image_embedding"].to_numpy()), np.stack(emb["text_embedding"].to_numpy())
-    values = utility.retrieval_recall(img, txt, ks=(1, 5, 10))
+    release = release_of(info, settings.seed)  # its similarities as released (rounded under similarity rounding)
+    values = utility.retrieval_recall(img, txt, ks=(1, 5, 10), released=release.similarities)
     chance = utility.retrieval_chance((1, 5, 10), n_texts=len(txt), n_images=len(img))
     query = "SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE list_contains(?, record_id)"
     meta = storage.read(query, [emb["record_id"].to_list()]).sort("record_id")
@@ -219,9 +223,9 @@ def clip_utility(
         prompts = corpus.zero_shot_prompts(classes, settings.corpus_style)
         flat = [p for per_class in prompts for p in per_class]
         bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
-        text = release_of(info, settings.seed).embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")
+        text = release.embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")
         values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
-                                                                  labels)  # fmt: skip
+                                                                  labels, released=release.similarities)  # fmt: skip
         chance["zero_shot_accuracy"] = utility.zero_shot_chance(len(classes))
     return values, chance
 
@@ -364,13 +368,7 @@ def defense_evaluations(
             + [f"| {v} | {a} | {why} |" for v, a, why in skipped.iter_rows()]))  # fmt: skip
         points = pu.curve_points(rows)
         metadata[f"{family}_frontier_at_matched_utility"] = MetadataValue.md(pu.matched_utility_markdown(points))
-        reference = points.filter(pl.col("defense") == pu.UNDEFENDED)["utility"][0]
-        regularised = points.filter(pl.col("defense") == pu.REGULARISED)["utility"].max()
-        metadata[f"{family}_best_at_matched_utility"] = MetadataValue.json({
-            "at 90% of the undefended target's utility": pu.best_at_utility(points, 0.9 * reference),
-            "at 90% of the regularised (augmentation) version's": (
-                pu.best_at_utility(points, 0.9 * regularised) if regularised else None),
-        })  # fmt: skip
+        metadata[f"{family}_best_at_matched_utility"] = MetadataValue.json(pu.best_at_matched_utility(points))
     if not tables:
         raise ValueError("no family has an audited target and defended version yet: run the audits first")
     table = pl.concat(tables)
