@@ -191,6 +191,15 @@ def scenarios_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, standard deviation) of one figure over training seeds: the mean is None if any seed's figure is
+    NULL, the standard deviation also with a single seed (the spread is unmeasured)."""
+    if any(v is None for v in values):
+        return None, None
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
+
+
 def target_seed_spread(rows: list[dict]) -> list[dict]:
     """Training variance of the headline (ATTACKS.md section 5): per attack, the mean and standard deviation
     of AUC and TPR@1%FPR over the `attack_metrics` rows of targets trained on the same members with other
@@ -202,10 +211,7 @@ def target_seed_spread(rows: list[dict]) -> list[dict]:
     for attack, group in sorted(by_attack.items()):
         row = {"attack": attack, "n_seeds": len(group)}
         for metric in ("auc", "tpr_at_1pct_fpr"):
-            values = np.array([np.nan if r[metric] is None else r[metric] for r in group], dtype=float)
-            known = not np.isnan(values).any()
-            row[f"{metric}_seed_mean"] = float(values.mean()) if known else None
-            row[f"{metric}_seed_std"] = float(values.std(ddof=1)) if known and len(values) > 1 else None
+            row[f"{metric}_seed_mean"], row[f"{metric}_seed_std"] = seed_spread([r[metric] for r in group])
         out.append(row)
     return out
 

@@ -335,16 +335,15 @@ def scenario_rows(scored: pl.DataFrame, n_bootstrap: int, seed: int) -> list[dic
             rate = None if predicted.null_count() else float((predicted.to_numpy() == labels).mean())
             per_seed.append((one, ev, rate))
         first, ev, rate = per_seed[0]
-        aucs = np.array([e["auc"] for _, e, _ in per_seed])
-        tprs = np.array([np.nan if e["tpr_at_1pct_fpr"] is None else e["tpr_at_1pct_fpr"] for _, e, _ in per_seed])
+        auc_mean, auc_std = report.seed_spread([e["auc"] for _, e, _ in per_seed])
+        tpr_mean, tpr_std = report.seed_spread([e["tpr_at_1pct_fpr"] for _, e, _ in per_seed])
         rows.append({
             **{k: first[k][0] for k in (*keys, "shadow_version", "classifier", "shadow_accuracy")},
             **{k: ev[k] for k in ("n_members", "n_nonmembers", "auc", "auc_ci_low", "auc_ci_high", "tpr_at_1pct_fpr",
                                   "tpr_at_1pct_fpr_ci_low", "tpr_at_1pct_fpr_ci_high")},
             "attack_success_rate": rate, "n_seeds": len(per_seed),
-            "auc_seed_mean": float(aucs.mean()), "auc_seed_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
-            "tpr_at_1pct_fpr_seed_mean": None if np.isnan(tprs).any() else float(tprs.mean()),
-            "tpr_at_1pct_fpr_seed_std": None if np.isnan(tprs).any() or len(tprs) < 2 else float(tprs.std(ddof=1)),
+            "auc_seed_mean": auc_mean, "auc_seed_std": auc_std,
+            "tpr_at_1pct_fpr_seed_mean": tpr_mean, "tpr_at_1pct_fpr_seed_std": tpr_std,
         })  # fmt: skip
     order = (WHITE_BOX, *m4i.SCENARIOS)
     return sorted(rows, key=lambda r: (r["attack"], order.index(r["scenario"]), r["shadow_dataset"], r["shadow_arch"]))
