@@ -93,7 +93,8 @@ def main() -> None:
             "one decode thread": lambda: embed_records(bundle, uris, captions, args.batch_size, threads=1),
             "raw forward": lambda: encode_batches(bundle, tensor_batches(images, tokens, args.batch_size)),
             "decode": decode,
-            "aea": lambda: augmented_image_embeddings(bundle, uris, transforms, args.batch_size, threads=decode_threads),
+            "aea": lambda: augmented_image_embeddings(bundle, uris, transforms, args.batch_size,
+                                                      threads=decode_threads),
             "clean image forward": clean_image_forwards,
         }, args.rounds, device)  # fmt: skip
 

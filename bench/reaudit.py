@@ -44,7 +44,7 @@ def train_checkpoint(storage: Storage, seed_offset: int, out: Path) -> None:
     from m4i_assets.models import clip
 
     settings = settings_for()
-    members = storage.audit_records(settings.audit, ("member",))
+    members = storage.repository.audit_records(settings.audit, ("member",))
     spec = settings.clip_train_spec(seed_offset=seed_offset)
     clip.train_and_save(spec, members["image_uri"].to_list(), members["caption"].to_list(), out,
                         {"role": "retrained target", "seed_offset": seed_offset})  # fmt: skip

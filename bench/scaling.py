@@ -112,9 +112,9 @@ def audit(n: int) -> dict[str, tuple[float, float]]:
             if stage == "embed" and target is None:  # untimed: the models, and what the references give
                 run(home, n, ["target_clip", "null_control_clip", "reference_clips"], None)
                 settings = settings_for_size(n)
-                for version in storage.reference_versions(settings.audit, settings.n_reference_models):
+                for version in storage.repository.reference_versions(settings.audit, settings.n_reference_models):
                     run(home, n, ["model_checkpoint", "embeddings"], version)
-                [target] = storage.latest_versions(settings.audit, "target")
+                [target] = storage.repository.latest_versions(settings.audit, "target")
             keys = shards if partition == "shard" else [target if partition == "target" else None]
             for key in keys:
                 add(stage, *run(home, n, selection, key))

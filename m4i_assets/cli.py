@@ -146,8 +146,9 @@ def defended_versions(storage: Storage, target: str) -> list[str]:
 
 def controlled_targets(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
     """The audit's `target_seeds` newest targets of a family, first seed first (the defended versions' base)."""
-    versions = storage.latest_versions(settings.audit, "target", settings.target_seeds, family=family)
-    return sorted(versions, key=lambda v: json.loads(storage.model_info(v)["train_config"] or "{}").get("seed", 0))
+    repo = storage.repository
+    versions = repo.latest_versions(settings.audit, "target", settings.target_seeds, family=family)
+    return sorted(versions, key=lambda v: json.loads(repo.model_info(v)["train_config"] or "{}").get("seed", 0))
 
 
 def print_frontiers(storage: Storage, audit: str) -> None:
@@ -189,7 +190,8 @@ def demo(families: list[str], defenses: bool = False) -> None:
          for v in FAMILIES[f].helper_versions(storage, settings.audit, settings.n_reference_models)],
     )  # fmt: skip
     targets = {f: controlled_targets(storage, settings, f) for f in families}
-    audited = {f: [*targets[f], storage.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
+    repo = storage.repository
+    audited = {f: [*targets[f], repo.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
     if defenses:
         for f in families:
             audited[f] += defended_versions(storage, audited[f][0])
@@ -205,10 +207,16 @@ def demo(families: list[str], defenses: bool = False) -> None:
     print(report(storage, versions))
     for version in versions:
         v = version_verdicts(storage, settings, version)
-        print(f"\n{storage.model_info(version)['role']} {version}: paired comparisons (attack_comparisons)\n")
+        role = storage.repository.model_info(version)["role"]
+        print(f"\n{role} {version}: paired comparisons (attack_comparisons)\n")
         print(comparisons_markdown(v["comparisons"]) + "\n")
-        print("\n".join(verdict_lines(v["rows"], v["comparisons"], settings.shift_gate_margin,
-                                     v["known_vs_candidates"], v["permutation"])))
+        print(
+            "\n".join(
+                verdict_lines(
+                    v["rows"], v["comparisons"], settings.shift_gate_margin, v["known_vs_candidates"], v["permutation"]
+                )
+            )
+        )
     for f in families:
         query = "SELECT attack, auc, tpr_at_1pct_fpr FROM attack_metrics WHERE list_contains(?, model_version)"
         rows = storage.read(query, [targets[f]]).to_dicts()
@@ -286,8 +294,9 @@ def run_audit(spec: AuditSpec) -> list[str]:
     versions = family.helper_versions(storage, spec.name, len(spec.references)) if has_helpers else []
     _run_phase("helper models' signals",
                [partial(_materialize, family.helper_signals, env, logs / f"{v}.log", v) for v in versions])  # fmt: skip
-    audited = storage.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
-    audited += storage.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
+    repo = storage.repository
+    audited = repo.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
+    audited += repo.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
     selection = audit_selection(spec.family, spec)
     _run_phase("audit of the targets" + " and the null control" * bool(spec.null_control),
                [partial(_materialize, selection, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip

@@ -10,12 +10,16 @@ a family's name.
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from m4i_assets.data.audits import AuditSpec, Checkpoint
 from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, hf_clip_arch, hf_weights_file, read_json_object
 
 
@@ -76,11 +80,10 @@ class Family:
         """The helper versions an audit of this family learns from (its `n` reference CLIPs, or its newest
         shadow captioner of each dataset, arch and seed), and those trained with a defense, for its adaptive
         attacker."""
-        defended = storage.read("SELECT model_version FROM models WHERE audit = ? AND role = ? ORDER BY model_version",
-                                [audit, self.defended_helper_role])["model_version"].to_list()  # fmt: skip
+        defended = storage.repository.versions_of_role(audit, self.defended_helper_role)
         if self.helper_role == "reference":
-            return (storage.reference_versions(audit, n) if n else []) + defended
-        return [m["model_version"] for m in storage.shadow_models(audit)] + defended
+            return (storage.repository.reference_versions(audit, n) if n else []) + defended
+        return [m["model_version"] for m in storage.repository.shadow_models(audit)] + defended
 
     def audit_assets(self, planned: list[str] | None = None, labelled: bool = True) -> list[str]:
         """What one audited version materializes: its signals, the assets of the `planned` attacks (None: a
@@ -169,11 +172,6 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
-SHADOW_ROLES = ("shadow", "defended_shadow")
-"""The roles of shadow captioners (`Family.defended_helper_role`: the adaptive attacker's ones): models with
-`shadow_records`, queried on their own known members and non-members."""
-
-
 def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
     """(family, arch, weights file) of a checkpoint folder some family of the registry recognizes from its
     `model.json` or `config.json`; a ValueError naming the folder or file when none does."""
@@ -200,3 +198,31 @@ def zero_shot_text_embeddings(bundle: Any, prompts: list[str]) -> Any:
     with torch.no_grad():
         tokens = bundle.tokenizer(prompts).to(next(bundle.model.parameters()).device)
         return bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+
+def stage_checkpoint(staging: Path, audit: AuditSpec, checkpoint: Checkpoint) -> tuple[Path, WatchedCheckpoint]:
+    """A checkpoint of the audit registry (PLATFORM.md, audits) as a folder `describe_checkpoint` knows: a directory
+    as it is (an open_clip folder without model.json gets one from `arch:`), a weights file in a new folder under
+    `staging` beside its model.json."""
+    path = Path(checkpoint.path)
+    if not path.exists():
+        raise FileNotFoundError(f"audit {audit.name!r}: checkpoint not found: {path}")
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file()):
+        staged = Path(tempfile.mkdtemp(dir=staging))
+        weights = path if path.is_file() else None
+        if weights is None:
+            found = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+            if len(found) != 1:
+                raise ValueError(f"audit {audit.name!r}: {folder} needs exactly one weights file, found {len(found)}")
+            weights = found[0]
+        arch = checkpoint.arch or read_json_object(weights.parent / "model.json").get("arch")
+        if not isinstance(arch, str) or not arch:
+            raise ValueError(f"audit {audit.name!r}: {path} needs `arch:` (an open_clip architecture) in the registry")
+        shutil.copy(weights, staged / weights.name)
+        (staged / "model.json").write_text(json.dumps({"family": audit.family, "arch": arch}))
+        folder = staged
+    described = describe_checkpoint(folder)
+    if described.family != audit.family:
+        raise ValueError(f"audit {audit.name!r} audits {audit.family} models, but {path} is a {described.family}")
+    return folder, described

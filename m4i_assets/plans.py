@@ -121,8 +121,10 @@ def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFr
         pools = [population, *([records(("population",), dataset=second.name)] if second else [])]
         helper_jobs = shadow_jobs(settings, pools)
     return {
-        target: [TrainJob("target", members, family.base_spec(settings, seed_offset("target", repeat=r)))
-                 for r in range(settings.target_seeds)],
+        target: [
+            TrainJob("target", members, family.base_spec(settings, seed_offset("target", repeat=r)))
+            for r in range(settings.target_seeds)
+        ],
         null_control: [TrainJob("null_control", null_train, family.base_spec(settings, seed_offset("null_control")))],
         helpers: helper_jobs,
     }

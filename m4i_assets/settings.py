@@ -235,8 +235,14 @@ PROFILES: dict[str, dict] = {
         "second_domain_records": 0,
         "shadow_archs": ["cnn-lstm"],
         "n_bootstrap": 300,
-        "clip_defenses": {"dp_sgd": [0.5, 1.0, 2.0], "augmentation": [0.5], "weight_decay": [0.5],
-                          "early_stopping": [3], "embedding_noise": [0.05, 0.1], "similarity_rounding": [2]},
+        "clip_defenses": {
+            "dp_sgd": [0.5, 1.0, 2.0],
+            "augmentation": [0.5],
+            "weight_decay": [0.5],
+            "early_stopping": [3],
+            "embedding_noise": [0.05, 0.1],
+            "similarity_rounding": [2],
+        },
         # DP-SGD costs the captioner 5x per epoch (per-sample gradients through the LSTM): two noise levels here
         "captioner_defenses": {"dp_sgd": [1.0, 4.0], "sampled_decoding": [0.7, 1.0]},
     },

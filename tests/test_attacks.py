@@ -183,6 +183,33 @@ def test_blind_baseline_detects_a_shifted_nonmember_set(tmp_path):
     assert roc_auc(labels, blind_scores(cap_a + cap_b, img_a + img_b, labels)) > 0.95
 
 
+def test_known_vs_candidate_scores_tell_a_shifted_known_set_apart(tmp_path):
+    from m4i_assets.attacks.blind import known_vs_candidate_scores
+    from m4i_assets.metrics.evaluation import roc_auc
+
+    cap_a, img_a = _corpus(tmp_path, "default")
+    cap_b, img_b = _corpus(tmp_path, "shifted", seed=1)
+    is_known, scores = known_vs_candidate_scores((cap_a, img_a, None), (cap_b, img_b, None), 5, 0)
+    assert is_known.sum() == 80 and not is_known[:80].any() and roc_auc(is_known, scores) > 0.95
+    extra = np.zeros((80, 2))
+    with_features = known_vs_candidate_scores((cap_a, img_a, extra), (cap_b, img_b, extra), 5, 0)[1]
+    assert with_features.shape == (160,)
+
+
+def test_wide_deltas_orders_records_and_transforms():
+    import polars as pl
+
+    from m4i_assets.attacks.aea import wide_deltas
+
+    deltas = pl.DataFrame({"record_id": ["b", "b", "a", "a"], "transform": ["t2", "t1", "t1", "t2"],
+                           "cs_clean": [0.5, 0.5, 0.9, 0.9], "delta": [0.2, 0.1, 0.3, 0.4]})  # fmt: skip
+    cs, wide = wide_deltas(deltas, pl.Series(["a", "b"]))
+    np.testing.assert_array_equal(cs, [0.9, 0.5])
+    np.testing.assert_array_equal(wide, [[0.3, 0.4], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="lack some records"):
+        wide_deltas(deltas, pl.Series(["a", "c"]))
+
+
 def test_aea_known_aggregations_do_not_depend_on_the_candidates_member_share():
     rng = np.random.default_rng(4)
     known_cs, known_d = rng.normal(0.5, 0.1, 300), rng.normal(0.1, 0.05, (300, 5))

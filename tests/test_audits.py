@@ -39,8 +39,9 @@ def test_two_audits_whose_datasets_share_records_keep_their_own(tmp_path):
                           "WHERE a.dataset = 'synthetic_shapes' AND b.dataset = 'shapes_160'")["n"][0]  # fmt: skip
     assert shared == 160  # the premise: every record of the small corpus is also in the big one
     for settings, n_population in ((small, 160 - 96), (big, 240 - 144 + 96)):
-        population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
-        everything = storage.audit_records(settings.audit, ("member", "nonmember", "known_nonmember", "population"))
+        repo = storage.repository
+        population = repo.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
+        everything = repo.audit_records(settings.audit, ("member", "nonmember", "known_nonmember", "population"))
         assert population.height == n_population - (96 if settings is big else 0)
         assert everything.height == everything["record_id"].n_unique() == n_population + 3 * settings.n_members
         datasets = {settings.main_dataset(), *([] if settings is small else ["synthetic_sketches"])}
@@ -199,7 +200,7 @@ def test_unlabelled_audit_scores_candidates_and_estimates_a_membership_rate(tmp_
     assets = ingest(resources, instance)
     assert materialize(assets, resources=resources, instance=instance, selection=["audit_plan", "target_clip"]).success
     storage = resources["storage"]
-    (version,) = storage.latest_versions("acme-unlabelled", "target")
+    (version,) = storage.repository.latest_versions("acme-unlabelled", "target")
     spec = settings.registered_audit(tmp_path)
     selection = audit_selection("clip", spec)
     assert "attack_metrics" not in selection and "blind_baseline_scores" not in selection
@@ -271,7 +272,7 @@ def test_a_checkpoint_dropped_under_an_audit_folder_is_a_target_of_that_audit(tm
     context = build_sensor_context(instance=DagsterInstance.ephemeral(),
                                    resources={"storage": storage, "settings": settings})  # fmt: skip
     result = watched_models_sensor(context)
-    by_audit = {storage.model_info(r.partition_key)["audit"]: r for r in result.run_requests}
+    by_audit = {storage.repository.model_info(r.partition_key)["audit"]: r for r in result.run_requests}
     assert set(by_audit) == {"acme", "tiny"}  # the plain folder keeps today's behaviour: the settings' audit
     assert by_audit["acme"].partition_key.endswith("@acme")
     selected = {k.to_user_string() for k in by_audit["acme"].asset_selection}

@@ -36,7 +36,7 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
     [request] = first.run_requests
     assert request.partition_key == f"clip-{sha[:12]}@tiny" and request.job_name == "clip_audit"
     assert list(first.dynamic_partitions_requests[0].partition_keys) == [request.partition_key]
-    row = storage.model_info(request.partition_key)
+    row = storage.repository.model_info(request.partition_key)
     assert (row["family"], row["arch"], row["role"], row["audit"]) == ("clip", "m4i-tiny-vit", "target", "tiny")
     assert row["checkpoint_uri"].startswith(str(storage.models_dir))  # copied: deleting the drop breaks nothing
 

@@ -323,7 +323,7 @@ def test_sensor_registers_torch_and_hugging_face_checkpoints(open_clip_bundle, h
     assert json.loads(first.cursor)["copying"] == [f"{watched / 'copying'}: no weights file "
                                                    "(model.safetensors, *.pt, *.pth or *.bin)"]  # fmt: skip
     for version, weights in zip(versions, ("model.safetensors", "epoch_9.pt")):
-        row = storage.model_info(version)
+        row = storage.repository.model_info(version)
         assert row["checkpoint_uri"] == str(storage.models_dir / version / weights)
         assert row["sha256"] == sha256_file(row["checkpoint_uri"])
         # what the signal assets do with the row
@@ -332,7 +332,7 @@ def test_sensor_registers_torch_and_hugging_face_checkpoints(open_clip_bundle, h
             clip.load_clip(row["checkpoint_uri"], row["arch"], device="cpu"),
             records,
         )
-    assert storage.model_info(versions[0])["arch"] == "hf-clip"
+    assert storage.repository.model_info(versions[0])["arch"] == "hf-clip"
     assert tick(first.cursor).run_requests == []  # unchanged folders launch nothing
 
 

@@ -130,3 +130,21 @@ def test_bombs_truncation_and_encodings_are_rejected_with_reasons(tmp_path):
     csv.write_bytes(b"image,caption\nok.png,plain ascii\nok.png,caf\xe9 latin-1\n")
     out = read_manifest(csv, "csv")
     assert out.records["caption"].to_list() == ["plain ascii"] and out.rejects["reason"].to_list() == ["not_utf8"]
+
+
+def test_controlled_roles_take_nonmembers_from_the_shifted_set_and_the_second_domain_as_population():
+    import polars as pl
+
+    from m4i_assets.data.roles import controlled_roles
+
+    main = [f"m{i:02d}" for i in range(20)]
+    spec = RoleSpec(n_members=4, n_nonmembers=3, n_known_nonmembers=2, seed=1)
+    roles = controlled_roles("demo", ("main", main), spec, ("shifted", [f"s{i}" for i in range(5)]),
+                             ("second", ["x1", "x2", main[0]]))  # fmt: skip
+    by_dataset = dict(roles.group_by("dataset").len().iter_rows())
+    assert by_dataset == {"main": 20, "shifted": 3, "second": 2}  # main[0] keeps its main-dataset role
+    assert set(roles.filter(pl.col("dataset") == "shifted")["role"]) == {"nonmember"}
+    assert set(roles.filter(pl.col("dataset") == "second")["role"]) == {"population"}
+    assert (roles["audit"] == "demo").all() and roles["record_id"].is_sorted()
+    plain = controlled_roles("demo", ("main", main), spec)
+    assert plain.filter(pl.col("role") == "nonmember").height == 3 and set(plain["dataset"]) == {"main"}

@@ -213,7 +213,7 @@ def test_release_noise_is_keyed_on_the_seed_registered_with_the_version():
     """A release-time version keeps the noise it was registered with, whatever the live settings' seed."""
     import json
 
-    from m4i_assets.defs.assets.models import release_of
+    from m4i_assets.scoring import release_of
 
     info = {"defense": "embedding_noise", "defense_strength": 0.1, "defense_facts": json.dumps({"seed": 7})}
     assert release_of(info, seed=0) == release_of(info, seed=123) == release_of({**info, "defense_facts": None}, 7)

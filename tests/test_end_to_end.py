@@ -191,8 +191,8 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         # Under the `similarities` interface CSA reads the released, rounded similarity; WSA (needs embeddings)
         # is skipped for that version, with the reason, in audit_plan
         rounded = rows[3][0]
-        csa = {v: db.execute("SELECT score FROM membership_scores WHERE model_version = ? AND attack = 'csa' "
-                             "ORDER BY record_id", [v]).pl()["score"].to_numpy() for v in (target, rounded)}  # fmt: skip
+        query = "SELECT score FROM membership_scores WHERE model_version = ? AND attack = 'csa' ORDER BY record_id"
+        csa = {v: db.execute(query, [v]).pl()["score"].to_numpy() for v in (target, rounded)}
         assert np.array_equal(csa[rounded], np.round(csa[target], 2)) and not np.array_equal(csa[rounded], csa[target])
         plan = db.execute("SELECT attack, status, reason FROM audit_plan WHERE model_version = ?", [rounded]).fetchall()
         assert [(a, s) for a, s, _ in plan] == [("wsa", "skipped")] and "similarities" in plan[0][2]
@@ -210,7 +210,8 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         judged = db.execute("SELECT DISTINCT defense, attacker, epsilon_is_guarantee, epsilon_lb, utility_chance "
                             "FROM defense_evaluations ORDER BY ALL").fetchall()  # fmt: skip
         assert [(r[0], r[1], r[2]) for r in judged] == [
-            ("dp_sgd", "adaptive", False), ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None), ("embedding_noise", "naive", None),
+            ("dp_sgd", "adaptive", False), ("dp_sgd", "naive", False), ("embedding_noise", "adaptive", None),
+            ("embedding_noise", "naive", None),
             ("none", "naive", None), ("similarity_rounding", "naive", None)]  # fmt: skip
         figures = db.execute("SELECT tpr_at_1pct_fpr, tpr_at_1pct_fpr_null_reason, known_threshold_tpr_1pct, "
                              "known_threshold_tpr_1pct_ci_low, known_threshold_tpr_1pct_ci_high FROM "

@@ -2,7 +2,8 @@
 
 Every import of a project module counts, module-level or inside a function (a lazy import is still a
 dependency), read from the source with `ast`: data (and storage) -> families (models, families.py) -> signals ->
-attacks -> metrics -> defenses -> settings and the training plan (plans.py) -> the Dagster layer and the CLI."""
+attacks -> metrics -> defenses -> settings, the training plan (plans.py) and the scoring of an audited version
+(scoring.py) -> the Dagster layer and the CLI."""
 
 import ast
 from pathlib import Path
@@ -17,7 +18,7 @@ LAYERS = (
     ("attacks",),
     ("metrics",),
     ("defenses",),
-    ("settings", "plans"),
+    ("settings", "plans", "scoring"),
     ("defs", "cli"),
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

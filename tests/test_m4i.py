@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 
 from m4i_assets.attacks import m4i
@@ -90,3 +91,45 @@ def test_attacker_split_gives_the_mfe_and_the_fb_classifier_disjoint_halves():
     assert not (mfe & fb).any() and (mfe | fb).all()
     assert y[mfe].sum() == 25 and (~y[mfe]).sum() == 20  # half of each class
     assert (m4i.attacker_split(y, seed=3)[0] == mfe).all() and (m4i.attacker_split(y, seed=4)[0] != mfe).any()
+
+
+def test_scenario_scores_and_table_from_two_shadows(tiny_corpus):
+    """Two shadows trained on the same 40 records (one matching the target, one of another arch): every scenario
+    scores every candidate; the headline MB / FB rows are the unrestricted first seed's; the scenario table has
+    one row per (attack, scenario) with the attack success rate where there are predictions."""
+    from m4i_assets.attacks import caption_loss
+    from m4i_assets.metrics.scenarios import scenario_metrics, scenario_rows
+
+    uris, captions = tiny_corpus
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2 == 0
+    metrics = rng.normal(y[:, None] * 1.5, 1, (40, 3))
+    spec = m4i.MfeSpec(dim=8, text_hidden=16, epochs=2, batch_size=10, seed=1)
+    shadows = []
+    for arch, seed in (("lstm", 7), ("vit", 8)):
+        fitted = m4i.train_attack_models(metrics, uris, captions, captions, y, m4i.ShadowClassifier(("logreg",)),
+                                         m4i.ShadowClassifier(("logreg",)), spec, seed, "cpu")  # fmt: skip
+        assert not (fitted.mfe_part & fitted.fb_part).any() and fitted.mb.kind_ == fitted.fb.kind_ == "logreg"
+        nll = rng.normal(2, 0.1, 50)
+        shadows.append(m4i.Shadow(f"cap-{arch}", "shapes", arch, seed, fitted.mb, fitted.mfe, fitted.fb, nll))
+    cands = pl.DataFrame({"record_id": [f"r{i:02d}" for i in range(40)], "image_uri": uris,
+                          "generated_caption": captions, "is_member": y})  # fmt: skip
+    nll = np.r_[np.where(y, 1.0, 2.0) + rng.normal(0, 0.05, 40), rng.normal(2, 0.05, 10)]
+    scored = m4i.scenario_scores("cap-target", "shapes", "lstm", cands, metrics, nll, shadows, [captions], seed=3)
+    counts = {(a, s): n for a, s, n in scored.group_by("attack", "scenario").len().iter_rows()}
+    assert scored.height == 40 * (1 + 3 * len(shadows)) and set(scored["scenario"]) == {
+        "white_box", "unrestricted", "arch_restricted"}  # fmt: skip
+    assert all(n == 40 for n in counts.values())
+    mb = m4i.headline_scores(scored, m4i.MB, "shapes", "lstm")
+    assert mb.height == 40 and set(mb["shadow_version"]) == {"cap-lstm"}
+    with pytest.raises(LookupError, match="shadow_archs"):
+        m4i.headline_scores(scored.filter(pl.col("scenario") != "unrestricted"), m4i.MB, "shapes", "lstm")
+    rows = scenario_rows(scored, n_bootstrap=20, seed=0)
+    keys = [(r["attack"], r["scenario"]) for r in rows]
+    assert keys[:2] == [(m4i.FB, "unrestricted"), (m4i.FB, "arch_restricted")] and keys == sorted(keys, key=lambda k: (
+        k[0], ("white_box", *m4i.SCENARIOS).index(k[1])))  # fmt: skip
+    by = {(r["attack"], r["scenario"]): r for r in rows}
+    assert len(rows) == 7 and by[(caption_loss.LOSS, "white_box")]["auc"] > 0.95  # NLL separates by construction
+    assert by[(caption_loss.LOSS, "white_box")]["attack_success_rate"] is None
+    assert 0 <= by[(m4i.MB, "unrestricted")]["attack_success_rate"] <= 1
+    assert "m4i_mb.unrestricted.auc" in scenario_metrics(rows)

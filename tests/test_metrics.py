@@ -157,3 +157,28 @@ def test_permutation_test_of_a_real_and_a_null_signal():
     null = permutation_test(labels, rng.normal(size=400), n_permutations=200, seed=0)
     assert real["p_value"] == pytest.approx(1 / 201) and null["p_value"] > 0.05
     assert null["null_auc_q025"] < 0.5 < null["null_auc_q975"]
+
+
+def test_score_matrix_aligns_attacks_and_metric_rows_agree_with_sklearn():
+    import polars as pl
+
+    from m4i_assets.metrics.evaluation import metric_rows, score_matrix, sklearn_disagreement
+
+    rng = np.random.default_rng(0)
+    ids = [f"r{i:03d}" for i in range(200)]
+    is_member = np.arange(200) < 60
+    frames = [pl.DataFrame({"attack": a, "record_id": ids, "score": rng.normal(is_member * shift, 1),
+                            "is_member": is_member}) for a, shift in (("csa", 1.0), ("aea", 0.5))]  # fmt: skip
+    scored = pl.concat(frames).sample(fraction=1.0, shuffle=True, seed=1)  # any row order
+    known = pl.DataFrame({"attack": "csa", "score": rng.normal(0, 1, 150)})
+    labels, scores, known_scores = score_matrix(scored, known, "v")
+    assert labels.sum() == 60 and set(scores) == {"csa", "aea"} and set(known_scores) == {"csa"}
+    np.testing.assert_array_equal(scores["csa"], frames[0]["score"].to_numpy())  # back in record order
+    rows, comparisons = metric_rows(labels, scores, known_scores, n_bootstrap=50, seed=0, baselines=("csa",))
+    assert {r["attack"] for r in rows} == {"csa", "aea"}
+    assert [(c["attack"], c["baseline"]) for c in comparisons][0] == ("aea", "csa")
+    assert sklearn_disagreement({a: (labels, s) for a, s in scores.items()}, rows) < 1e-9
+    with pytest.raises(ValueError, match="did not score every candidate"):
+        score_matrix(scored.filter(~((pl.col("attack") == "aea") & (pl.col("record_id") == "r000"))), known, "v")
+    with pytest.raises(ValueError, match="no scored candidates"):
+        score_matrix(scored.head(0), known, "v")

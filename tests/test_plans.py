@@ -42,7 +42,8 @@ def test_target_seeds_repeat_the_target_on_the_same_members_with_other_seeds(mon
     assert len({j.spec.seed for j in jobs}) == 3 and len({j.fingerprint for j in jobs}) == 3
     assert jobs[0].fingerprint == single[target][0].fingerprint
     assert [j.fingerprint for j in repeated[FAMILIES[family].models[2]]] == [
-        j.fingerprint for j in single[FAMILIES[family].models[2]]]  # helpers do not move
+        j.fingerprint for j in single[FAMILIES[family].models[2]]
+    ]  # helpers do not move
 
 
 def test_target_seed_spread_gives_mean_and_sd_per_attack_and_says_when_unmeasured():

@@ -58,7 +58,10 @@ def test_rows_points_and_best_defense():
     assert best_defense(rows)["model_version"] == "noise"
     assert best_defense(rows, max_relative_loss=0.6)["model_version"] == "dp2"
     assert best_defense(rows, max_relative_loss=0.0) is None
-    assert "| dp_sgd | 2 | 2 |  | csa | naive | 0.050 [0.025, 0.100] | known 1% threshold | 0.015 |" in defense_markdown(rows)
+    assert (
+        "| dp_sgd | 2 | 2 |  | csa | naive | 0.050 [0.025, 0.100] | known 1% threshold | 0.015 |"
+        in defense_markdown(rows)
+    )
     # from 1000 non-members on, the reported TPR@1%FPR (bootstrap CI) is the read
     _, metrics, _ = _tables()
     metrics = metrics.with_columns(tpr_at_1pct_fpr=pl.col("known_threshold_tpr_1pct") + 0.01,
@@ -77,8 +80,9 @@ def test_the_adaptive_attacker_is_the_privacy_read_and_clip_epsilons_are_marked(
     twin = {"model_version": "noise+k8", "role": "defended", "defense": "embedding_noise", "defense_strength": 0.1,
             "defense_facts": json.dumps({"attacker": "adaptive", "queries": 8})}  # fmt: skip
     models = pl.concat([models, pl.DataFrame([twin])])
-    metrics = pl.concat([metrics, metrics.filter(pl.col("model_version") == "noise").with_columns(
-        model_version=pl.lit("noise+k8"), known_threshold_tpr_1pct=pl.col("known_threshold_tpr_1pct") * 2)])  # fmt: skip
+    doubled = metrics.filter(pl.col("model_version") == "noise").with_columns(
+        model_version=pl.lit("noise+k8"), known_threshold_tpr_1pct=pl.col("known_threshold_tpr_1pct") * 2)  # fmt: skip
+    metrics = pl.concat([metrics, doubled])
     utility = pl.concat([utility, pl.DataFrame({"model_version": ["noise+k8"], "metric": "i2t_recall@5",
                                                 "value": [0.78]})])  # fmt: skip
     rows = defense_rows(models, metrics, utility, family="clip")

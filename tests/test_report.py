@@ -38,8 +38,10 @@ def test_verdicts_read_paired_differences_not_ci_overlap():
     comparisons = [_cmp("clip_loss", "csa", "auc", 0.01, -0.01, 0.03), _cmp("clip_loss", "csa", "tpr_at_1pct_fpr",
                    0.13, 0.04, 0.23), _cmp("clip_loss", "blind_baseline", "auc", 0.41, 0.36, 0.46)]  # fmt: skip
     text = "\n".join(report.verdict_lines(rows, comparisons, 0.1))
-    assert "clip_loss vs csa: AUC +0.010 [-0.010, +0.030] (not told apart); TPR@1%FPR +0.130 [+0.040, +0.230] " \
-           "(better)" in text
+    assert (
+        "clip_loss vs csa: AUC +0.010 [-0.010, +0.030] (not told apart); TPR@1%FPR +0.130 [+0.040, +0.230] "
+        "(better)" in text
+    )
     assert "beat CSA in TPR@1%FPR (paired CI above 0): clip_loss" in text
     assert "beat CSA in AUC (paired CI above 0): none" in text
 
@@ -49,3 +51,12 @@ def test_a_model_without_csa_gets_no_verdict_against_it():
     comparisons = [_cmp("m4i_loss", "blind_baseline", "auc", 0.49, 0.45, 0.53)]
     text = "\n".join(report.verdict_lines(rows, comparisons, 0.1))
     assert "CSA" not in text and "m4i_loss beats the blind baseline" in text
+
+
+def test_null_control_verdict_names_the_attacks_off_chance():
+    rows = [{"attack": "csa", "auc": 0.5, "auc_ci_low": 0.45, "auc_ci_high": 0.55},
+            {"attack": "aea", "auc": 0.6, "auc_ci_low": 0.56, "auc_ci_high": 0.64}]  # fmt: skip
+    passed, message, off = report.null_control_verdict("null_control", rows)
+    assert not passed and len(off) == 1 and off[0].startswith("aea") and "excludes 0.5" in message
+    assert report.null_control_verdict("null_control", rows[:1])[0]
+    assert report.null_control_verdict("target", rows) == (True, "applies to null controls only; this is a target", [])

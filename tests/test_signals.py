@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from m4i_assets.data.corpus import CorpusSpec, generate
+from m4i_assets.data.images import open_rgb
 from m4i_assets.data.manifest import read_manifest
 from m4i_assets.models import clip
 from m4i_assets.models.checkpoints import model_version_for, safetensors_tensor_count, sha256_file
 from m4i_assets.models.clip import split_normalisation
-from m4i_assets.data.images import open_rgb
 from m4i_assets.signals import embeddings
 from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 from m4i_assets.signals.embeddings import embed_records, encode_batches, record_batches, tensor_batches

@@ -92,3 +92,40 @@ def test_a_read_only_session_neither_blocks_writers_nor_misses_their_rows(tmp_pa
         session.stdin.close()
         session.wait(timeout=30)
     assert wh.publish_catalog()
+
+
+def test_repository_reads_each_fact_once_and_names_its_queries(tmp_path):
+    from m4i_assets.storage.home import Home
+
+    home = Home(tmp_path)
+    records = pl.DataFrame({"record_id": ["a", "b", "c", "d"], "dataset": "shapes", "caption": ["x", "y", "z", "w"],
+                            "image_uri": ["i1", "i1", "i2", "i3"]})  # fmt: skip
+    home.write("records", records, dataset="shapes")
+    roles = pl.DataFrame({"audit": "demo", "record_id": ["a", "b", "c", "d"], "dataset": "shapes",
+                          "role": ["member", "nonmember", "known_nonmember", "population"],
+                          "is_member": [True, False, False, False]})  # fmt: skip
+    home.write("record_roles", roles, audit="demo")
+    for version, role, seed in (("clip-1", "target", 0), ("captioner-s1", "shadow", 7), ("clip-r1", "reference", 1)):
+        home.write("models", pl.DataFrame([{"model_version": version, "family": version.split("-")[0], "arch": "a",
+                                            "role": role, "audit": "demo", "checkpoint_uri": "-", "sha256": "-",
+                                            "train_config": f'{{"seed": {seed}}}', "train_dataset": "shapes"}]),
+                   model_version=version)  # fmt: skip
+    repo = home.repository
+    assert repo.model_info("clip-1")["role"] == "target"
+    assert repo.candidates("clip-1")["record_id"].to_list() == ["a", "b"]
+    assert repo.known_nonmembers("clip-1")["record_id"].to_list() == ["c"]
+    home.write("models", pl.DataFrame(schema={"model_version": pl.String}), model_version="clip-1")
+    assert repo.model_info("clip-1")["role"] == "target"  # read once: the repository of one asset keeps it
+    with pytest.raises(LookupError, match="not registered"):
+        home.repository.model_info("clip-1")
+    assert repo.audit_records("demo", ("population",), dataset="other").height == 0
+    assert repo.references(["b", "c"]) == [["x", "y"], ["z"]]  # a and b share the image i1
+    with pytest.raises(LookupError, match="not in `records`"):
+        repo.references(["a", "zz"])
+    assert repo.latest_versions("demo", "reference") == ["clip-r1"] == repo.reference_versions("demo", 1)
+    with pytest.raises(LookupError, match="2 needed"):
+        repo.reference_versions("demo", 2)
+    assert [(m["model_version"], m["train_seed"]) for m in repo.shadow_models("demo")] == [("captioner-s1", 7)]
+    assert repo.record_ids("shapes") == ["a", "b", "c", "d"] and repo.shift_check("clip-1") is None
+    with pytest.raises(ValueError, match="not one of"):
+        repo.of_version("records", "clip-1")

@@ -17,6 +17,7 @@ candidates, so a score does not depend on which other candidates are scored or o
 """
 
 import numpy as np
+import polars as pl
 
 ATTACK_ID = "aea"
 AGGREGATIONS = ("mean", "known_zscore", "known_lr")
@@ -62,3 +63,14 @@ def aea_scores(
     cov = LedoitWolf().fit((known - mu) / sd).covariance_
     weights = np.linalg.solve(cov, np.ones(z.shape[1]))
     return z @ weights
+
+
+def wide_deltas(deltas: pl.DataFrame, record_ids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(clean CS (n,), per-transform deltas (n, K)) of these records, in their order, transforms sorted by name,
+    from an `augmentation_deltas` signal (record_id, transform, cs_clean, delta); an error when it lacks some."""
+    wide = deltas.pivot(on="transform", index=["record_id", "cs_clean"], values="delta")
+    wide = pl.DataFrame({"record_id": record_ids}).join(wide, on="record_id", how="left")
+    transforms = sorted(c for c in wide.columns if c not in ("record_id", "cs_clean"))
+    if wide["cs_clean"].null_count():
+        raise ValueError("augmentation_deltas lack some records: materialize it again")
+    return wide["cs_clean"].to_numpy(), wide.select(transforms).to_numpy()

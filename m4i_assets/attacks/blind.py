@@ -91,3 +91,20 @@ def blind_scores(
             X_other = sparse.hstack([text.transform(others[0]), scale.transform(other_numeric)])
             other_scores += clf.predict_proba(X_other.tocsr())[:, 1] / (n_folds * n_repeats)
     return scores if others is None else (scores, other_scores)
+
+
+def known_vs_candidate_scores(
+    candidates: tuple[list[str], list[str], np.ndarray | None],
+    known: tuple[list[str], list[str], np.ndarray | None],
+    n_folds: int,
+    random_state: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shift gate's second test (Das et al. 2024): the blind classifier telling the known non-members from the
+    candidate non-members, each given as (captions, image uris, target-independent features or None). Returns
+    (is_known, out-of-fold P(known)) over candidates then known non-members; an AUC above chance means the known
+    non-members, on which WSA and the known-threshold figures rest, are not like the candidates."""
+    is_known = np.r_[np.zeros(len(candidates[0]), bool), np.ones(len(known[0]), bool)]
+    features = None if candidates[2] is None else np.r_[candidates[2], known[2]]
+    scores = blind_scores(candidates[0] + known[0], candidates[1] + known[1], is_known, n_folds=n_folds,
+                          random_state=random_state, features=features)  # fmt: skip
+    return is_known, scores

@@ -23,11 +23,13 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import polars as pl
 import torch
 from safetensors.torch import load, save
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
+from m4i_assets.attacks.adaptive import average_over_queries
 from m4i_assets.data.images import load_image_tensor
 from m4i_assets.data.text import normalise_caption
 from m4i_assets.models.device import device_for
@@ -254,3 +256,116 @@ def attacker_split(is_member: np.ndarray, seed: int) -> tuple[np.ndarray, np.nda
         idx = np.flatnonzero(is_member == cls)
         first[rng.permutation(idx)[: len(idx) // 2]] = True
     return first, ~first
+
+
+@dataclass(frozen=True)
+class AttackModels:
+    """What one shadow captioner teaches the attacker (sections 3.2-3.3): the MB classifier, the MFE and the FB
+    classifier, and the masks of the shadow records the MFE and the FB classifier were fit on."""
+
+    mb: ShadowClassifier
+    mfe: Mfe
+    fb: ShadowClassifier
+    mfe_part: np.ndarray
+    fb_part: np.ndarray
+
+
+def train_attack_models(
+    metrics: np.ndarray,
+    image_uris: list[str],
+    captions: list[str],
+    generated: list[str],
+    is_member: np.ndarray,
+    mb: ShadowClassifier,
+    fb: ShadowClassifier,
+    mfe_spec: MfeSpec,
+    seed: int,
+    device: str | None = None,
+) -> AttackModels:
+    """Fit the attacker's models on one shadow captioner's records (its caption `metrics`, images, reference and
+    `generated` captions, ground truth): `mb` on every record's caption metrics; the MFE on a seeded half
+    (`attacker_split`) and `fb` on |MFE_img - MFE_txt(generated)| of the other half, so the FB classifier never
+    learns from a record the MFE was fit on."""
+    y = np.asarray(is_member, dtype=bool)
+    mb.fit(metrics, y)
+    mfe_part, fb_part = attacker_split(y, seed)
+    mfe_rows, fb_rows = np.flatnonzero(mfe_part), np.flatnonzero(fb_part)
+    mfe = train_mfe([image_uris[i] for i in mfe_rows], [captions[i] for i in mfe_rows], mfe_spec, device)
+    fb.fit(fb_features(mfe, [image_uris[i] for i in fb_rows], [generated[i] for i in fb_rows]), y[fb_part])
+    return AttackModels(mb, mfe, fb, mfe_part, fb_part)
+
+
+WHITE_BOX = "white_box"  # the scenario of m4i_loss: no shadow, the target's own likelihoods
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A shadow captioner as the scenario evaluation sees it: its `models` facts, its attack models and its
+    caption NLL of the target's candidates followed by the known non-members."""
+
+    version: str
+    dataset: str
+    arch: str
+    seed: int
+    mb: ShadowClassifier
+    mfe: Mfe
+    fb: ShadowClassifier
+    nll: np.ndarray
+
+
+def scenario_scores(
+    version: str,
+    target_dataset: str,
+    target_arch: str,
+    candidates: pl.DataFrame,
+    metrics: np.ndarray,
+    nll: np.ndarray,
+    shadows: list[Shadow],
+    queries: list[list[str]],
+    seed: int,
+) -> pl.DataFrame:
+    """Every threat scenario's per-record scores of a target's candidates (section 4.3): `m4i_loss` once (white
+    box), then per shadow (i.e. per scenario and shadow seed) MB and FB with the shadow-threshold predictions, and
+    `m4i_loss_ref` calibrated by that shadow alone. `candidates` has record_id, image_uri, generated_caption and
+    is_member; `metrics` their caption metrics (averaged over the queries); `queries` each query's released captions
+    of them (the adaptive attacker's k queries of a sampled-decoding release; FB features averaged over them); `nll`
+    the target's NLL of the candidates then the known non-members (as each shadow's `nll`)."""
+    from m4i_assets.attacks import caption_loss
+
+    n = candidates.height
+    uris = candidates["image_uri"].to_list()
+
+    def frame(attack: str, scenario: str, shadow: Shadow | None, scores: np.ndarray, clf=None, predicted=None):
+        return pl.DataFrame({
+            "model_version": version, "attack": attack, "scenario": scenario,
+            "shadow_version": shadow.version if shadow else "none",
+            "shadow_dataset": shadow.dataset if shadow else "none",
+            "shadow_arch": shadow.arch if shadow else "none",
+            "shadow_seed": shadow.seed if shadow else seed,
+            "classifier": clf.kind_ if clf else "none",
+            "shadow_accuracy": clf.shadow_accuracy_ if clf else None,
+            "record_id": candidates["record_id"], "score": scores, "predicted_member": predicted,
+            "is_member": candidates["is_member"],
+        }, schema_overrides={"shadow_accuracy": pl.Float64, "predicted_member": pl.Boolean})  # fmt: skip
+
+    frames = [frame(caption_loss.LOSS, WHITE_BOX, None, caption_loss.loss_scores(nll[:n]))]
+    for shadow in shadows:
+        scenario = scenario_of(target_dataset, target_arch, shadow.dataset, shadow.arch)
+        fb = average_over_queries([fb_features(shadow.mfe, uris, q) for q in queries])
+        for attack, clf, X in ((MB, shadow.mb, metrics), (FB, shadow.fb, fb)):
+            frames.append(frame(attack, scenario, shadow, clf.score_samples(X), clf, clf.predict(X)))
+        ref = caption_loss.loss_ref_scores(nll, shadow.nll[:, None])[:n]
+        frames.append(frame(caption_loss.LOSS_REF, scenario, shadow, ref))
+    return pl.concat(frames)
+
+
+def headline_scores(scored: pl.DataFrame, attack: str, target_dataset: str, target_arch: str) -> pl.DataFrame:
+    """The `membership_scores` rows of MB or FB: the unrestricted scenario's, from its first shadow seed; an error
+    when no shadow shares the target's dataset and architecture."""
+    unrestricted = scored.filter((pl.col("scenario") == "unrestricted") & (pl.col("attack") == attack))
+    if not unrestricted.height:
+        raise LookupError(
+            f"no shadow captioner matches the target's dataset {target_dataset!r} and arch {target_arch!r}; "
+            "add the arch to `shadow_archs`"
+        )
+    return unrestricted.filter(pl.col("shadow_seed") == unrestricted["shadow_seed"].min())

@@ -171,8 +171,12 @@ def wsa_features(
         raise ValueError(f"unknown WSA features {unknown or kinds}; known: {list(FEATURES)}")
     a = image_emb / np.linalg.norm(image_emb, axis=1, keepdims=True)
     b = text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True)
-    parts = {"concat": lambda: np.c_[image_emb, text_emb], "product": lambda: a * b,
-             "cs": lambda: (a * b).sum(axis=1, keepdims=True), "deltas": lambda: _deltas(deltas, len(a))}
+    parts = {
+        "concat": lambda: np.c_[image_emb, text_emb],
+        "product": lambda: a * b,
+        "cs": lambda: (a * b).sum(axis=1, keepdims=True),
+        "deltas": lambda: _deltas(deltas, len(a)),
+    }
     return np.concatenate([parts[k]() for k in kinds], axis=1).astype(np.float32)
 
 

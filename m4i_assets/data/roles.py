@@ -54,6 +54,28 @@ def assign_roles(record_ids: list[str], spec: RoleSpec, nonmember_ids: list[str]
     return pl.DataFrame({"record_id": ids, "role": roles.astype(str), "is_member": roles == "member"}).sort("record_id")
 
 
+def controlled_roles(
+    audit: str,
+    main: tuple[str, list[str]],
+    spec: RoleSpec,
+    shifted: tuple[str, list[str]] | None = None,
+    second: tuple[str, list[str]] | None = None,
+) -> pl.DataFrame:
+    """The `record_roles` rows of a controlled audit from its datasets, each (name, record ids): the roles of the
+    `main` dataset (`assign_roles`), its non-members drawn from the `shifted` dataset when given (the shift
+    gate's demonstration), and every record of the `second` caption domain a population record (the shadow
+    captioners' data) unless the main dataset holds it already; each row with the dataset it comes from."""
+    roles = assign_roles(main[1], spec, shifted[1] if shifted else None).with_columns(dataset=pl.lit(main[0]))
+    if shifted:  # the non-members were drawn from the shifted corpus
+        from_shifted = pl.col("record_id").is_in(shifted[1]) & (pl.col("role") == "nonmember")
+        roles = roles.with_columns(dataset=pl.when(from_shifted).then(pl.lit(shifted[0])).otherwise("dataset"))
+    if second:
+        other = pl.DataFrame({"record_id": second[1], "role": "population", "is_member": False, "dataset": second[0]},
+                             schema_overrides={"record_id": pl.String})  # fmt: skip
+        roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
+    return roles.with_columns(audit=pl.lit(audit))
+
+
 def shadow_split(population_ids: list[str], seed: int) -> tuple[list[str], list[str]]:
     """A shadow model's known members and non-members: a seeded half of the population and the rest
     (M^4I's attacker data, disjoint from every candidate; ATTACKS.md section 2), both sorted."""

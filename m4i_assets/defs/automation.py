@@ -144,7 +144,7 @@ def reaudit_schedule(family: str):
         selection = [AssetKey(k) for k in audit_selection(family, settings.registered_audit(storage.root))]
         return [
             RunRequest(run_key=f"{version}@{tick}", partition_key=version, asset_selection=selection)
-            for version in storage.latest_versions(settings.audit, "target", family=family)
+            for version in storage.repository.latest_versions(settings.audit, "target", family=family)
         ]
 
     return _schedule

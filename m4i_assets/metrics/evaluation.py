@@ -24,6 +24,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 from scipy.stats import rankdata
 
 from m4i_assets.metrics.privacy import clopper_pearson
@@ -107,8 +108,9 @@ def known_threshold(
                         f"known_threshold_{metric}_{x}_ci_high": high})  # fmt: skip
     n_known = 0 if known_scores is None else len(known_scores)
     row["known_threshold_note"] = (
-        "this attack gives no score to the known non-members (it was fit on them, or the model was not queried "
-        "on them)" if not n_known else f"threshold from {n_known} known non-members"
+        "this attack gives no score to the known non-members (it was fit on them, or the model was not queried on them)"
+        if not n_known
+        else f"threshold from {n_known} known non-members"
     )
     return row
 
@@ -265,3 +267,52 @@ def roc_plot_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict]) -> float:
+    """Largest gap between our AUC / TPR@1%FPR (`rows`) and scikit-learn's on the same (labels, scores)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    gap = 0.0
+    for row in rows:
+        labels, scores = curves[row["attack"]]
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        gap = max(
+            gap,
+            abs(roc_auc_score(labels, scores) - row["auc"]),
+            abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr_raw"]),
+        )
+    return float(gap)
+
+
+def score_matrix(
+    scored: pl.DataFrame, known: pl.DataFrame, version: str
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Ground truth and every attack's scores of a version's candidates aligned by record id, from its
+    `membership_scores` rows with ground truth (attack, record_id, score, is_member); and each attack's scores of
+    the known non-members (`known_nonmember_scores`: attack, score), where it has them."""
+    if scored.is_empty():
+        raise ValueError(f"no scored candidates with ground truth for {version}")
+    wide = scored.pivot(on="attack", index=["record_id", "is_member"], values="score").sort("record_id")
+    attacks = sorted(set(scored["attack"]))
+    partial = [a for a in attacks if wide[a].null_count()]
+    if partial:
+        raise ValueError(f"{version}: attacks {partial} did not score every candidate the others scored")
+    known_scores = {a: g["score"].to_numpy() for (a,), g in known.group_by(["attack"])}
+    return wide["is_member"].to_numpy(), {a: wide[a].to_numpy() for a in attacks}, known_scores
+
+
+def metric_rows(
+    labels: np.ndarray,
+    scores: dict[str, np.ndarray],
+    known: dict[str, np.ndarray],
+    n_bootstrap: int,
+    seed: int,
+    baselines: tuple[str, ...],
+) -> tuple[list[dict], list[dict]]:
+    """The `attack_metrics` rows of one version (`evaluate_attacks`' point metrics and paired bootstrap CIs, and
+    the known non-members' thresholds, ATTACKS.md section 5) and its `attack_comparisons` rows."""
+    ev = evaluate_attacks(labels, scores, n_bootstrap=n_bootstrap, seed=seed, baselines=baselines)
+    rows = [{"attack": a, **e.as_row(), **known_threshold(labels, scores[a], known.get(a))}
+            for a, e in ev.attacks.items()]  # fmt: skip
+    return rows, ev.comparisons

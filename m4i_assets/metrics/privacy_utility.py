@@ -43,8 +43,9 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
     """One row per (model version, attack): the defense and its strength (`none` for the undefended target),
     epsilon when DP, AUC and TPR@1%FPR with CIs (NULL below 1000 non-members, with the reason), TPR and realised
     FPR at the known non-members' 1% threshold with Clopper-Pearson CIs, the `PRIVACY` read, the family's primary
-    utility, and the utility relative to the target's. `models` holds the target and its defended versions (columns model_version, role, defense,
-    defense_strength, defense_facts), `metrics` their `attack_metrics` rows, `utility` their `model_utility`."""
+    utility, and the utility relative to the target's. `models` holds the target and its defended versions
+    (columns model_version, role, defense, defense_strength, defense_facts), `metrics` their `attack_metrics`
+    rows, `utility` their `model_utility`."""
     metric = PRIMARY_UTILITY[family]
     facts = [json.loads(f) if f else {} for f in models["defense_facts"].to_list()]
     versions = models.select(
@@ -74,8 +75,12 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
             pl.when(reported).then(pl.col(f"{REPORTED}{s}")).otherwise(pl.col(f"{KNOWN}{s}")).alias(f"{PRIVACY}{s}")
             for s in ("", "_ci_low", "_ci_high")
         )
-        .with_columns(privacy_figure=pl.when(reported).then(pl.lit(REPORTED))
-                      .when(pl.col(KNOWN).is_not_null()).then(pl.lit(KNOWN)))  # fmt: skip
+        .with_columns(
+            privacy_figure=pl.when(reported)
+            .then(pl.lit(REPORTED))
+            .when(pl.col(KNOWN).is_not_null())
+            .then(pl.lit(KNOWN))
+        )  # fmt: skip
         .select(
             "defense",
             "strength",
@@ -153,8 +158,8 @@ def best_defense(rows: pl.DataFrame, max_relative_loss: float = 0.10) -> dict | 
 
 
 def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
-    """Worst-case attack privacy TPR (`PRIVACY`) against utility, one line per defense ordered by strength, the undefended
-    target as a star."""
+    """Worst-case attack privacy TPR (`PRIVACY`) against utility, one line per defense ordered by strength, the
+    undefended target as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +177,11 @@ def privacy_utility_png(rows: pl.DataFrame, title: str) -> bytes:
                         textcoords="offset points", xytext=(3, 3))  # fmt: skip
     target = points.filter(pl.col("defense") == UNDEFENDED)
     ax.scatter(target["utility"], target["tpr"], marker="*", s=200, c="k", zorder=5, label="undefended")
-    ax.set(xlabel=f"utility: {rows['utility_metric'][0]} (held-out)", ylabel="worst attack TPR at 1% FPR (PRIVACY rule)", title=title)
+    ax.set(
+        xlabel=f"utility: {rows['utility_metric'][0]} (held-out)",
+        ylabel="worst attack TPR at 1% FPR (PRIVACY rule)",
+        title=title,
+    )
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -213,8 +222,8 @@ def defense_markdown(rows: pl.DataFrame) -> str:
 
 def matched_utility_markdown(points: pl.DataFrame) -> str:
     """`matched_utility` as a markdown table."""
-    lines = ["| defense | strength | utility | worst privacy TPR (`PRIVACY`) | best other defense at this utility | its TPR | "
-             "most private here |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| defense | strength | utility | worst privacy TPR (`PRIVACY`) | best other defense at this utility "
+             "| its TPR | most private here |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in matched_utility(points).iter_rows(named=True):
         lines.append(f"| {r['defense']} | {_fmt(r['strength'], 'g')} | {_fmt(r['utility'], '.4f')} | "
                      f"{_fmt(r['tpr'], '.3f')} | {r['frontier_defense'] or ''} | "
@@ -236,9 +245,10 @@ def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
 
 def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
     """The frontier at matched utility: for each defended point (a `curve_points` row), every other defense's
-    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility, and the lowest of them (`frontier_tpr`, by
-    `frontier_defense`). A point whose own TPR is at or below the frontier is the most private at its utility;
-    comparing at one strength each would set a defense that kept less utility against one that kept more."""
+    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility, and the lowest of them
+    (`frontier_tpr`, by `frontier_defense`). A point whose own TPR is at or below the frontier is the most private
+    at its utility; comparing at one strength each would set a defense that kept less utility against one that
+    kept more."""
     defended = points.filter(pl.col("defense") != UNDEFENDED)
     curves = {d: g for (d,), g in defended.group_by(["defense"], maintain_order=True)}
     rows = []
@@ -258,8 +268,8 @@ def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
 
 
 def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
-    """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`), interpolated) at `utility`, with that TPR;
-    None when no defense's strengths reach that utility."""
+    """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`), interpolated) at `utility`, with
+    that TPR; None when no defense's strengths reach that utility."""
     defended = points.filter(pl.col("defense") != UNDEFENDED)
     at = {d: interpolate_tpr(g, utility) for (d,), g in defended.group_by(["defense"], maintain_order=True)}
     at = {d: t for d, t in at.items() if t is not None}

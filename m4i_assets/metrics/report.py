@@ -58,8 +58,14 @@ def _outside(row: dict, margin: float) -> bool:
 
 
 def _below(row: dict, margin: float) -> str:
-    return (f" (below chance by more than {margin}: the out-of-fold bias of a small sample, not a shift an attacker "
-            "could use; comparisons against it flatter the attacks)") if row["auc_ci_high"] < 0.5 - margin else ""
+    return (
+        (
+            f" (below chance by more than {margin}: the out-of-fold bias of a small sample, not a shift an attacker "
+            "could use; comparisons against it flatter the attacks)"
+        )
+        if row["auc_ci_high"] < 0.5 - margin
+        else ""
+    )
 
 
 def shift_verdict(rows: list[dict], margin: float, known_vs_candidates: dict | None = None) -> tuple[bool, str]:
@@ -81,10 +87,15 @@ def shift_verdict(rows: list[dict], margin: float, known_vs_candidates: dict | N
                         "not transfer")  # fmt: skip
     if problems:
         return False, "shift gate FAILED: " + "; ".join(problems) + ". Draw every set from one distribution."
-    known = "" if known_vs_candidates is None else (
-        f", known vs candidate non-members {ci_text(known_vs_candidates, 'auc')}")
-    return True, (f"shift gate passed: blind baseline AUC {ci_text(blind, 'auc')}{_below(blind, margin)}{known}, "
-                  f"not above 0.5 + {margin}")
+    known = (
+        ""
+        if known_vs_candidates is None
+        else (f", known vs candidate non-members {ci_text(known_vs_candidates, 'auc')}")
+    )
+    return True, (
+        f"shift gate passed: blind baseline AUC {ci_text(blind, 'auc')}{_below(blind, margin)}{known}, "
+        f"not above 0.5 + {margin}"
+    )
 
 
 def _comparison(comparisons: list[dict], attack: str, baseline: str, metric: str) -> dict | None:
@@ -113,6 +124,15 @@ def beats_blind_verdict(rows: list[dict], comparisons: list[dict]) -> tuple[bool
         return True, f"{best['attack']} beats the blind baseline: AUC difference {diff_text(c)} lies above 0"
     return False, (f"no attack beats the blind baseline: the best, {best['attack']}, has AUC difference "
                    f"{diff_text(c)}, which does not lie above 0, so no membership leakage is shown")  # fmt: skip
+
+
+def null_control_verdict(role: str, rows: list[dict]) -> tuple[bool, str, list[str]]:
+    """(passed, message, attacks off chance): on a null control, which never saw a candidate (ATTACKS.md
+    section 4), every attack's AUC CI must contain 0.5; other roles pass."""
+    if role != "null_control":
+        return True, f"applies to null controls only; this is a {role}", []
+    off = [f"{r['attack']} {ci_text(r, 'auc')}" for r in rows if not r["auc_ci_low"] <= 0.5 <= r["auc_ci_high"]]
+    return not off, "every attack's AUC CI contains 0.5" if not off else f"AUC CI excludes 0.5: {', '.join(off)}", off
 
 
 def compare_to(comparisons: list[dict], baseline: str) -> list[str]:

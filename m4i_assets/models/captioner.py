@@ -250,8 +250,9 @@ class VisionEncoderDecoderCaptioner(nn.Module):
         processors = transformers.LogitsProcessorList()
         if temperature > 0:
             processors.append(_DrawnToken(temperature, draws))
-        return self.hf.generate(pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1,
-                                logits_processor=processors)
+        return self.hf.generate(
+            pixel_values=pixels, max_length=max_len + 2, do_sample=False, num_beams=1, logits_processor=processors
+        )
 
 
 class _DrawnToken(transformers.LogitsProcessor):

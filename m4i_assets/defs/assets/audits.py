@@ -69,10 +69,11 @@ def membership_rate(
     score of a known non-member is unbiased (no attack model was fitted on them): the share of candidates
     whose image-text cosine similarity lies above the known non-members' (1 - alpha) quantile, minus alpha."""
     version = context.partition_key
-    info = storage.model_info(version)
+    repo = storage.repository
+    info = repo.model_info(version)
     emb = load_signal(storage, "embeddings", version)
-    cands = storage.audit_records(info["audit"], ("candidate",)).select("record_id")
-    known = storage.audit_records(info["audit"], ("known_nonmember",)).select("record_id")
+    cands = repo.audit_records(info["audit"], ("candidate",)).select("record_id")
+    known = repo.known_nonmembers(version).select("record_id")
     if not cands.height:  # a labelled or controlled audit (its job's full selection): attack_metrics instead
         return MaterializeResult(metadata={"skipped": f"audit {info['audit']!r} has no candidates of unknown "
                                                       "membership: its metrics are attack_metrics"})  # fmt: skip

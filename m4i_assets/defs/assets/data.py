@@ -18,7 +18,7 @@ from dagster import (
 )
 
 from m4i_assets.data.audits import AuditSpec, roles_from_data
-from m4i_assets.data.roles import assign_roles
+from m4i_assets.data.roles import controlled_roles
 from m4i_assets.data.sources import SourceSpec, load_registry, partition_key, shard_partition_keys
 from m4i_assets.defs.resources import Storage
 from m4i_assets.settings import AuditSettings
@@ -168,21 +168,12 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
     if audit is not None:
         return registered_roles(settings, storage, audit)
 
-    def ids_of(dataset: str) -> list[str]:
-        return storage.read("SELECT record_id FROM records WHERE dataset = ?", [dataset])["record_id"].to_list()
-
+    ids_of = storage.repository.record_ids
     main = ids_of(settings.main_dataset())
     shifted, second = settings.shifted_corpus_spec(), settings.second_domain_spec()
-    roles = assign_roles(main, settings.role_spec(), ids_of(shifted.name) if shifted else None)
-    roles = roles.with_columns(dataset=pl.lit(settings.main_dataset()))
-    if shifted:  # the non-members were drawn from the shifted corpus
-        from_shifted = pl.col("record_id").is_in(ids_of(shifted.name)) & (pl.col("role") == "nonmember")
-        roles = roles.with_columns(dataset=pl.when(from_shifted).then(pl.lit(shifted.name)).otherwise("dataset"))
-    if second:  # the second caption domain is all population (shadow captioners' data)
-        other = pl.DataFrame({"record_id": ids_of(second.name), "role": "population", "is_member": False,
-                              "dataset": second.name})  # fmt: skip
-        roles = pl.concat([roles, other.join(roles, on="record_id", how="anti")]).sort("record_id")
-    roles = roles.with_columns(audit=pl.lit(settings.audit))
+    roles = controlled_roles(settings.audit, (settings.main_dataset(), main), settings.role_spec(),
+                             (shifted.name, ids_of(shifted.name)) if shifted else None,
+                             (second.name, ids_of(second.name)) if second else None)  # fmt: skip
     storage.write("record_roles", roles, audit=settings.audit)
     counts = {r["role"]: r["len"] for r in roles.group_by("role").len().to_dicts()}
     spec = settings.role_spec()
@@ -207,8 +198,7 @@ def record_roles(settings: AuditSettings, storage: Storage) -> MaterializeResult
 
 def registered_roles(settings: AuditSettings, storage: Storage, audit: AuditSpec) -> MaterializeResult:
     """`record_roles` of a labelled or unlabelled audit, from its dataset's records."""
-    records = storage.read("SELECT record_id, dataset, image_uri, split, metadata FROM records WHERE dataset = ?",
-                           [audit.dataset])  # fmt: skip
+    records = storage.repository.dataset_records(audit.dataset)
     if not records.height:
         raise ValueError(f"audit {audit.name!r}: dataset {audit.dataset!r} has no records (materialize records)")
     roles = roles_from_data(records, audit, settings.seed).with_columns(audit=pl.lit(audit.name))

@@ -26,13 +26,14 @@ from m4i_assets import plans
 from m4i_assets.defenses.grid import defended_spec, grid, is_release
 from m4i_assets.defenses.release import RELEASE_DEFENSES, attack_skip_reason, family_attacks_needing, interface_of
 from m4i_assets.defs.assets.audits import replace_plan_rows
-from m4i_assets.defs.assets.models import release_of, train_and_register
+from m4i_assets.defs.assets.models import train_and_register
 from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, zero_shot_text_embeddings
 from m4i_assets.metrics import privacy_utility as pu
 from m4i_assets.plans import TrainJob, validation_sample
+from m4i_assets.scoring import release_of
 from m4i_assets.settings import AuditSettings
 
 
@@ -43,10 +44,10 @@ def metric_name(row: dict, metric: str = "tpr_at_1pct_fpr") -> str:
 
 
 def latest_target(storage: Storage, audit: str, family: str) -> dict:
-    versions = storage.latest_versions(audit, "target", family=family)
+    versions = storage.repository.latest_versions(audit, "target", family=family)
     if not versions:
         raise ValueError(f"audit {audit!r} has no {family} target yet: materialize target_{family} first")
-    return storage.model_info(versions[0])
+    return storage.repository.model_info(versions[0])
 
 
 def adaptive_queries(defense: str, queries: int) -> int:
@@ -72,8 +73,12 @@ def plan_release_skips(storage: Storage, audit: str, family: str, versions: list
 
 
 def adaptive_helper_jobs(
-    settings: AuditSettings, family: str, defenses: dict[str, list[float]], population: pl.DataFrame,
-    validation: pl.DataFrame, target: str,
+    settings: AuditSettings,
+    family: str,
+    defenses: dict[str, list[float]],
+    population: pl.DataFrame,
+    validation: pl.DataFrame,
+    target: str,
 ) -> list[TrainJob]:
     """Helpers for the adaptive attacker of a training-time defense (Tramer et al. 2020; Aerni et al., CCS 2024):
     the family's helpers of the undefended plan (`plans.adaptive_helper_jobs`: reference CLIPs, the
@@ -104,8 +109,12 @@ def defense_spec(settings: AuditSettings, spec, defense: str, strength: float):
 
 
 def register_adaptive_twins(
-    context: AssetExecutionContext, storage: Storage, jobs: list[TrainJob], trained: list[dict],
-    references: list[TrainJob], refs: list[dict],
+    context: AssetExecutionContext,
+    storage: Storage,
+    jobs: list[TrainJob],
+    trained: list[dict],
+    references: list[TrainJob],
+    refs: list[dict],
 ) -> list[dict]:
     """For each trained defended version with helpers trained under its defense: its adaptive twin, the same
     checkpoint as `<version>+adaptive` (facts: `attacker: adaptive`, `naive_version`, `references`: those
@@ -119,7 +128,7 @@ def register_adaptive_twins(
         matching = by_defense.get(job.defense[:2])
         if not matching:
             continue
-        naive = storage.model_info(result["model_version"])
+        naive = storage.repository.model_info(result["model_version"])
         facts = {**json.loads(naive.get("defense_facts") or "{}"), "attacker": "adaptive",
                  "naive_version": naive["model_version"], "references": sorted(matching)}  # fmt: skip
         twin = {**{k: v for k, v in naive.items() if k not in ("created_at",)},
@@ -145,8 +154,8 @@ def defend(
     records, never on a candidate)."""
     target = latest_target(storage, settings.audit, family)
     base = FAMILIES[family].base_spec(settings)
-    members = storage.audit_records(settings.audit, ("member",))
-    population = storage.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
+    members = storage.repository.audit_records(settings.audit, ("member",))
+    population = storage.repository.audit_records(settings.audit, ("population",), dataset=settings.main_dataset())
     validation = validation_sample(settings, population)
     released, jobs = [], []
     for defense, strength in grid(defenses, family):
@@ -264,12 +273,12 @@ def model_utility(
     """What the model version is good for, measured on the audit's non-members (held out from the target's
     training): a CLIP's retrieval recall and zero-shot accuracy, a captioner's BLEU-4, ROUGE-L and CIDEr."""
     version = context.partition_key
-    info = storage.model_info(version)
+    info = storage.repository.model_info(version)
     naive = json.loads(info.get("defense_facts") or "{}").get("naive_version")
     if naive:  # an attacker's view of a release: its utility is the release's, measured on `naive`
         passed = AssetCheckResult(check_name="utility_in_range", passed=True, metadata={"utility_of": naive})
         return MaterializeResult(metadata={"dagster/row_count": 0, "utility_of": naive}, check_results=[passed])
-    held = storage.audit_records(info["audit"], ("nonmember",))
+    held = storage.repository.audit_records(info["audit"], ("nonmember",))
     values, chance = UTILITY[info["family"]](storage, settings, compute, info, held)
     frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
                           "chance": [chance.get(m) for m in values], "n_records": held.height,
@@ -326,7 +335,7 @@ def defense_evaluations(
     and the defense with the lowest worst-case TPR@1%FPR at most 10% below the target's utility."""
     tables, metadata, artifacts, missing = [], {}, {}, []
     for family in FAMILIES:
-        if not storage.latest_versions(settings.audit, "target", family=family):
+        if not storage.repository.latest_versions(settings.audit, "target", family=family):
             continue
         target = latest_target(storage, settings.audit, family)["model_version"]
         models = storage.read(

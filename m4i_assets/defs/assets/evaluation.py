@@ -4,7 +4,6 @@ then the comparison report, which the blind-baseline shift gate can block."""
 import base64
 import json
 
-import numpy as np
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -21,48 +20,38 @@ from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Storage, Tracking
 from m4i_assets.metrics import report
 from m4i_assets.metrics.evaluation import (
-    evaluate_attacks,
-    known_threshold,
+    metric_rows,
     permutation_test,
     roc_plot_png,
     row_problems,
+    score_matrix,
+    sklearn_disagreement,
 )
 from m4i_assets.settings import AuditSettings
-
-
-def sklearn_disagreement(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict]) -> float:
-    """Largest gap between our AUC / TPR@1%FPR and scikit-learn's on the same scores."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    gap = 0.0
-    for row in rows:
-        labels, scores = curves[row["attack"]]
-        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-        gap = max(
-            gap,
-            abs(roc_auc_score(labels, scores) - row["auc"]),
-            abs(tpr[fpr <= 0.01].max() - row["tpr_at_1pct_fpr_raw"]),
-        )
-    return float(gap)
 
 
 def version_verdicts(storage: Storage, settings: AuditSettings, version: str) -> dict:
     """What a version's verdicts rest on: its `attack_metrics` rows, `attack_comparisons` rows, the
     known-vs-candidate non-member shift check, and the label-permutation test of its best attack."""
-    rows = storage.read("SELECT * FROM attack_metrics WHERE model_version = ? ORDER BY attack", [version]).to_dicts()
-    comparisons = storage.read("SELECT * FROM attack_comparisons WHERE model_version = ? ORDER BY ALL",
-                               [version]).to_dicts()  # fmt: skip
-    shift = storage.read("SELECT * FROM shift_checks WHERE model_version = ? AND comparison = "
-                         "'known_vs_candidate_nonmembers'", [version]).to_dicts()  # fmt: skip
+    repo = storage.repository
+    rows = repo.of_version("attack_metrics", version, "attack").to_dicts()
+    comparisons = repo.of_version("attack_comparisons", version).to_dicts()
     permutation = None
     best = report.best_attack(rows)
     if best is not None:
-        scored = storage.read("SELECT score, is_member FROM membership_scores WHERE model_version = ? AND attack = ? "
-                              "AND is_member IS NOT NULL ORDER BY record_id", [version, best["attack"]])  # fmt: skip
-        permutation = {"attack": best["attack"], **permutation_test(
-            scored["is_member"].to_numpy(), scored["score"].to_numpy(), settings.n_permutations, settings.seed)}
-    return {"rows": rows, "comparisons": comparisons, "known_vs_candidates": shift[0] if shift else None,
-            "permutation": permutation}
+        scored = repo.scores_with_truth(version, best["attack"])
+        permutation = {
+            "attack": best["attack"],
+            **permutation_test(
+                scored["is_member"].to_numpy(), scored["score"].to_numpy(), settings.n_permutations, settings.seed
+            ),
+        }
+    return {
+        "rows": rows,
+        "comparisons": comparisons,
+        "known_vs_candidates": repo.shift_check(version),
+        "permutation": permutation,
+    }
 
 
 def shift_gate(rows: list[dict], margin: float, known_vs_candidates: dict | None) -> AssetCheckResult:
@@ -80,37 +69,10 @@ def shift_gate(rows: list[dict], margin: float, known_vs_candidates: dict | None
 
 
 def null_control_check(info: dict, rows: list[dict]) -> AssetCheckResult:
-    """For a null control (it never saw a candidate), every attack's AUC CI must contain 0.5."""
-    if info["role"] != "null_control":
-        return AssetCheckResult(check_name="null_control_at_chance", passed=True, severity=AssetCheckSeverity.WARN,
-                                description=f"applies to null controls only; this is a {info['role']}")  # fmt: skip
-    off = [f"{r['attack']} {report.ci_text(r, 'auc')}" for r in rows if not r["auc_ci_low"] <= 0.5 <= r["auc_ci_high"]]
-    return AssetCheckResult(
-        check_name="null_control_at_chance", passed=not off, severity=AssetCheckSeverity.WARN,
-        description="every attack's AUC CI contains 0.5" if not off else f"AUC CI excludes 0.5: {', '.join(off)}",
-        metadata={"off_chance": MetadataValue.json(off)},
-    )  # fmt: skip
-
-
-def score_matrix(storage: Storage, version: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Ground truth and every attack's scores of a version's candidates, aligned by record id; and each
-    attack's scores of the known non-members (where it has them)."""
-    scores = storage.read(
-        "SELECT attack, record_id, score, is_member FROM membership_scores WHERE model_version = ? "
-        "AND is_member IS NOT NULL ORDER BY attack, record_id",
-        [version],
-    )
-    if scores.is_empty():
-        raise ValueError(f"no scored candidates with ground truth for {version}")
-    wide = scores.pivot(on="attack", index=["record_id", "is_member"], values="score").sort("record_id")
-    attacks = sorted(set(scores["attack"]))
-    partial = [a for a in attacks if wide[a].null_count()]
-    if partial:
-        raise ValueError(f"{version}: attacks {partial} did not score every candidate the others scored")
-    known = storage.read("SELECT attack, score FROM known_nonmember_scores WHERE model_version = ? ORDER BY ALL",
-                         [version])  # fmt: skip
-    known_scores = {a: g["score"].to_numpy() for (a,), g in known.group_by(["attack"])}
-    return wide["is_member"].to_numpy(), {a: wide[a].to_numpy() for a in attacks}, known_scores
+    """`report.null_control_verdict` as a warning check result."""
+    passed, message, off = report.null_control_verdict(info["role"], rows)
+    return AssetCheckResult(check_name="null_control_at_chance", passed=passed, severity=AssetCheckSeverity.WARN,
+                            description=message, metadata={"off_chance": MetadataValue.json(off)})  # fmt: skip
 
 
 @asset(
@@ -141,15 +103,13 @@ def attack_metrics(
     thresholds with Clopper-Pearson CIs, the paired differences from CSA and the blind baseline
     (`attack_comparisons`), a log-log ROC plot, and one MLflow run (Carlini et al. 2022; ATTACKS.md 5)."""
     version = context.partition_key
-    info = storage.model_info(version)
-    labels, scores, known = score_matrix(storage, version)
-    ev = evaluate_attacks(labels, scores, n_bootstrap=settings.n_bootstrap, seed=settings.seed,
-                          baselines=report.BASELINES)  # fmt: skip
-    rows = [{"attack": a, **e.as_row(), **known_threshold(labels, scores[a], known.get(a))}
-            for a, e in ev.attacks.items()]  # fmt: skip
+    repo = storage.repository
+    info = repo.model_info(version)
+    labels, scores, known = score_matrix(repo.scores_with_truth(version), repo.known_scores(version), version)
+    rows, comparisons = metric_rows(labels, scores, known, settings.n_bootstrap, settings.seed, report.BASELINES)
     curves = {a: (labels, s) for a, s in scores.items()}
     png = roc_plot_png(curves, title=f"{info['role']} {version}")
-    comparisons = [{"model_version": version, "audit": info["audit"], **c} for c in ev.comparisons]
+    comparisons = [{"model_version": version, "audit": info["audit"], **c} for c in comparisons]
     artifacts = {"roc_loglog.png": png, "attack_metrics.json": json.dumps(rows, indent=2).encode(),
                  "attack_comparisons.json": json.dumps(comparisons, indent=2).encode()}  # fmt: skip
     wsa_model = storage.attack_model_path(version, "wsa.safetensors")
@@ -183,14 +143,17 @@ def attack_metrics(
     storage.write("attack_metrics", table, model_version=version)
     storage.write("attack_comparisons", comparison_table, model_version=version)
     gap = sklearn_disagreement(curves, rows)
-    shift = storage.read("SELECT * FROM shift_checks WHERE model_version = ?", [version]).to_dicts()
     beats, beats_text = report.beats_blind_verdict(rows, comparisons)
     return MaterializeResult(
         check_results=[
             AssetCheckResult(check_name="agrees_with_sklearn", passed=gap < 1e-9, metadata={"max_gap": gap}),
-            shift_gate(rows, settings.shift_gate_margin, shift[0] if shift else None),
-            AssetCheckResult(check_name="beats_blind_baseline", passed=beats, severity=AssetCheckSeverity.WARN,
-                             description=beats_text),
+            shift_gate(rows, settings.shift_gate_margin, repo.shift_check(version)),
+            AssetCheckResult(
+                check_name="beats_blind_baseline",
+                passed=beats,
+                severity=AssetCheckSeverity.WARN,
+                description=beats_text,
+            ),
             null_control_check(info, rows),
             AssetCheckResult(
                 check_name="metrics_in_range",
@@ -217,12 +180,13 @@ def audit_report(
     and the blind baseline, the shift, null-control and permutation verdicts, and for a captioner the M^4I
     scenario table. Runs only when the shift gate passed."""
     version = context.partition_key
-    info = storage.model_info(version)
+    repo = storage.repository
+    info = repo.model_info(version)
     v = version_verdicts(storage, settings, version)
     title = f"Membership audit of {version} ({info['role']}, {info['arch']}, audit {info['audit']})"
     text = report.audit_report(title, v["rows"], v["comparisons"], settings.shift_gate_margin,
                                v["known_vs_candidates"], v["permutation"])  # fmt: skip
-    scenarios = storage.read("SELECT * FROM m4i_scenarios WHERE model_version = ? ORDER BY attack", [version])
+    scenarios = repo.of_version("m4i_scenarios", version, "attack")
     if scenarios.height:  # a captioner: the M^4I threat scenarios too
         text += "\n\n## M^4I threat scenarios (Hu et al. 2022)\n\n" + report.scenarios_markdown(scenarios.to_dicts())
     run_id = v["rows"][0]["mlflow_run_id"]

@@ -22,13 +22,12 @@ import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
 from m4i_assets import plans
-from m4i_assets.data.audits import AuditSpec, Checkpoint
-from m4i_assets.defenses.release import RELEASE_DEFENSES, Release
+from m4i_assets.data.audits import AuditSpec
 from m4i_assets.defs.assets.data import record_roles
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
-from m4i_assets.families import FAMILIES, Family, WatchedCheckpoint, describe_checkpoint
-from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, checkpoint_tensor_count, read_json_object, sha256_file
+from m4i_assets.families import FAMILIES, Family, stage_checkpoint
+from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
 from m4i_assets.plans import TrainJob
 from m4i_assets.settings import AuditSettings
 
@@ -44,18 +43,6 @@ def register_checkpoint(
     version = storage.register_model(staged_dir, sha256, row, move=True)
     context.instance.add_dynamic_partitions(model_versions.name, [version])
     return version
-
-
-def release_of(info: dict, seed: int) -> Release:
-    """What a registered model version releases: its release-time defense, if it has one (else raw outputs).
-    The noise is keyed on the seed stored with the version when it was registered (`defense_facts`), so one
-    version name always covers the same noise; `seed` (the live settings') only for versions without one."""
-    if info.get("defense") in RELEASE_DEFENSES:
-        facts = json.loads(info.get("defense_facts") or "{}")
-        stored = facts.get("seed")
-        return Release(info["defense"], info["defense_strength"], seed if stored is None else int(stored),
-                       facts.get("queries", 1))
-    return Release()
 
 
 def train_and_register(
@@ -120,11 +107,7 @@ def train_and_register(
 
 def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: str) -> dict | None:
     """A registered model with this training fingerprint whose checkpoint is intact, if any."""
-    rows = storage.read(
-        "SELECT * FROM models WHERE train_fingerprint = ? AND role = ? AND audit = ? ORDER BY created_at DESC",
-        [fingerprint, model_role, audit],
-    ).to_dicts()
-    for row in rows:
+    for row in storage.repository.reusable_models(audit, model_role, fingerprint):
         if Path(row["checkpoint_uri"]).is_file() and sha256_file(row["checkpoint_uri"]) == row["sha256"]:
             return row
     return None
@@ -159,7 +142,7 @@ def training_asset(family: Family):
     )  # fmt: skip
     def _models(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute):
         audit = settings.registered_audit(storage.root)
-        records = partial(storage.audit_records, settings.audit)
+        records = partial(storage.repository.audit_records, settings.audit)
         if audit is None:
             plan = plans.controlled_plan(family, settings, records)
         else:
@@ -198,33 +181,6 @@ def materialize_plan(
         yield MaterializeResult(asset_key=key, metadata={**metadata, **extra})
 
 
-def stage_checkpoint(storage: Storage, audit: AuditSpec, checkpoint: Checkpoint) -> tuple[Path, WatchedCheckpoint]:
-    """A checkpoint of the registry as a folder `describe_checkpoint` knows: a directory as it is (an open_clip
-    folder without model.json gets one from `arch:`), a weights file in a staged folder beside its model.json."""
-    path = Path(checkpoint.path)
-    if not path.exists():
-        raise FileNotFoundError(f"audit {audit.name!r}: checkpoint not found: {path}")
-    folder = path if path.is_dir() else path.parent
-    if path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file()):
-        staged = Path(tempfile.mkdtemp(dir=storage.root))
-        weights = path if path.is_file() else None
-        if weights is None:
-            found = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
-            if len(found) != 1:
-                raise ValueError(f"audit {audit.name!r}: {folder} needs exactly one weights file, found {len(found)}")
-            weights = found[0]
-        arch = checkpoint.arch or read_json_object(weights.parent / "model.json").get("arch")
-        if not isinstance(arch, str) or not arch:
-            raise ValueError(f"audit {audit.name!r}: {path} needs `arch:` (an open_clip architecture) in the registry")
-        shutil.copy(weights, staged / weights.name)
-        (staged / "model.json").write_text(json.dumps({"family": audit.family, "arch": arch}))
-        folder = staged
-    described = describe_checkpoint(folder)
-    if described.family != audit.family:
-        raise ValueError(f"audit {audit.name!r} audits {audit.family} models, but {path} is a {described.family}")
-    return folder, described
-
-
 def register_audit_models(
     context: AssetExecutionContext, storage: Storage, audit: AuditSpec, family: Family, selected: set[str]
 ) -> Iterator[MaterializeResult]:
@@ -238,7 +194,7 @@ def register_audit_models(
         role, checkpoints = roles[key]
         registered = []
         for checkpoint in checkpoints:
-            folder, described = stage_checkpoint(storage, audit, checkpoint)
+            folder, described = stage_checkpoint(storage.root, audit, checkpoint)
             row = {"family": family.name, "arch": described.arch, "role": role, "audit": audit.name,
                    "train_config": json.dumps({"source": checkpoint.path}), "train_dataset": audit.dataset}  # fmt: skip
             staged = folder != Path(checkpoint.path)
@@ -256,7 +212,7 @@ def register_audit_models(
 def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
     """One model version: its checkpoint verified against the registered sha256 and its tensors counted
     (weights are loaded by the signal assets, which name the file in any error)."""
-    info = storage.model_info(context.partition_key)
+    info = storage.repository.model_info(context.partition_key)
     actual = sha256_file(info["checkpoint_uri"])
     if actual != info["sha256"]:
         raise ValueError(f"{info['checkpoint_uri']}: sha256 {actual} differs from the registered {info['sha256']}")

@@ -9,10 +9,12 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Mat
 from m4i_assets.attacks.adaptive import caption_variant_keys, image_variant_keys
 from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
-from m4i_assets.defs.assets.models import model_checkpoint, release_of
+from m4i_assets.defs.assets.models import model_checkpoint
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
+from m4i_assets.scoring import release_of
 from m4i_assets.settings import AuditSettings
+from m4i_assets.storage.repository import CANDIDATE_ROLES
 
 
 # Records every attack scores or calibrates against; the population only trains models.
@@ -29,7 +31,6 @@ def signal_asset(name: str, deps: list, check: str, check_description: str, gpu:
     )
 
 
-CANDIDATE_ROLES = ("member", "nonmember", "candidate")  # what every attack scores (candidates: unlabelled audits)
 EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 
@@ -44,8 +45,9 @@ def embeddings(
     from m4i_assets.signals.embeddings import embed_records
 
     version = context.partition_key
-    info = storage.model_info(version)
-    recs = storage.audit_records(info["audit"], EMBEDDED_ROLES)
+    repo = storage.repository
+    info = repo.model_info(version)
+    recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     img, txt = embed_records(
         bundle,
@@ -101,11 +103,8 @@ def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.Da
 
 
 def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFrame:
-    """One model version's signal Parquet; a clear error when it was not materialized."""
-    path = storage.signal_dir(signal) / f"{model_version}.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"no {signal} for {model_version}: materialize `{signal}` for it first ({path})")
-    return pl.read_parquet(path)
+    """One model version's signal Parquet (`Repository.signal`)."""
+    return storage.repository.signal(signal, model_version)
 
 
 @signal_asset("augmentation_deltas", [embeddings], "finite_deltas",
@@ -119,8 +118,9 @@ def augmentation_deltas(
     from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 
     version = context.partition_key
-    info = storage.model_info(version)
-    cands = storage.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
+    repo = storage.repository
+    info = repo.model_info(version)
+    cands = repo.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
     emb = load_signal(storage, "embeddings", version).join(cands, on="record_id").sort("record_id")
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     transforms = transform_registry(settings.seed)

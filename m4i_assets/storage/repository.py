@@ -1,0 +1,154 @@
+"""The audit's facts as the assets read them (PLATFORM.md, storage contract): a version's `models` row, its
+audit's records by role, reference captions, the models of a role. One `Repository` per asset (`Home.repository`)
+reads each fact once and hands it on; the queries longer than a line are in `sql/repository/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from m4i_assets.storage.warehouse import Warehouse, sql_file
+
+CANDIDATE_ROLES = ("member", "nonmember", "candidate")  # what every attack scores (candidates: unlabelled audits)
+SHADOW_ROLES = ("shadow", "defended_shadow")
+"""The roles of shadow captioners (`Family.defended_helper_role`: the adaptive attacker's ones): models with
+`shadow_records`, queried on their own known members and non-members."""
+
+
+class Repository:
+    """Named reads of the warehouse; `model_info` and `audit_records` are read once per repository."""
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        self.warehouse = warehouse
+        self._models: dict[str, dict[str, Any]] = {}
+        self._records: dict[tuple, pl.DataFrame] = {}
+
+    def read(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        return self.warehouse.read(sql, params)
+
+    def query(self, name: str, params: list) -> pl.DataFrame:
+        """One of the named queries of `sql/repository/`."""
+        return self.read(sql_file(str(Path("repository") / f"{name}.sql")), params)
+
+    def signal(self, signal: str, model_version: str) -> pl.DataFrame:
+        """One model version's signal Parquet; a clear error when it was not materialized."""
+        path = self.warehouse.signals[signal] / f"{model_version}.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"no {signal} for {model_version}: materialize `{signal}` for it first ({path})")
+        return pl.read_parquet(path)
+
+    def model_info(self, model_version: str) -> dict[str, Any]:
+        """The `models` row of a version; a clear error when it was never registered."""
+        if model_version not in self._models:
+            rows = self.read("SELECT * FROM models WHERE model_version = ?", [model_version]).to_dicts()
+            if not rows:
+                raise LookupError(f"model version {model_version!r} is not registered in {self.warehouse.database}")
+            self._models[model_version] = rows[0]
+        return self._models[model_version]
+
+    def audit_records(self, audit: str, roles: tuple[str, ...], dataset: str | None = None) -> pl.DataFrame:
+        """Records of the given roles of an audit (of one dataset, if given) with their role and ground truth,
+        by record_id (`sql/repository/audit_records.sql`)."""
+        key = (audit, tuple(roles), dataset)
+        if key not in self._records:
+            self._records[key] = self.query("audit_records", [audit, list(roles), dataset])
+        return self._records[key]
+
+    def candidates(self, model_version: str) -> pl.DataFrame:
+        """The candidates of a version's audit: the records every attack scores."""
+        return self.audit_records(self.model_info(model_version)["audit"], CANDIDATE_ROLES)
+
+    def known_nonmembers(self, model_version: str) -> pl.DataFrame:
+        """The known non-members of a version's audit."""
+        return self.audit_records(self.model_info(model_version)["audit"], ("known_nonmember",))
+
+    def references(self, record_ids: list[str]) -> list[list[str]]:
+        """Every reference caption of each record's image (records that share an image file), in order."""
+        frame = self.query("references", [record_ids])
+        if frame.height != len(record_ids):
+            raise LookupError(f"{len(record_ids) - frame.height} of {len(record_ids)} records are not in `records`")
+        return frame["refs"].to_list()
+
+    def captioned_records(self, model_version: str) -> pl.DataFrame:
+        """The records a captioner is queried on, with ground truth: a shadow model's known members and
+        non-members (`shadow_records`), else the audit's candidates."""
+        info = self.model_info(model_version)
+        if info["role"] not in SHADOW_ROLES:
+            return self.candidates(model_version)
+        return self.query("shadow_records", [info["audit"], model_version])
+
+    def latest_versions(self, audit: str, role: str, n: int = 1, family: str = "clip") -> list[str]:
+        """The `n` most recently registered model versions of one role and family in an audit, newest first."""
+        return self.query("latest_versions", [audit, role, family, n])["model_version"].to_list()
+
+    def shadow_models(self, audit: str, versions: list[str] | None = None) -> list[dict[str, Any]]:
+        """The newest shadow captioner of each (training dataset, architecture, training seed) in an audit,
+        with its seed as `train_seed`; with `versions`, of those versions (e.g. the shadows an adaptive
+        attacker trained with a defense, role `defended_shadow`) instead of the undefended shadows."""
+        return self.query("shadow_models", [audit, versions]).to_dicts()
+
+    def versions_of_role(self, audit: str, role: str) -> list[str]:
+        """Every model version of one role in an audit, sorted."""
+        return self.read("SELECT model_version FROM models WHERE audit = ? AND role = ? ORDER BY model_version",
+                         [audit, role])["model_version"].to_list()  # fmt: skip
+
+    def reference_versions(self, audit: str, n: int) -> list[str]:
+        """The `n` latest reference models of an audit, sorted; an error if there are fewer."""
+        versions = self.latest_versions(audit, "reference", n)
+        if len(versions) < n:
+            raise LookupError(
+                f"audit {audit!r} has {len(versions)} reference models, {n} needed: materialize reference_clips"
+            )
+        return sorted(versions)
+
+    def reusable_models(self, audit: str, role: str, fingerprint: str) -> list[dict[str, Any]]:
+        """Registered models of a role in an audit with this training fingerprint, newest first."""
+        return self.read(
+            "SELECT * FROM models WHERE train_fingerprint = ? AND role = ? AND audit = ? ORDER BY created_at DESC",
+            [fingerprint, role, audit],
+        ).to_dicts()
+
+    def record_ids(self, dataset: str) -> list[str]:
+        """The record ids of one dataset."""
+        return self.read("SELECT record_id FROM records WHERE dataset = ?", [dataset])["record_id"].to_list()
+
+    def dataset_records(self, dataset: str) -> pl.DataFrame:
+        """The records of one dataset with what an audit of the registry reads its roles from."""
+        return self.read("SELECT record_id, dataset, image_uri, split, metadata FROM records WHERE dataset = ?",
+                         [dataset])  # fmt: skip
+
+    def of_version(self, table: str, model_version: str, order: str = "ALL") -> pl.DataFrame:
+        """The rows of one of the per-version tables (`VERSION_TABLES`) of a model version, ordered by `order`."""
+        if table not in VERSION_TABLES:
+            raise ValueError(f"{table!r} is not one of {VERSION_TABLES}")
+        return self.read(f"SELECT * FROM {table} WHERE model_version = ? ORDER BY {order}", [model_version])
+
+    def shift_check(self, model_version: str) -> dict[str, Any] | None:
+        """The version's known-vs-candidate non-member shift check (`shift_checks`), if the blind baseline ran."""
+        rows = self.read("SELECT * FROM shift_checks WHERE model_version = ? AND comparison = "
+                         "'known_vs_candidate_nonmembers'", [model_version]).to_dicts()  # fmt: skip
+        return rows[0] if rows else None
+
+    def scores_with_truth(self, model_version: str, attack: str | None = None) -> pl.DataFrame:
+        """`membership_scores` of a version's candidates with ground truth (of one attack, if given), by attack
+        and record id."""
+        return self.read(
+            "SELECT attack, record_id, score, is_member FROM membership_scores WHERE model_version = ? "
+            "AND attack = coalesce(?, attack) AND is_member IS NOT NULL ORDER BY attack, record_id",
+            [model_version, attack],
+        )
+
+    def known_scores(self, model_version: str) -> pl.DataFrame:
+        """Every attack's scores of a version's known non-members (`known_nonmember_scores`)."""
+        return self.read("SELECT attack, score FROM known_nonmember_scores WHERE model_version = ? ORDER BY ALL",
+                         [model_version])  # fmt: skip
+
+    def mlflow_run(self, model_version: str) -> str | None:
+        """The MLflow run `attack_metrics` opened for a version (None before it ran)."""
+        return self.read("SELECT any_value(mlflow_run_id) AS r FROM attack_metrics WHERE model_version = ?",
+                         [model_version])["r"][0]  # fmt: skip
+
+
+VERSION_TABLES = ("attack_metrics", "attack_comparisons", "m4i_scenarios", "pseudo_labels", "shift_checks")
