@@ -85,12 +85,14 @@ def augmented_image_embeddings(
     plan_threads, prefetch = decode_plan(dev)
     batches = record_batches(image_uris, to_tensor, batch_size, threads=threads or plan_threads, prefetch=prefetch,
                              pin_memory=dev.type == "cuda")  # fmt: skip
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in transforms}
+    # written in place, batch by batch: no per-batch chunks kept, so the heap the batches churn is reused
+    out = {name: np.empty((len(image_uris), bundle.embed_dim), np.float32) for name in transforms}
+    start = 0
     for batch, _ in batches:
         batch = batch.to(dev, non_blocking=True)
         for name, transform in transforms.items():
             with torch.autocast(dev.type, enabled=dev.type == "cuda"):
                 emb = model.encode_image(normalise(transform(batch).clamp(0, 1)), normalize=True)
-            out[name].append(emb.float().cpu())
-    return {name: torch.cat(chunks).numpy() if chunks else np.zeros((0, bundle.embed_dim), np.float32)
-            for name, chunks in out.items()}  # fmt: skip
+            out[name][start : start + len(batch)] = emb.float().cpu().numpy()
+        start += len(batch)
+    return out
