@@ -36,7 +36,6 @@ from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES
 from m4i_assets.metrics.report import comparisons_markdown, target_seed_spread, target_spread_markdown, verdict_lines
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
-from m4i_assets.storage import warehouse
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["records", "record_roles"]  # after every shard of `source_shards`
@@ -105,8 +104,7 @@ def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
     """The headline table (one row per model version and attack) and, for captioners, the M^4I scenarios."""
-    frame = storage.read(warehouse.sql_file("queries/metrics_by_attack.sql"))  # an empty warehouse answers, empty
-    scenarios = storage.read(warehouse.sql_file("queries/m4i_scenarios.sql"))
+    frame, scenarios = storage.repository.report("metrics_by_attack"), storage.repository.report("m4i_scenarios")
     if versions is not None:
         frame = frame.filter(frame["model_version"].is_in(versions))
         scenarios = scenarios.filter(scenarios["model_version"].is_in(versions))
@@ -137,13 +135,6 @@ def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def defended_versions(storage: Storage, target: str) -> list[str]:
-    """The defended versions of a target, in registration order."""
-    rows = storage.read("SELECT model_version FROM models WHERE role = 'defended' AND base_version = ? "
-                        "ORDER BY defense, defense_strength", [target])  # fmt: skip
-    return rows["model_version"].to_list()
-
-
 def controlled_targets(storage: Storage, settings: AuditSettings, family: str) -> list[str]:
     """The audit's `target_seeds` newest targets of a family, first seed first (the defended versions' base)."""
     repo = storage.repository
@@ -156,7 +147,7 @@ def print_frontiers(storage: Storage, audit: str) -> None:
     other defense's curve at its utility, and the best defense at matched utility (`metrics.privacy_utility`)."""
     from m4i_assets.metrics import privacy_utility as pu
 
-    rows = storage.read("SELECT * FROM defense_evaluations WHERE audit = ?", [audit])
+    rows = storage.repository.defense_evaluations(audit)
     for (family,), frame in rows.group_by(["family"], maintain_order=True):
         points = pu.curve_points(frame)
         print(f"\n{family}: privacy-utility points and the frontier at matched utility\n\n"
@@ -194,7 +185,7 @@ def demo(families: list[str], defenses: bool = False) -> None:
     audited = {f: [*targets[f], repo.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
     if defenses:
         for f in families:
-            audited[f] += defended_versions(storage, audited[f][0])
+            audited[f] += repo.defended_versions(audited[f][0])
     _run_phase(
         "audit of the targets, the null controls" + " and the defended versions" * defenses,
         [partial(_materialize, audit_selection(f, None), env, logs / f"{v}.log", v)
@@ -218,11 +209,10 @@ def demo(families: list[str], defenses: bool = False) -> None:
             )
         )
     for f in families:
-        query = "SELECT attack, auc, tpr_at_1pct_fpr FROM attack_metrics WHERE list_contains(?, model_version)"
-        rows = storage.read(query, [targets[f]]).to_dicts()
+        rows = repo.of_versions("attack_metrics", targets[f]).select("attack", "auc", "tpr_at_1pct_fpr").to_dicts()
         print(f"\n{f} target: " + target_spread_markdown(target_seed_spread(rows)))
     if defenses:
-        table = storage.read(warehouse.sql_file("queries/defense_evaluations.sql"))
+        table = repo.report("defense_evaluations")
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):
             print(f"\nDefenses (sql/queries/defense_evaluations.sql; every attack in defense_evaluations):\n{table}")
         print_frontiers(storage, settings.audit)
@@ -256,14 +246,13 @@ def ingest_sources(env: dict[str, str], settings: AuditSettings, storage: Storag
 def ingestion_table(storage: Storage, sources: list) -> str:
     """rows in (the shards' own counts) / records / rejects, with the reasons, per dataset."""
     lines = [f"{'dataset':<24} {'rows in':>8} {'records':>8} {'rejects':>8}  reasons"]
+    repo = storage.repository
     for source in sources:
         keys = [partition_key(source, shard) for shard in source.shard_ids()]
         rows_in = sum(json.loads(shard_outputs(storage, k)[2].read_text())["rows_in"] for k in keys)
-        n_records = storage.read("SELECT count(*) AS n FROM records WHERE dataset = ?", [source.name])["n"][0]
-        reasons = storage.read("SELECT reason, count(*) AS n FROM rejects WHERE source = ? GROUP BY reason "
-                               "ORDER BY reason", [source.name]).rows()  # fmt: skip
-        text = ", ".join(f"{r} {n}" for r, n in reasons)
-        lines.append(f"{source.name:<24} {rows_in:>8} {n_records:>8} {sum(n for _, n in reasons):>8}  {text}")
+        n_records, reasons = repo.record_count([source.name]), repo.reject_reasons([source.name])
+        text = ", ".join(f"{r} {n}" for r, n in reasons.items())
+        lines.append(f"{source.name:<24} {rows_in:>8} {n_records:>8} {sum(reasons.values()):>8}  {text}")
     return "\n".join(lines)
 
 
@@ -302,7 +291,7 @@ def run_audit(spec: AuditSpec) -> list[str]:
                [partial(_materialize, selection, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
     print(f"\nm4i audit {spec.name}: headline metrics\n")
     print(report(storage, audited))
-    plan = storage.read("SELECT attack, status, reason FROM audit_plan WHERE audit = ? ORDER BY attack", [spec.name])
+    plan = repo.plan(spec.name)
     print("\nPlan (audit_plan):\n" + "\n".join(f"  {r['attack']:<15} {r['status']:<8} {r['reason']}"
                                              for r in plan.to_dicts()))  # fmt: skip
     if spec.kind == "unlabelled":
@@ -312,8 +301,7 @@ def run_audit(spec: AuditSpec) -> list[str]:
 
 def membership_rate_table(storage: Storage, versions: list[str]) -> str:
     """The estimated membership rate of each version of an unlabelled audit."""
-    rows = storage.read("SELECT m.*, v.role FROM membership_rate m JOIN models v USING (model_version) "
-                        "WHERE list_contains(?, model_version) ORDER BY model_version", [versions])  # fmt: skip
+    rows = storage.repository.membership_rates(versions)
     lines = [f"{'model_version':<32} {'role':<13} {'attack':<7} {'candidates':>10} {'alpha':>6} "
              f"{'above':>6}  estimated membership rate [95% CI]"]  # fmt: skip
     for r in rows.to_dicts():
@@ -362,18 +350,12 @@ def ui_check(home: Path) -> list[Path]:
     whole asset graph with every group expanded (Dagster's "Join the community" dialog dismissed), the latest
     target's `attack_metrics` materialization with its metrics table, and its log-log ROC plot. Drives Debian's
     Chromium with Playwright; needs a home where an audit has run (`make demo`)."""
-    import duckdb
     from playwright.sync_api import sync_playwright
 
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
     if browser is None:
         raise SystemExit("m4i ui-check needs Chromium: `apt-get install chromium` as root (`make ui-check` does it)")
-    warehouse = home / "warehouse.duckdb"
-    target = None
-    if warehouse.is_file():
-        with duckdb.connect(str(warehouse), read_only=True) as conn:
-            row = conn.sql("SELECT model_version FROM models WHERE role = 'target' ORDER BY created_at DESC LIMIT 1")
-            target = (row.fetchone() or [None])[0]
+    target = Storage(home=str(home)).repository.newest_target() if (home / "warehouse.duckdb").is_file() else None
     if target is None:
         raise SystemExit(f"no audited target in {home}: run `make demo` first")
     out = home / "ui"

@@ -36,7 +36,9 @@ class Family:
     """One model family. `models`: the training assets (target, null control, helpers), `signals` /
     `helper_signals`: what an audited / a helper version computes before any attack, `attacks`: each attack
     id of the audit registry and its assets, `controlled`: what a controlled audit runs beyond those attacks,
-    `unlabelled`: what an unlabelled audit reports instead of attack metrics."""
+    `unlabelled`: what an unlabelled audit reports instead of attack metrics, `interface`: what an attacker can
+    query of an undefended version (`defenses.release.INTERFACES`), `utility`: its utility measure (a name of
+    `scoring.UTILITIES`), `primary_utility`: the metric of it the privacy-utility tables read."""
 
     name: str
     module: str
@@ -48,6 +50,9 @@ class Family:
     attacks: dict[str, tuple[str, ...]]
     controlled: tuple[str, ...]
     unlabelled: tuple[str, ...]
+    interface: str
+    utility: str
+    primary_utility: str
     recognize: Callable[[dict, Path], tuple[str, Path] | None]
 
     def models_module(self) -> ModuleType:
@@ -152,6 +157,9 @@ FAMILIES: dict[str, Family] = {
                  "ref_calibrated": ("ref_calibrated_scores",), "blind_baseline": ("blind_baseline_scores",)},
         controlled=("augmentation_deltas", "clip_loss_scores", "rmia_scores"),
         unlabelled=("membership_rate",),
+        interface="embeddings",
+        utility="retrieval",
+        primary_utility="i2t_recall@5",
         recognize=_clip_checkpoint,
     ),
     "captioner": Family(
@@ -167,6 +175,9 @@ FAMILIES: dict[str, Family] = {
                  "blind_baseline": ("blind_baseline_scores",)},
         controlled=("caption_nll", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores"),
         unlabelled=(),
+        interface="likelihoods",
+        utility="captioning",
+        primary_utility="cider",
         recognize=_captioner_checkpoint,
     ),
 }  # fmt: skip

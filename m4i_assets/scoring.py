@@ -15,6 +15,7 @@ import polars as pl
 
 from m4i_assets.attacks import aea, blind, calibrated, clip_loss, csa, rmia, wsa
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release, attack_skip_reason, interface_of
+from m4i_assets.families import zero_shot_text_embeddings
 from m4i_assets.metrics.evaluation import evaluate_scores
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.home import Home
@@ -313,3 +314,54 @@ SCORERS = [
            "known non-members from candidate non-members (the shift gate's second test), in `shift_checks`.",
            score_blind),
 ]  # fmt: skip
+
+
+def retrieval_utility(
+    repo: Repository, settings: AuditSettings, device: str, info: dict, held: pl.DataFrame
+) -> tuple[dict, dict]:
+    """A CLIP's utility: retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from
+    the version's released embeddings and similarities (prompts released like any text query; similarity rounding
+    rounds the scores the rankings read, pessimistic ties), and each one's chance level (Radford et al. 2021,
+    section 3.1.4)."""
+    from m4i_assets.data import corpus
+    from m4i_assets.metrics import utility
+    from m4i_assets.models import clip
+
+    emb = repo.signal("embeddings", info["model_version"]).join(held.select("record_id"), on="record_id")
+    emb = emb.sort("record_id")
+    img, txt = np.stack(emb["image_embedding"].to_numpy()), np.stack(emb["text_embedding"].to_numpy())
+    release = release_of(info, settings.seed)  # its similarities as released (rounded under similarity rounding)
+    values = utility.retrieval_recall(img, txt, ks=(1, 5, 10), released=release.similarities)
+    chance = utility.retrieval_chance((1, 5, 10), n_texts=len(txt), n_images=len(img))
+    meta = repo.record_metadata(emb["record_id"].to_list())
+    classes, labels = corpus.zero_shot_task(meta["metadata"].to_list())
+    if any(label is not None for label in labels):
+        prompts = corpus.zero_shot_prompts(classes, settings.corpus_style)
+        flat = [p for per_class in prompts for p in per_class]
+        bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], device)
+        text = release.embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")
+        values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
+                                                                  labels, released=release.similarities)  # fmt: skip
+        chance["zero_shot_accuracy"] = utility.zero_shot_chance(len(classes))
+    return values, chance
+
+
+def captioning_utility(
+    repo: Repository, settings: AuditSettings, device: str, info: dict, held: pl.DataFrame
+) -> tuple[dict, dict]:
+    """A captioner's utility: BLEU-4, ROUGE-L and CIDEr of the version's (released) captions of held-out records,
+    against all their references (the per-record values `caption_metrics` computed, averaged), and their chance
+    levels: the same metrics for captions that ignore the image (another held-out image's reference)."""
+    from m4i_assets.metrics import utility
+
+    metrics = repo.signal("caption_metrics", info["model_version"]).join(held.select("record_id"), on="record_id")
+    values = {name: float(metrics[name].mean()) for name in ("bleu4", "rougeL", "cider") if name in metrics.columns}
+    references = held.sort("record_id").group_by("image_uri", maintain_order=True).agg("caption")["caption"]
+    chance = utility.caption_chance(references.to_list()) if len(references) > 1 else {}
+    return values, {k: v for k, v in chance.items() if k in values}
+
+
+UTILITIES: dict[str, Callable[..., tuple[dict, dict]]] = {"retrieval": retrieval_utility,
+                                                          "captioning": captioning_utility}  # fmt: skip
+"""Each utility measure of the family registry (`Family.utility`): (repository, settings, torch device, the
+version's `models` row, held-out records) -> (metric values, their chance levels)."""

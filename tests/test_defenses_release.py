@@ -162,12 +162,14 @@ def test_sample_next_token_rejects_bad_input():
 
 
 def test_each_release_defense_names_the_interface_it_perturbs_and_what_it_rules_out():
-    from m4i_assets.defenses.release import DEFAULT_INTERFACE, attack_skip_reason, family_attacks_needing
+    from m4i_assets.defenses.release import INTERFACES, attack_skip_reason, family_attacks_needing
+    from m4i_assets.families import FAMILIES
 
     assert {d: r.interface for d, r in RELEASE_DEFENSES.items()} == {
         "embedding_noise": "embeddings", "similarity_rounding": "similarities", "sampled_decoding": "captions"
     }  # fmt: skip
-    assert DEFAULT_INTERFACE == {"clip": "embeddings", "captioner": "likelihoods"}
+    assert {f.name: f.interface for f in FAMILIES.values()} == {"clip": "embeddings", "captioner": "likelihoods"}
+    assert all(f.interface in INTERFACES for f in FAMILIES.values())
     assert attack_skip_reason("wsa", "embeddings") is None
     assert "needs embeddings" in attack_skip_reason("wsa", "similarities")
     assert attack_skip_reason("csa", "similarities") is None

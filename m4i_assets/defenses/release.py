@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from m4i_assets.families import FAMILIES
 from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K
 
 Interface = Literal["embeddings", "similarities", "likelihoods", "captions"]
@@ -41,7 +42,6 @@ PROVIDES: dict[Interface, frozenset[str]] = {
     "captions": frozenset({"captions"}),
 }
 """What each interface gives an attacker: itself and every interface below it."""
-DEFAULT_INTERFACE: dict[str, Interface] = {"clip": "embeddings", "captioner": "likelihoods"}
 ATTACK_NEEDS: dict[str, Interface] = {"wsa": "embeddings", "m4i_loss": "likelihoods", "m4i_loss_ref": "likelihoods"}
 """Attacks that need more than the narrowest interface of their family: WSA's MLP reads the embeddings
 themselves (Ko et al. 2023, 3.4); the loss attacks read the captioner's likelihood of the reference caption
@@ -52,7 +52,7 @@ calibrated attacks' references included), and the M^4I attacks need captions."""
 
 def family_attacks_needing(family: str) -> list[str]:
     """The attacks of `ATTACK_NEEDS` that apply to a family (its default interface gives what they need)."""
-    return [a for a, needs in ATTACK_NEEDS.items() if needs in PROVIDES[DEFAULT_INTERFACE[family]]]
+    return [a for a, needs in ATTACK_NEEDS.items() if needs in PROVIDES[FAMILIES[family].interface]]
 
 
 def interface_of(family: str, defense: str | None) -> Interface:
@@ -60,7 +60,7 @@ def interface_of(family: str, defense: str | None) -> Interface:
     the family's default (a CLIP's embeddings, a captioner's captions)."""
     if defense in RELEASE_DEFENSES:
         return RELEASE_DEFENSES[defense].interface
-    return DEFAULT_INTERFACE[family]
+    return FAMILIES[family].interface
 
 
 def attack_skip_reason(attack: str, interface: Interface) -> str | None:

@@ -14,9 +14,9 @@ import json
 import numpy as np
 import polars as pl
 
+from m4i_assets.families import FAMILIES
 from m4i_assets.metrics.privacy import stratified_halves
 
-PRIMARY_UTILITY = {"clip": "i2t_recall@5", "captioner": "cider"}
 NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the data, not the defense
 UNDEFENDED = "none"
 NAIVE = "naive"  # the attacker who does not know the defense; `adaptive` knows it (defense_facts["attacker"])
@@ -46,7 +46,7 @@ def defense_rows(models: pl.DataFrame, metrics: pl.DataFrame, utility: pl.DataFr
     utility, and the utility relative to the target's. `models` holds the target and its defended versions
     (columns model_version, role, defense, defense_strength, defense_facts), `metrics` their `attack_metrics`
     rows, `utility` their `model_utility`."""
-    metric = PRIMARY_UTILITY[family]
+    metric = FAMILIES[family].primary_utility
     facts = [json.loads(f) if f else {} for f in models["defense_facts"].to_list()]
     versions = models.select(
         "model_version",

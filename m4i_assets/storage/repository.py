@@ -150,5 +150,78 @@ class Repository:
         return self.read("SELECT any_value(mlflow_run_id) AS r FROM attack_metrics WHERE model_version = ?",
                          [model_version])["r"][0]  # fmt: skip
 
+    def of_versions(self, table: str, versions: list[str]) -> pl.DataFrame:
+        """Every row of a per-version table (`VERSION_TABLES`, `model_utility`) of some model versions."""
+        if table not in (*VERSION_TABLES, "model_utility"):
+            raise ValueError(f"{table!r} is not one of {VERSION_TABLES} or model_utility")
+        return self.read(f"SELECT * FROM {table} WHERE list_contains(?, model_version)", [versions])
+
+    def report(self, name: str) -> pl.DataFrame:
+        """One of the reporting queries of `sql/queries/` (an empty warehouse answers, empty)."""
+        return self.read(sql_file(str(Path("queries") / f"{name}.sql")))
+
+    def newest_target(self) -> str | None:
+        """The most recently registered target of any audit and family (None before the first)."""
+        rows = self.read("SELECT model_version FROM models WHERE role = 'target' ORDER BY created_at DESC LIMIT 1")
+        return rows["model_version"][0] if rows.height else None
+
+    def defended_versions(self, target: str) -> list[str]:
+        """The defended versions of a target, by defense and strength."""
+        return self.read("SELECT model_version FROM models WHERE role = 'defended' AND base_version = ? "
+                         "ORDER BY defense, defense_strength", [target])["model_version"].to_list()  # fmt: skip
+
+    def defense_models(self, target: str) -> pl.DataFrame:
+        """A target's and its defended versions' defenses (`sql/repository/defense_models.sql`)."""
+        return self.query("defense_models", [target])
+
+    def labelled_scores(self, versions: list[str], excluded: list[str]) -> pl.DataFrame:
+        """The scores with ground truth of some versions, of every attack but `excluded`, by version, attack and
+        record (`sql/repository/labelled_scores.sql`)."""
+        return self.query("labelled_scores", [versions, excluded])
+
+    def plan(self, audit: str) -> pl.DataFrame:
+        """An audit's `audit_plan` rows (attack, status, reason), by attack."""
+        return self.read("SELECT attack, status, reason FROM audit_plan WHERE audit = ? ORDER BY attack", [audit])
+
+    def plan_kind(self, audit: str) -> str | None:
+        """The kind of audit (`labelled`, `unlabelled`) its `audit_plan` says, None before it has one."""
+        kinds = self.read("SELECT DISTINCT kind FROM audit_plan WHERE audit = ?", [audit])["kind"]
+        return kinds[0] if len(kinds) else None
+
+    def plan_rows_except(self, audit: str, versions: list[str]) -> pl.DataFrame:
+        """An audit's `audit_plan` rows of every version but `versions` ('' for the audit-wide rows)."""
+        return self.query("plan_rows_except", [audit, versions])
+
+    def skipped_attacks(self, versions: list[str]) -> pl.DataFrame:
+        """The (model_version, attack, reason) `audit_plan` skips of some versions, sorted."""
+        return self.read("SELECT model_version, attack, reason FROM audit_plan WHERE status = 'skipped' AND "
+                         "list_contains(?, model_version) ORDER BY ALL", [versions])  # fmt: skip
+
+    def defense_evaluations(self, audit: str) -> pl.DataFrame:
+        """An audit's `defense_evaluations` rows."""
+        return self.read("SELECT * FROM defense_evaluations WHERE audit = ?", [audit])
+
+    def record_metadata(self, record_ids: list[str]) -> pl.DataFrame:
+        """The metadata of some records (one row per record id), by record id."""
+        return self.read("SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE "
+                         "list_contains(?, record_id)", [record_ids]).sort("record_id")  # fmt: skip
+
+    def record_count(self, datasets: list[str]) -> int:
+        """How many records some datasets hold."""
+        return self.read("SELECT count(*) AS n FROM records WHERE list_contains(?, dataset)", [datasets])["n"][0]
+
+    def reject_reasons(self, sources: list[str]) -> dict[str, int]:
+        """The rejects of some sources per reason, by reason."""
+        return dict(self.read("SELECT reason, count(*) AS n FROM rejects WHERE list_contains(?, source) "
+                              "GROUP BY reason ORDER BY reason", [sources]).rows())  # fmt: skip
+
+    def records_schema(self) -> pl.DataFrame:
+        """`records` with no rows: its columns and their types."""
+        return self.read("SELECT * FROM records LIMIT 0")
+
+    def membership_rates(self, versions: list[str]) -> pl.DataFrame:
+        """The estimated membership rates of some versions with their role (`sql/repository/membership_rates.sql`)."""
+        return self.query("membership_rates", [versions])
+
 
 VERSION_TABLES = ("attack_metrics", "attack_comparisons", "m4i_scenarios", "pseudo_labels", "shift_checks")

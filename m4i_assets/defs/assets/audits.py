@@ -25,9 +25,7 @@ def replace_plan_rows(storage: Storage, audit: str, frame: pl.DataFrame, version
     version: the per-version skips the defended versions' releases add survive the plan's re-materialization."""
     if "model_version" not in frame.columns:
         frame = frame.with_columns(model_version=pl.lit(""))
-    kept = storage.read("SELECT attack, status, reason, coalesce(model_version, '') AS model_version, kind "
-                        "FROM audit_plan WHERE audit = ? AND NOT list_contains(?, coalesce(model_version, ''))",
-                        [audit, versions])  # fmt: skip
+    kept = storage.repository.plan_rows_except(audit, versions)
     columns = ["attack", "status", "reason", "model_version", "kind"]
     merged = pl.concat([kept.select(columns), frame.select(columns)], how="vertical_relaxed")
     storage.write("audit_plan", merged, audit=audit)

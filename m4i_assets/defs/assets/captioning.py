@@ -32,6 +32,7 @@ from m4i_assets.defs.assets.models import model_checkpoint
 from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, load_signal, signal_asset, write_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
+from m4i_assets.families import FAMILIES
 from m4i_assets.metrics import report
 from m4i_assets.metrics.scenarios import scenario_metrics, scenario_rows
 from m4i_assets.scoring import release_of
@@ -43,7 +44,7 @@ ATTACK_FILES = MB_FILE, MFE_FILE, FB_FILE = "m4i_mb.joblib", "m4i_mfe.safetensor
 
 def captioner_info(repo: Repository, version: str) -> dict:
     info = repo.model_info(version)
-    if info["family"] != "captioner":
+    if "generated_captions" not in FAMILIES[info["family"]].signals:
         raise ValueError(f"{version} is a {info['family']} model; captioning assets need a captioner version")
     return info
 

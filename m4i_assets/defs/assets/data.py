@@ -120,19 +120,13 @@ def ingestion_assets(sources: list[SourceSpec]) -> list[AssetsDefinition]:
         rows_in = sum(json.loads(shard_outputs(storage, k)[2].read_text())["rows_in"] for k in sum(keys.values(), []))
         for name, shard_keys in keys.items():
             storage.warehouse.merge_shards(name, [shard_outputs(storage, k)[:2] for k in shard_keys])
-        with storage.reader() as conn:
-            names = [list(keys)]
-            (n_records,) = conn.execute(
-                "SELECT count(*) FROM records WHERE list_contains(?, dataset)", names
-            ).fetchone()
-            reasons = dict(conn.execute("SELECT reason, count(*) FROM rejects WHERE list_contains(?, source) "
-                                        "GROUP BY reason ORDER BY reason", names).fetchall())  # fmt: skip
-            schema = conn.execute("SELECT * FROM records LIMIT 0").pl()
+        repo = storage.repository
+        n_records, reasons = repo.record_count(list(keys)), repo.reject_reasons(list(keys))
         totals = {"rows_in": rows_in, "records": n_records, "rejects": sum(reasons.values())}
         return MaterializeResult(
             metadata={
                 "dagster/row_count": n_records,
-                "dagster/column_schema": schema_of(schema),
+                "dagster/column_schema": schema_of(repo.records_schema()),
                 **totals,
                 "shards_per_dataset": MetadataValue.json({name: len(ks) for name, ks in keys.items()}),
                 "reject_reasons": MetadataValue.json(reasons),

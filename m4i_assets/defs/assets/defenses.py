@@ -27,13 +27,12 @@ from m4i_assets.defenses.grid import defended_spec, grid, is_release
 from m4i_assets.defenses.release import RELEASE_DEFENSES, attack_skip_reason, family_attacks_needing, interface_of
 from m4i_assets.defs.assets.audits import replace_plan_rows
 from m4i_assets.defs.assets.models import train_and_register
-from m4i_assets.defs.assets.signals import load_signal
 from m4i_assets.defs.partitions import model_versions
 from m4i_assets.defs.resources import Compute, Storage, Tracking
-from m4i_assets.families import FAMILIES, zero_shot_text_embeddings
+from m4i_assets.families import FAMILIES, Family
 from m4i_assets.metrics import privacy_utility as pu
 from m4i_assets.plans import TrainJob, validation_sample
-from m4i_assets.scoring import release_of
+from m4i_assets.scoring import UTILITIES
 from m4i_assets.settings import AuditSettings
 
 
@@ -64,8 +63,7 @@ def plan_release_skips(storage: Storage, audit: str, family: str, versions: list
     rows = [{"attack": attack, "status": "skipped", "reason": reason, "model_version": r["model_version"]}
             for r in versions for attack in family_attacks_needing(family)
             if (reason := attack_skip_reason(attack, interface_of(family, r["defense"])))]  # fmt: skip
-    kinds = storage.read("SELECT DISTINCT kind FROM audit_plan WHERE audit = ?", [audit])["kind"]
-    kind = kinds[0] if len(kinds) else "labelled"  # a controlled audit is labelled
+    kind = storage.repository.plan_kind(audit) or "labelled"  # a controlled audit is labelled
     frame = pl.DataFrame(rows, schema={"attack": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8,
                                        "model_version": pl.Utf8}).with_columns(kind=pl.lit(kind))  # fmt: skip
     replace_plan_rows(storage, audit, frame, [r["model_version"] for r in versions])
@@ -191,72 +189,22 @@ def defend(
     )
 
 
-@asset(group_name="defenses", deps=["target_clip"], kinds={"pytorch"})
-def defended_clips(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
-    """Defended versions of the CLIP target: DP-SGD, augmentation, weight decay, early stopping (retrained),
-    embedding noise and similarity rounding (released), at the strengths of `clip_defenses`."""
-    return defend(context, settings, storage, compute, "clip", FAMILIES["clip"].defenses(settings))
+def defended_asset(family: Family):
+    """The defended versions of one family's target (`Family.defended`, e.g. `defended_clips`)."""
+
+    text = (f"Defended versions of the {family.name} target at the strengths of `{family.name}_defenses`: the "
+            "training-time defenses retrained, the release-time ones registered.")  # fmt: skip
+
+    @asset(name=family.defended, group_name="defenses", deps=[family.models[0]], kinds={"pytorch"}, description=text)
+    def _defended(
+        context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
+    ) -> MaterializeResult:
+        return defend(context, settings, storage, compute, family.name, family.defenses(settings))
+
+    return _defended
 
 
-@asset(group_name="defenses", deps=["target_captioner"], kinds={"pytorch"})
-def defended_captioners(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
-    """Defended versions of the captioner target: DP-SGD (retrained) and sampled decoding (released), at the
-    strengths of `captioner_defenses`."""
-    return defend(context, settings, storage, compute, "captioner", FAMILIES["captioner"].defenses(settings))
-
-
-def clip_utility(
-    storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame
-) -> tuple[dict, dict]:
-    """Retrieval recall@1/5/10 both ways and zero-shot shape accuracy on held-out records, from the version's
-    released embeddings and similarities (prompts released like any text query; similarity rounding rounds the
-    scores the rankings read, pessimistic ties), and each one's chance level."""
-    from m4i_assets.data import corpus
-    from m4i_assets.metrics import utility
-    from m4i_assets.models import clip
-
-    emb = load_signal(storage, "embeddings", info["model_version"]).join(held.select("record_id"), on="record_id")
-    emb = emb.sort("record_id")
-    img, txt = np.stack(emb["image_embedding"].to_numpy()), np.stack(emb["text_embedding"].to_numpy())
-    release = release_of(info, settings.seed)  # its similarities as released (rounded under similarity rounding)
-    values = utility.retrieval_recall(img, txt, ks=(1, 5, 10), released=release.similarities)
-    chance = utility.retrieval_chance((1, 5, 10), n_texts=len(txt), n_images=len(img))
-    query = "SELECT DISTINCT ON (record_id) record_id, metadata FROM records WHERE list_contains(?, record_id)"
-    meta = storage.read(query, [emb["record_id"].to_list()]).sort("record_id")
-    classes, labels = corpus.zero_shot_task(meta["metadata"].to_list())
-    if any(label is not None for label in labels):
-        prompts = corpus.zero_shot_prompts(classes, settings.corpus_style)
-        flat = [p for per_class in prompts for p in per_class]
-        bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
-        text = release.embeddings(zero_shot_text_embeddings(bundle, flat), flat, "text")
-        values["zero_shot_accuracy"] = utility.zero_shot_accuracy(img, text.reshape(len(classes), -1, text.shape[1]),
-                                                                  labels, released=release.similarities)  # fmt: skip
-        chance["zero_shot_accuracy"] = utility.zero_shot_chance(len(classes))
-    return values, chance
-
-
-def captioner_utility(
-    storage: Storage, settings: AuditSettings, compute: Compute, info: dict, held: pl.DataFrame
-) -> tuple[dict, dict]:
-    """BLEU-4, ROUGE-L and CIDEr of the version's (released) captions of held-out records, against all their
-    references (the per-record values `caption_metrics` computed, averaged), and their chance levels: the
-    same metrics for captions that ignore the image (another held-out image's reference)."""
-    from m4i_assets.metrics import utility
-
-    metrics = load_signal(storage, "caption_metrics", info["model_version"]).join(
-        held.select("record_id"), on="record_id"
-    )
-    values = {name: float(metrics[name].mean()) for name in ("bleu4", "rougeL", "cider") if name in metrics.columns}
-    references = held.sort("record_id").group_by("image_uri", maintain_order=True).agg("caption")["caption"]
-    chance = utility.caption_chance(references.to_list()) if len(references) > 1 else {}
-    return values, {k: v for k, v in chance.items() if k in values}
-
-
-UTILITY = {"clip": clip_utility, "captioner": captioner_utility}  # each family's utility, by family
+defended_assets = [defended_asset(family) for family in FAMILIES.values()]
 
 
 @asset(
@@ -279,7 +227,8 @@ def model_utility(
         passed = AssetCheckResult(check_name="utility_in_range", passed=True, metadata={"utility_of": naive})
         return MaterializeResult(metadata={"dagster/row_count": 0, "utility_of": naive}, check_results=[passed])
     held = storage.repository.audit_records(info["audit"], ("nonmember",))
-    values, chance = UTILITY[info["family"]](storage, settings, compute, info, held)
+    measure = UTILITIES[FAMILIES[info["family"]].utility]
+    values, chance = measure(storage.repository, settings, compute.torch_device, info, held)
     frame = pl.DataFrame({"model_version": version, "metric": list(values), "value": list(values.values()),
                           "chance": [chance.get(m) for m in values], "n_records": held.height,
                           "audit": info["audit"]}, schema_overrides={"chance": pl.Float64})  # fmt: skip
@@ -303,12 +252,7 @@ def empirical_epsilons(storage: Storage, versions: list[str], delta: float, seed
     they do not query the model."""
     from m4i_assets.metrics.privacy import empirical_epsilon
 
-    scores = storage.read(
-        """SELECT model_version, attack, record_id, score, is_member FROM membership_scores
-           WHERE list_contains(?, model_version) AND is_member IS NOT NULL AND NOT list_contains(?, attack)
-           ORDER BY model_version, attack, record_id""",
-        [versions, list(pu.NOT_AN_ATTACK)],
-    )
+    scores = storage.repository.labelled_scores(versions, list(pu.NOT_AN_ATTACK))
     rows = []
     for (version,), frame in scores.group_by(["model_version"], maintain_order=True):
         wide = frame.pivot(on="attack", index=["record_id", "is_member"], values="score").drop_nulls()
@@ -322,7 +266,7 @@ def empirical_epsilons(storage: Storage, versions: list[str], delta: float, seed
 
 @asset(
     group_name="defenses",
-    deps=["attack_metrics", model_utility, defended_clips, defended_captioners],
+    deps=["attack_metrics", model_utility, *defended_assets],
     kinds={"duckdb", "mlflow"},
     check_specs=[AssetCheckSpec("every_defense_evaluated", asset="defense_evaluations",
                                 description="every defended version of each target has attack metrics and utility")],
@@ -338,16 +282,12 @@ def defense_evaluations(
         if not storage.repository.latest_versions(settings.audit, "target", family=family):
             continue
         target = latest_target(storage, settings.audit, family)["model_version"]
-        models = storage.read(
-            """SELECT model_version, role, defense, defense_strength, defense_facts FROM models
-               WHERE model_version = ? OR (role = 'defended' AND base_version = ?)""",
-            [target, target],
-        )
+        repo = storage.repository
+        models = repo.defense_models(target)
         ids = models["model_version"].to_list()
         # TPR@1%FPR as attack_metrics reports it (NULL below 1000 non-members, ATTACKS.md section 5); the curves
         # read the TPR at the known non-members' 1% threshold with its Clopper-Pearson CI (`pu.PRIVACY`).
-        metrics = storage.read("SELECT * FROM attack_metrics WHERE list_contains(?, model_version)", [ids])
-        utility = storage.read("SELECT * FROM model_utility WHERE list_contains(?, model_version)", [ids])
+        metrics, utility = repo.of_versions("attack_metrics", ids), repo.of_versions("model_utility", ids)
         facts = {v: json.loads(f or "{}") for v, f in zip(ids, models["defense_facts"])}
         utility = pl.concat([utility, *(  # an adaptive attacker's view of a release has the release's utility
             utility.filter(pl.col("model_version") == f["naive_version"]).with_columns(model_version=pl.lit(v))
@@ -370,8 +310,7 @@ def defense_evaluations(
             f"![{family}](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
         metadata[f"{family}_best_within_10pct_utility"] = MetadataValue.json(best or {})
-        skipped = storage.read("SELECT model_version, attack, reason FROM audit_plan WHERE status = 'skipped' AND "
-                               "list_contains(?, model_version) ORDER BY ALL", [ids])  # fmt: skip
+        skipped = repo.skipped_attacks(ids)
         metadata[f"{family}_skipped_attacks"] = MetadataValue.md("\n".join(
             ["| model version | attack | why skipped |", "|---|---|---|"]
             + [f"| {v} | {a} | {why} |" for v, a, why in skipped.iter_rows()]))  # fmt: skip
@@ -401,4 +340,4 @@ def defense_evaluations(
     )  # fmt: skip
 
 
-defense_assets = [defended_clips, defended_captioners, model_utility, defense_evaluations]
+defense_assets = [*defended_assets, model_utility, defense_evaluations]
