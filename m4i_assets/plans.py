@@ -1,6 +1,7 @@
 """Who trains on what: the training plan of a controlled audit (target, null control, reference CLIPs or
 shadow captioners, defended versions' validation data), each model with its training records and its seed,
-all seeds derived here from the audit's seed (`seed_offset`), and the fingerprint that decides reuse.
+all seeds derived here from the audit's seed (`seed_offset`), the fingerprint that decides reuse, and how a
+plan's jobs train (in worker processes) and register (`train_and_register`).
 
 The null control gets the target's recipe and budget on population records only (ATTACKS.md section 4);
 each reference CLIP the target's recipe on a seeded half of the population (LiRA, Carlini et al. 2022); each
@@ -12,16 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from m4i_assets.data.roles import shadow_split
+from m4i_assets.models.checkpoints import sha256_file
 from m4i_assets.models.training import recipe
+from m4i_assets.storage.home import Home
 
 # Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
 # a shadow's split, shared by every arch and repeat trained on one dataset.
@@ -144,3 +152,73 @@ def adaptive_helper_jobs(family: Any, settings: Any, population: pl.DataFrame) -
 def validation_sample(settings: Any, population: pl.DataFrame) -> pl.DataFrame:
     """The population records early stopping validates on (never a candidate)."""
     return seeded_sample(population, settings.n_validation, settings.seed + seed_offset("validation"))
+
+
+def find_reusable(storage: Home, audit: str, model_role: str, fingerprint: str) -> dict | None:
+    """A registered model with this training fingerprint whose checkpoint is intact, if any."""
+    for row in storage.repository.reusable_models(audit, model_role, fingerprint):
+        if Path(row["checkpoint_uri"]).is_file() and sha256_file(row["checkpoint_uri"]) == row["sha256"]:
+            return row
+    return None
+
+
+def train_and_register(
+    jobs: list[TrainJob],
+    family: ModuleType,
+    settings: Any,
+    storage: Home,
+    register: Callable[[Path, str, dict], str],
+    announce: Callable[[str], None],
+    log: Callable[[str], None],
+    device: str | None,
+    workers: int,
+) -> list[dict]:
+    """Train models of one family (`models.clip` or `models.captioner`: a FAMILY name and a picklable
+    `train_and_save`), save them and register each as a model version (`register(staged folder, sha256, models
+    row)` returns its version), a shadow model's known members and non-members in `shadow_records`.
+
+    A model whose fingerprint is registered with an intact checkpoint is reused (`announce(version)`), unless
+    `settings.retrain`. With `workers` > 1 several models train at once in worker processes (spawned; one
+    thread each on a CPU: `settings.train_threads`)."""
+    results: list[dict | None] = [None] * len(jobs)
+    todo: list[tuple[int, TrainJob, Path]] = []
+    for i, job in enumerate(jobs):
+        reusable = None if settings.retrain else find_reusable(storage, settings.audit, job.role, job.fingerprint)
+        if reusable:
+            announce(reusable["model_version"])
+            log(f"{job.role}: reusing {reusable['model_version']} (same recipe and training records)")
+            results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
+        else:
+            todo.append((i, job, Path(tempfile.mkdtemp(dir=storage.root))))
+
+    threads = settings.train_threads  # the same threads in a worker as in process
+    if min(len(todo), workers) > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(family.train_and_save, *job.arguments(settings.audit, staged, device, threads))
+                       for _, job, staged in todo]  # fmt: skip
+            fitted = [f.result() for f in futures]
+    else:
+        fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, threads))
+                  for _, job, staged in todo]  # fmt: skip
+
+    for (i, job, staged), (sha, history, n_params, facts) in zip(todo, fitted):
+        log(f"{job.role} {job.spec.arch}: {job.spec.epochs} epochs on {job.train.height} records, "
+            f"final loss {history[-1]:.4f}")  # fmt: skip
+        row = {"family": family.FAMILY, "arch": job.spec.arch, "role": job.role, "audit": settings.audit,
+               "n_params": n_params, "train_config": json.dumps(asdict(job.spec)),
+               "train_fingerprint": job.fingerprint,
+               "train_dataset": ",".join(sorted(set(job.train["dataset"].to_list())))}  # fmt: skip
+        if job.defense is not None:
+            defense, strength, base = job.defense
+            row |= {"defense": defense, "defense_strength": strength, "base_version": base,
+                    "defense_facts": json.dumps(facts, default=str)}  # fmt: skip
+        version = register(staged, sha, row)
+        shutil.rmtree(staged, ignore_errors=True)
+        results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
+    for result, job in zip(results, jobs):
+        if job.shadow_nonmembers is not None:
+            known = pl.concat([job.train.select("record_id").with_columns(is_member=True),
+                               job.shadow_nonmembers.select("record_id").with_columns(is_member=False)])  # fmt: skip
+            storage.write("shadow_records", known, model_version=result["model_version"])
+    return [{**r, "role": job.role, "arch": job.spec.arch, "n_train": job.train.height}
+            for r, job in zip(results, jobs)]  # fmt: skip

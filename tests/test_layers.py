@@ -119,3 +119,47 @@ def test_the_checks_can_fail():
     assert layer("m4i_assets.models.clip") < layer("m4i_assets.signals.augmentations")
     with pytest.raises(AssertionError, match="no layer"):
         layer("m4i_assets.reports.x")
+
+
+def family_branches(path: Path, names: set[str]) -> list[str]:
+    """Where a module compares with a family's name (`family == "clip"`) or keys a dict by family names."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            strings = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            found += [f"{path.name}:{node.lineno} compares with {s!r}" for s in strings if s in names]
+        elif isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            if len(keys & names) > 1:
+                found.append(f"{path.name}:{node.lineno} keys a dict by family names")
+    return found
+
+
+KNOWN_BRANCHES = {
+    "m4i_assets.models.hf_clip": "compares Hugging Face's `model_type`, not a family",
+    "m4i_assets.data.audits": "the audit registry's per-family needs: data sits below the family registry",
+}
+
+
+def test_only_the_family_registry_branches_on_a_family_name():
+    """A new family is a new entry of `families.FAMILIES`: no other module branches on a family's name (issue 13),
+    but for `KNOWN_BRANCHES`."""
+    from m4i_assets.families import FAMILIES
+
+    names = set(FAMILIES)
+    found = [b for name, path in modules().items() if name not in ("m4i_assets.families", *KNOWN_BRANCHES)
+             for b in family_branches(path, names)]  # fmt: skip
+    assert not found, "family-name branches outside families.py:\n" + "\n".join(found)
+
+
+def test_the_dagster_layer_stays_thin():
+    """`defs/` only loads, calls and writes: at most 20% of the package's lines (issue 13)."""
+    lines = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    share = sum(n for name, n in lines.items() if name.startswith("m4i_assets.defs")) / sum(lines.values())
+    assert share <= 0.20, f"defs/ holds {share:.1%} of the package's lines"
+
+
+def test_the_family_branch_finder_sees_a_branch(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text('if family == "clip":\n    pass\nUTILITY = {"clip": 1, "captioner": 2}\n')
+    assert len(family_branches(source, {"clip", "captioner"})) == 2

@@ -8,17 +8,12 @@ partition and never overwrites an earlier one.
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import polars as pl
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
 from m4i_assets import plans
@@ -32,19 +27,6 @@ from m4i_assets.plans import TrainJob
 from m4i_assets.settings import AuditSettings
 
 
-def register_checkpoint(
-    context: AssetExecutionContext,
-    storage: Storage,
-    staged_dir: Path,
-    sha256: str,
-    row: dict,
-) -> str:
-    """Move a staged checkpoint folder to `models/<version>/`, upsert its `models` row, add its partition."""
-    version = storage.register_model(staged_dir, sha256, row, move=True)
-    context.instance.add_dynamic_partitions(model_versions.name, [version])
-    return version
-
-
 def train_and_register(
     context: AssetExecutionContext,
     settings: AuditSettings,
@@ -53,64 +35,18 @@ def train_and_register(
     family: ModuleType,
     jobs: list[TrainJob],
 ) -> list[dict]:
-    """Train models of one family (`models.clip` or `models.captioner`: a FAMILY name and a picklable
-    `train_and_save`), save them and register each as a model version.
+    """`plans.train_and_register` in a step: each version it trains or reuses becomes a partition."""
 
-    A model whose fingerprint is registered with an intact checkpoint is reused, unless
-    `settings.retrain`. Several models train in parallel worker processes of one thread each on a CPU
-    (`compute.training_workers`)."""
-    results: list[dict | None] = [None] * len(jobs)
-    todo: list[tuple[int, TrainJob, Path]] = []
-    for i, job in enumerate(jobs):
-        reusable = None if settings.retrain else find_reusable(storage, settings.audit, job.role, job.fingerprint)
-        if reusable:
-            context.instance.add_dynamic_partitions(model_versions.name, [reusable["model_version"]])
-            context.log.info(f"{job.role}: reusing {reusable['model_version']} (same recipe and training records)")
-            results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
-        else:
-            todo.append((i, job, Path(tempfile.mkdtemp(dir=storage.root))))
+    def announce(version: str) -> None:
+        context.instance.add_dynamic_partitions(model_versions.name, [version])
 
-    device, threads = compute.torch_device, settings.train_threads  # the same threads in a worker as in process
-    if min(len(todo), compute.training_workers) > 1:
-        with ProcessPoolExecutor(max_workers=compute.training_workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(family.train_and_save, *job.arguments(settings.audit, staged, device, threads))
-                       for _, job, staged in todo]  # fmt: skip
-            fitted = [f.result() for f in futures]
-    else:
-        fitted = [family.train_and_save(*job.arguments(settings.audit, staged, device, threads))
-                  for _, job, staged in todo]  # fmt: skip
+    def register(staged: Path, sha256: str, row: dict) -> str:
+        version = storage.register_model(staged, sha256, row, move=True)
+        announce(version)
+        return version
 
-    for (i, job, staged), (sha, history, n_params, facts) in zip(todo, fitted):
-        context.log.info(
-            f"{job.role} {job.spec.arch}: {job.spec.epochs} epochs on {job.train.height} records, "
-            f"final loss {history[-1]:.4f}"
-        )
-        row = {"family": family.FAMILY, "arch": job.spec.arch, "role": job.role, "audit": settings.audit,
-               "n_params": n_params, "train_config": json.dumps(asdict(job.spec)),
-               "train_fingerprint": job.fingerprint,
-               "train_dataset": ",".join(sorted(set(job.train["dataset"].to_list())))}  # fmt: skip
-        if job.defense is not None:
-            defense, strength, base = job.defense
-            row |= {"defense": defense, "defense_strength": strength, "base_version": base,
-                    "defense_facts": json.dumps(facts, default=str)}  # fmt: skip
-        version = register_checkpoint(context, storage, staged, sha, row)
-        shutil.rmtree(staged, ignore_errors=True)
-        results[i] = {"model_version": version, "sha256": sha, "final_loss": history[-1], "reused": False}
-    for result, job in zip(results, jobs):
-        if job.shadow_nonmembers is not None:
-            known = pl.concat([job.train.select("record_id").with_columns(is_member=True),
-                               job.shadow_nonmembers.select("record_id").with_columns(is_member=False)])  # fmt: skip
-            storage.write("shadow_records", known, model_version=result["model_version"])
-    return [{**r, "role": job.role, "arch": job.spec.arch, "n_train": job.train.height}
-            for r, job in zip(results, jobs)]  # fmt: skip
-
-
-def find_reusable(storage: Storage, audit: str, model_role: str, fingerprint: str) -> dict | None:
-    """A registered model with this training fingerprint whose checkpoint is intact, if any."""
-    for row in storage.repository.reusable_models(audit, model_role, fingerprint):
-        if Path(row["checkpoint_uri"]).is_file() and sha256_file(row["checkpoint_uri"]) == row["sha256"]:
-            return row
-    return None
+    return plans.train_and_register(jobs, family, settings, storage, register, announce, context.log.info,
+                                    compute.torch_device, compute.training_workers)  # fmt: skip
 
 
 DESCRIPTIONS = {
