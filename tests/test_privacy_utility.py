@@ -11,6 +11,7 @@ from m4i_assets.metrics.privacy_utility import (
     best_at_utility,
     best_defense,
     curve_points,
+    defense_curves,
     defense_markdown,
     defense_rows,
     interpolate_tpr,
@@ -121,7 +122,26 @@ def test_frontier_at_matched_utility_compares_each_point_with_the_other_curves()
     # no other curve reaches utility 0.30: nothing to compare, so it is on the frontier by default
     assert frontier[("dp_sgd", 2.0)]["frontier_defense"] is None and frontier[("dp_sgd", 2.0)]["on_frontier"]
     assert best_at_utility(_points(), 0.65)["defense"] == "dp_sgd"
-    assert best_at_utility(_points(), 0.79) is None
+    assert best_at_utility(_points(), 0.85) is None  # above the target: no curve reaches it
+
+
+def test_a_defense_at_one_strength_is_compared_on_its_segment_from_the_target():
+    """Strength zero of every defense is the undefended target, so a single-strength defense still brackets the
+    utilities between the target's and its own."""
+    points = pl.concat([_points(), pl.DataFrame({"defense": ["rounding"], "strength": [2.0], "utility": [0.70],
+                                                 "tpr": [0.40]})])  # fmt: skip
+    curves = defense_curves(points)
+    assert interpolate_tpr(curves["rounding"], 0.75) == pytest.approx(0.45)  # halfway to the target's (0.80, 0.50)
+    assert interpolate_tpr(curves["rounding"], 0.65) is None  # no extrapolation below its one strength
+    frontier = {(r["defense"], r["strength"]): r for r in matched_utility(points).iter_rows(named=True)}
+    # noise at 0.05 keeps 0.75 utility: rounding's segment gives 0.45 there, DP-SGD's from (0.70, 0.10) to the
+    # target (0.80, 0.50) gives 0.30, which is the frontier
+    assert frontier[("noise", 0.05)]["frontier_defense"] == "dp_sgd"
+    assert frontier[("noise", 0.05)]["frontier_tpr"] == pytest.approx(0.30)
+    assert (
+        frontier[("rounding", 2.0)]["frontier_defense"] == "dp_sgd" and not frontier[("rounding", 2.0)]["on_frontier"]
+    )
+    assert best_at_utility(points, 0.79)["tpr"] == pytest.approx(0.46)
 
 
 def test_worst_attack_on_held_out_halves_is_not_biased_upward_by_the_pick():

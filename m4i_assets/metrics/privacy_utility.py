@@ -243,14 +243,27 @@ def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
     return float(np.interp(utility, u, t))
 
 
+def defense_curves(points: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Each defense's privacy-utility curve (`curve_points` rows of its strengths), anchored at the undefended
+    target: strength zero of every defense is the target itself, so a defense evaluated at one strength still has
+    a segment (from the target to that strength) on which other defenses can be compared at matched utility.
+    Between two points the curve is read linearly (`interpolate_tpr`), never beyond its ends."""
+    target = points.filter(pl.col("defense") == UNDEFENDED).select("utility", "tpr")
+    return {
+        d: pl.concat([g.select("utility", "tpr"), target])
+        for (d,), g in points.filter(pl.col("defense") != UNDEFENDED).group_by(["defense"], maintain_order=True)
+    }
+
+
 def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
     """The frontier at matched utility: for each defended point (a `curve_points` row), every other defense's
-    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility, and the lowest of them
+    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility on its anchored curve
+    (`defense_curves`), and the lowest of them
     (`frontier_tpr`, by `frontier_defense`). A point whose own TPR is at or below the frontier is the most private
     at its utility; comparing at one strength each would set a defense that kept less utility against one that
     kept more."""
     defended = points.filter(pl.col("defense") != UNDEFENDED)
-    curves = {d: g for (d,), g in defended.group_by(["defense"], maintain_order=True)}
+    curves = defense_curves(points)
     rows = []
     for r in defended.iter_rows(named=True):
         others = {d: interpolate_tpr(g, r["utility"]) for d, g in curves.items() if d != r["defense"]}
@@ -270,8 +283,7 @@ def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
 def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
     """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`), interpolated) at `utility`, with
     that TPR; None when no defense's strengths reach that utility."""
-    defended = points.filter(pl.col("defense") != UNDEFENDED)
-    at = {d: interpolate_tpr(g, utility) for (d,), g in defended.group_by(["defense"], maintain_order=True)}
+    at = {d: interpolate_tpr(g, utility) for d, g in defense_curves(points).items()}
     at = {d: t for d, t in at.items() if t is not None}
     if not at:
         return None
