@@ -27,18 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (stage, asset selection, whose partition: None, "shard" or "target")
+# (stage, asset selection, whose partition: None, "shard" or "target"); the target's assets are the CLIP family's
 STAGES = [
     ("ingest", ["source_shards"], "shard"),
     ("ingest", ["records", "record_roles"], None),
-    ("embed", ["model_checkpoint", "embeddings"], "target"),
-    ("augment", ["augmentation_deltas"], "target"),
-    ("csa", ["csa_scores"], "target"),
-    ("aea", ["aea_scores"], "target"),
-    ("wsa", ["pseudo_labels", "wsa_attack_model", "wsa_scores"], "target"),
-    ("ref_calibrated", ["ref_calibrated_scores"], "target"),
-    ("blind_baseline", ["blind_baseline_scores"], "target"),
-    ("metrics", ["attack_metrics"], "target"),
+    ("embed", ["clip/model_checkpoint", "clip/embeddings"], "target"),
+    ("augment", ["clip/augmentation_deltas"], "target"),
+    ("csa", ["clip/csa_scores"], "target"),
+    ("aea", ["clip/aea_scores"], "target"),
+    ("wsa", ["clip/pseudo_labels", "clip/wsa_attack_model", "clip/wsa_scores"], "target"),
+    ("ref_calibrated", ["clip/ref_calibrated_scores"], "target"),
+    ("blind_baseline", ["clip/blind_baseline_scores"], "target"),
+    ("metrics", ["clip/attack_metrics"], "target"),
 ]
 
 
@@ -110,10 +110,8 @@ def audit(n: int) -> dict[str, tuple[float, float]]:
         target = None
         for stage, selection, partition in STAGES:
             if stage == "embed" and target is None:  # untimed: the models, and what the references give
-                run(home, n, ["target_clip", "null_control_clip", "reference_clips"], None)
+                run(home, n, ["target_clip", "null_control_clip", "reference_clips", "reference_embeddings"], None)
                 settings = settings_for_size(n)
-                for version in storage.repository.reference_versions(settings.audit, settings.n_reference_models):
-                    run(home, n, ["model_checkpoint", "embeddings"], version)
                 [target] = storage.repository.latest_versions(settings.audit, "target")
             keys = shards if partition == "shard" else [target if partition == "target" else None]
             for key in keys:

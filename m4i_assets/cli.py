@@ -171,15 +171,14 @@ def demo(families: list[str], defenses: bool = False) -> None:
         "sources, shard by shard",
         [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
     )
+    # One run, ordered by lineage: roles, every model, the defended versions, then the helpers' signals (the
+    # reference CLIPs' embeddings, the shadow captioners' attack models) the per-version attacks read.
     models = DATA + [a for f in families for a in FAMILIES[f].models]
     models += [FAMILIES[f].defended for f in families if defenses]
-    _run_phase("records, roles and models", [partial(_materialize, models, env, logs / "models.log")])
-    # One run per model version, two at a time: each writes its own partitions' files.
-    _run_phase(
-        "per-version signals of the reference and shadow models",
-        [partial(_materialize, FAMILIES[f].helper_signals, env, logs / f"{v}.log", v) for f in families
-         for v in FAMILIES[f].helper_versions(storage, settings.audit, settings.n_reference_models)],
-    )  # fmt: skip
+    models += [FAMILIES[f].helper_asset for f in families]
+    _run_phase("records, roles, models and the helpers' signals",
+               [partial(_materialize, models, env, logs / "models.log")])  # fmt: skip
+    # One run per audited model version, two at a time: each writes its own partitions' files.
     targets = {f: controlled_targets(storage, settings, f) for f in families}
     repo = storage.repository
     audited = {f: [*targets[f], repo.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
@@ -278,11 +277,10 @@ def run_audit(spec: AuditSpec) -> list[str]:
     target, null_control, helpers = family.models
     has_helpers = family.audit_has_helpers(spec)
     models = ["record_roles", "audit_plan", target, *[null_control] * bool(spec.null_control)]
-    models += [helpers] * has_helpers
-    _run_phase("roles, plan and models", [partial(_materialize, models, env, logs / "models.log")])
-    versions = family.helper_versions(storage, spec.name, len(spec.references)) if has_helpers else []
-    _run_phase("helper models' signals",
-               [partial(_materialize, family.helper_signals, env, logs / f"{v}.log", v) for v in versions])  # fmt: skip
+    models += [helpers, family.helper_asset] * has_helpers
+    _run_phase(
+        "roles, plan, models and the helpers' signals", [partial(_materialize, models, env, logs / "models.log")]
+    )
     repo = storage.repository
     audited = repo.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
     audited += repo.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
@@ -376,11 +374,14 @@ def ui_check(home: Path) -> list[Path]:
         if page.get_by_text("Join the Dagster community").count() or not page.get_by_text("attack_metrics").count():
             raise SystemExit("the asset graph did not show expanded: the dialog is still up or no asset is visible")
         page.screenshot(path=shots[0])
-        page.goto(f"{url}/assets/attack_metrics?view=events", wait_until="networkidle")
+        family = Storage(home=str(home)).repository.model_info(target)["family"]
+        page.goto(f"{url}/assets/{family}/attack_metrics?view=events", wait_until="networkidle")
         page.get_by_text(target).first.click()
         page.wait_for_timeout(1000)
         if not page.get_by_text("TPR@1%FPR").count():
             raise SystemExit(f"attack_metrics of {target} shows no metrics table")
+        if not page.get_by_text("attack_comparisons").count():
+            raise SystemExit(f"attack_metrics of {target} shows no paired comparisons (attack_comparisons)")
         page.screenshot(path=shots[1], full_page=True)
         page.get_by_text("[Show Markdown]").first.click()
         plot = page.locator("[role=dialog] img")

@@ -33,8 +33,9 @@ class WatchedCheckpoint(NamedTuple):
 
 @dataclass(frozen=True)
 class Family:
-    """One model family. `models`: the training assets (target, null control, helpers), `signals` /
-    `helper_signals`: what an audited / a helper version computes before any attack, `attacks`: each attack
+    """One model family. `models`: the training assets (target, null control, helpers), `signals`: what an
+    audited version computes before any attack, `helper_asset`: the asset that computes what the attacks read
+    from every helper model of the audit (unpartitioned: helpers are not audited), `attacks`: each attack
     id of the audit registry and its assets, `controlled`: what a controlled audit runs beyond those attacks,
     `unlabelled`: what an unlabelled audit reports instead of attack metrics, `interface`: what an attacker can
     query of an undefended version (`defenses.release.INTERFACES`), `utility`: its utility measure (a name of
@@ -46,7 +47,7 @@ class Family:
     models: tuple[str, ...]
     defended: str
     signals: tuple[str, ...]
-    helper_signals: tuple[str, ...]
+    helper_asset: str
     attacks: dict[str, tuple[str, ...]]
     controlled: tuple[str, ...]
     unlabelled: tuple[str, ...]
@@ -151,7 +152,7 @@ FAMILIES: dict[str, Family] = {
         models=("target_clip", "null_control_clip", "reference_clips"),
         defended="defended_clips",
         signals=("model_checkpoint", "embeddings"),
-        helper_signals=("model_checkpoint", "embeddings"),
+        helper_asset="reference_embeddings",
         attacks={"csa": ("csa_scores",), "aea": ("augmentation_deltas", "aea_scores"),
                  "wsa": ("pseudo_labels", "wsa_attack_model", "wsa_scores"),
                  "ref_calibrated": ("ref_calibrated_scores",), "blind_baseline": ("blind_baseline_scores",)},
@@ -169,8 +170,7 @@ FAMILIES: dict[str, Family] = {
         models=("target_captioner", "null_control_captioner", "shadow_captioners"),
         defended="defended_captioners",
         signals=("model_checkpoint", "generated_captions", "caption_metrics"),
-        helper_signals=("model_checkpoint", "generated_captions", "caption_metrics", "caption_nll",
-                        "m4i_attack_models"),
+        helper_asset="m4i_attack_models",
         attacks={"m4i_mb": ("m4i_mb_scores", "m4i_scenarios"), "m4i_fb": ("m4i_mb_scores", "m4i_scenarios"),
                  "blind_baseline": ("blind_baseline_scores",)},
         controlled=("caption_nll", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores"),

@@ -168,7 +168,7 @@ def train_and_register(
     settings: Any,
     storage: Home,
     register: Callable[[Path, str, dict], str],
-    announce: Callable[[str], None],
+    announce: Callable[[str, str], None],
     log: Callable[[str], None],
     device: str | None,
     workers: int,
@@ -177,7 +177,7 @@ def train_and_register(
     `train_and_save`), save them and register each as a model version (`register(staged folder, sha256, models
     row)` returns its version), a shadow model's known members and non-members in `shadow_records`.
 
-    A model whose fingerprint is registered with an intact checkpoint is reused (`announce(version)`), unless
+    A model whose fingerprint is registered with an intact checkpoint is reused (`announce(version, role)`), unless
     `settings.retrain`. With `workers` > 1 several models train at once in worker processes (spawned; one
     thread each on a CPU: `settings.train_threads`)."""
     results: list[dict | None] = [None] * len(jobs)
@@ -185,7 +185,7 @@ def train_and_register(
     for i, job in enumerate(jobs):
         reusable = None if settings.retrain else find_reusable(storage, settings.audit, job.role, job.fingerprint)
         if reusable:
-            announce(reusable["model_version"])
+            announce(reusable["model_version"], job.role)
             log(f"{job.role}: reusing {reusable['model_version']} (same recipe and training records)")
             results[i] = {"model_version": reusable["model_version"], "sha256": reusable["sha256"], "reused": True}
         else:

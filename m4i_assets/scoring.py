@@ -280,7 +280,8 @@ def score_summary(frame: pl.DataFrame) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Scorer:
-    """One attack of the registry: its id, the asset that stores its scores, what that asset reads, what the
+    """One attack of the registry: its id, the asset that stores its scores, what that asset reads (a family's
+    per-version assets by name, or unpartitioned ones: roles, the reference CLIPs' embeddings), what the
     attack is (the asset's description), how it scores an audited version, and whether a release interface can
     rule it out."""
 
@@ -292,6 +293,7 @@ class Scorer:
     by_interface: bool = False
 
 
+REFS = "reference_embeddings"  # the reference CLIPs' embeddings (the CLIP family's helper asset)
 SCORERS = [
     Scorer(csa.ATTACK_ID, "csa_scores", ["embeddings"], "CSA (Ko et al. 2023, section 3.2): the image-text cosine "
            "similarity of each candidate (and known non-member).", score_csa),
@@ -300,15 +302,15 @@ SCORERS = [
     Scorer(clip_loss.ATTACK_ID, "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the InfoNCE "
            "log-probability of each candidate's matched pair against the known non-members' captions and images, "
            "both directions, at the model's logit scale.", score_clip_loss),
-    Scorer(rmia.ATTACK_ID, "rmia_scores", ["embeddings"], "RMIA (Zarifzadeh et al. 2024), offline: the `clip_loss` "
-           "probability's ratio to the reference CLIPs', compared with the same ratio of the known non-members (the "
-           "population z).", score_rmia),
+    Scorer(rmia.ATTACK_ID, "rmia_scores", ["embeddings", REFS], "RMIA (Zarifzadeh et al. 2024), offline: the "
+           "`clip_loss` probability's ratio to the reference CLIPs', compared with the same ratio of the known "
+           "non-members (the population z).", score_rmia),
     Scorer(wsa.ATTACK_ID, "wsa_scores", ["wsa_attack_model"], "WSA step 4: P(member) of each candidate (and known "
            "non-member) under the fold model that did not train on it.", score_wsa, by_interface=True),
-    Scorer(calibrated.ATTACK_ID, "ref_calibrated_scores", ["embeddings"], "Offline LiRA with one global variance, i.e. "
-           "difficulty calibration (Carlini et al. 2022; Watson et al. 2022): the target's CS against the CS of the "
-           "same records under reference CLIPs trained without any candidate.", score_ref_calibrated),
-    Scorer(blind.ATTACK_ID, "blind_baseline_scores", ["record_roles"], "Blind baseline (Das et al. 2024): "
+    Scorer(calibrated.ATTACK_ID, "ref_calibrated_scores", ["embeddings", REFS], "Offline LiRA with one global "
+           "variance, i.e. difficulty calibration (Carlini et al. 2022; Watson et al. 2022): the target's CS against "
+           "the CS of the same records under reference CLIPs trained without any candidate.", score_ref_calibrated),
+    Scorer(blind.ATTACK_ID, "blind_baseline_scores", ["record_roles", REFS], "Blind baseline (Das et al. 2024): "
            "cross-validated P(member) from model-free record features (plus a reference CLIP's embeddings where the "
            "audit has one), its folds' models also scoring the known non-members; and the same classifier telling "
            "known non-members from candidate non-members (the shift gate's second test), in `shift_checks`.",

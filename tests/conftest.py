@@ -86,9 +86,8 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
         assert materialize(assets, selection=[f"defended_{family}s"], **kwargs).success
         storage = resources["storage"]
         helpers = FAMILIES[family]  # the helpers trained with a defense, for its adaptive attacker
-        for ref in storage.read("SELECT model_version FROM models WHERE role = ?",
-                                [helpers.defended_helper_role])["model_version"]:  # fmt: skip
-            assert materialize(assets, selection=list(helpers.helper_signals), partition_key=ref, **kwargs).success
+        assert storage.read("SELECT count(*) AS n FROM models WHERE role = ?", [helpers.defended_helper_role])["n"][0]
+        assert materialize(assets, selection=[helpers.helper_asset], **kwargs).success
         versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
         for version in versions["model_version"]:
             assert materialize(assets, selection=audit_selection(family, None), partition_key=version, **kwargs).success

@@ -203,7 +203,8 @@ def test_unlabelled_audit_scores_candidates_and_estimates_a_membership_rate(tmp_
     (version,) = storage.repository.latest_versions("acme-unlabelled", "target")
     spec = settings.registered_audit(tmp_path)
     selection = audit_selection("clip", spec)
-    assert "attack_metrics" not in selection and "blind_baseline_scores" not in selection
+    assert "clip/attack_metrics" not in selection and "clip/blind_baseline_scores" not in selection
+    assert "clip/csa_scores" in selection and "clip/membership_rate" in selection
     assert materialize(assets, resources=resources, instance=instance, selection=selection,
                        partition_key=version).success  # fmt: skip
     plan = dict(storage.read("SELECT attack, status FROM audit_plan WHERE audit = 'acme-unlabelled'").rows())
@@ -276,7 +277,7 @@ def test_a_checkpoint_dropped_under_an_audit_folder_is_a_target_of_that_audit(tm
     assert set(by_audit) == {"acme", "tiny"}  # the plain folder keeps today's behaviour: the settings' audit
     assert by_audit["acme"].partition_key.endswith("@acme")
     selected = {k.to_user_string() for k in by_audit["acme"].asset_selection}
-    assert "ref_calibrated_scores" not in selected and {"csa_scores", "attack_metrics"} <= selected
+    assert "clip/ref_calibrated_scores" not in selected and {"clip/csa_scores", "clip/attack_metrics"} <= selected
     assert set(json.loads(result.cursor)) == {"acme/v2", "plain"}
 
 

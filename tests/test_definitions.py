@@ -13,35 +13,42 @@ def test_definitions_load(tmp_path, monkeypatch):
     graph = build_definitions(home=tmp_path).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {
-        "source_shards",
-        "records",
-        "record_roles",
-        "target_clip",
-        "null_control_clip",
-        "model_checkpoint",
-        "embeddings",
-        "csa_scores",
-        "attack_metrics",
-        "reference_clips",
-        "augmentation_deltas",
-        "aea_scores",
-        "pseudo_labels",
-        "wsa_attack_model",
-        "wsa_scores",
-        "ref_calibrated_scores",
-        "blind_baseline_scores",
-        "audit_report",
-        "target_captioner",
-        "null_control_captioner",
-        "shadow_captioners",
-        "generated_captions",
-        "caption_metrics",
-        "m4i_attack_models",
-        "m4i_mb_scores",
-        "m4i_fb_scores",
-        "m4i_scenarios",
-    } <= keys
-    assert graph.get(AssetKey("embeddings")).partitions_def.name == "model_versions"
+        "source_shards", "records", "record_roles", "target_clip", "null_control_clip", "reference_clips",
+        "reference_embeddings", "target_captioner", "null_control_captioner", "shadow_captioners", "m4i_attack_models",
+        "clip/model_checkpoint", "clip/embeddings", "clip/csa_scores", "clip/attack_metrics",
+        "clip/augmentation_deltas", "clip/aea_scores", "clip/pseudo_labels", "clip/wsa_attack_model", "clip/wsa_scores",
+        "clip/ref_calibrated_scores", "clip/blind_baseline_scores", "clip/audit_report", "captioner/model_checkpoint",
+        "captioner/generated_captions", "captioner/caption_metrics", "captioner/m4i_mb_scores",
+        "captioner/m4i_fb_scores", "captioner/m4i_scenarios", "captioner/attack_metrics", "captioner/audit_report",
+    } <= keys  # fmt: skip
+    # each family's per-version assets are partitioned by its own audited versions only, and no asset of one
+    # family is offered the other's versions (nor a helper's: helpers are no partitions)
+    for key in keys:
+        partitions = graph.get(AssetKey.from_user_string(key)).partitions_def
+        if "/" in key:
+            assert partitions.name == f"{key.split('/')[0]}_versions", key
+        else:
+            assert partitions is None or key == "source_shards", key
+    assert not {k for k in keys if k.startswith("captioner/")} & {"captioner/embeddings", "captioner/csa_scores"}
+    assert not {"clip/generated_captions", "clip/m4i_mb_scores"} & keys
+
+
+def test_helper_dependencies_are_lineage(tmp_path):
+    """The attacks that learn from helper models read them through declared dependencies: the calibrated CLIP
+    attacks and the blind baseline on the reference CLIPs' embeddings, the captioner's scores on the shadows'
+    attack models; so one run of the models and the helpers needs no hand-kept order."""
+    from m4i_assets.defs.definitions import build_definitions
+
+    graph = build_definitions(home=tmp_path).resolve_asset_graph()
+
+    def parents(key: str) -> set[str]:
+        return {k.to_user_string() for k in graph.get(AssetKey.from_user_string(key)).parent_keys}
+
+    assert "reference_embeddings" in parents("clip/rmia_scores") & parents("clip/ref_calibrated_scores")
+    assert "reference_embeddings" in parents("clip/blind_baseline_scores")
+    assert "m4i_attack_models" in parents("captioner/m4i_mb_scores") & parents("captioner/m4i_loss_ref_scores")
+    assert {"reference_clips", "defended_clips"} <= parents("reference_embeddings")
+    assert {"shadow_captioners", "defended_captioners"} <= parents("m4i_attack_models")
 
 
 def test_settings_overrides_from_the_environment(monkeypatch):
@@ -75,8 +82,10 @@ def test_every_job_sensor_and_schedule_resolves(tmp_path):
     defs = build_definitions(home=tmp_path)
     for name, family in FAMILIES.items():
         job = defs.resolve_job_def(f"{name}_audit")
-        assert job.partitions_def.name == "model_versions"
-        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(family.job_assets())
+        assert job.partitions_def.name == f"{name}_versions"
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
+            f"{name}/{asset}" for asset in family.job_assets()
+        }
         assert defs.resolve_schedule_def(f"weekly_{name}_reaudit").job_name == job.name
     sensor = defs.resolve_sensor_def("watched_models_sensor")
     assert {j.name for j in sensor.jobs} == {f"{name}_audit" for name in FAMILIES}

@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 # What one version's audit writes, and the columns that name a run rather than its results.
 TABLES = ("membership_scores", "pseudo_labels", "attack_metrics", "model_utility", "embeddings", "augmentation_deltas")
 RUN_COLUMNS = {"computed_at", "mlflow_run_id"}
-KILLED_STEP = "blind_baseline_scores"  # the longest tiny step (7 s; embeddings take under 2 s)
+KILLED_STEP = "clip__blind_baseline_scores"  # the longest tiny step (7 s; embeddings take under 2 s)
 
 
 def free_port() -> int:
@@ -197,7 +197,7 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
         stack.callback(lambda: [os.environ.pop(k, None) for k in ("DAGSTER_HOME", *(k for k in env if "_PG_" in k))])
         instance = stack.enter_context(DagsterInstance.get())
-        instance.add_dynamic_partitions("model_versions", [target])
+        instance.add_dynamic_partitions("clip_versions", [target])
 
         launch = subprocess.run(
             [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "clip_audit",

@@ -140,8 +140,11 @@ def test_dagster_recorded_the_runs(demo_home):
     os.environ["DAGSTER_HOME"] = str(demo_home[0] / "dagster")
     try:
         instance = DagsterInstance.get()
-        assert len(instance.get_dynamic_partitions("model_versions")) == 4  # target, null control, 2 references
-        assert instance.get_latest_materialization_event(AssetKey("attack_metrics")) is not None
+        # the audited versions (target, null control) are partitions of the CLIP assets; the references are not
+        assert len(instance.get_dynamic_partitions("clip_versions")) == 2
+        assert instance.get_dynamic_partitions("captioner_versions") == []
+        assert instance.get_latest_materialization_event(AssetKey(["clip", "attack_metrics"])) is not None
+        assert instance.get_latest_materialization_event(AssetKey("reference_embeddings")) is not None
     finally:
         del os.environ["DAGSTER_HOME"]
 
@@ -252,7 +255,9 @@ def test_a_dropped_checkpoint_is_audited_through_the_sensor(demo_home):
         resources = {"storage": defs.resources["storage"], "settings": defs.resources["settings"]}
         result = sensor(build_sensor_context(instance=instance, resources=resources))
         [request] = result.run_requests
-        instance.add_dynamic_partitions("model_versions", list(result.dynamic_partitions_requests[0].partition_keys))
+        [add] = result.dynamic_partitions_requests
+        assert add.partitions_def_name == "clip_versions"
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
         start = time.monotonic()
         job = defs.resolve_job_def(request.job_name)
         assert job.execute_in_process(partition_key=request.partition_key, instance=instance).success

@@ -5,7 +5,7 @@ from conftest import ingest
 from dagster import DagsterInstance, materialize
 
 from m4i_assets.defs.definitions import build_assets, build_resources
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.partitions import VERSION_PARTITIONS
 from m4i_assets.settings import PROFILES, AuditSettings
 
 
@@ -24,7 +24,7 @@ def test_identical_training_is_reused_and_retrain_forces_it(tmp_path):
     again = _train(resources, instance)
     assert first["reused"] is False and again["reused"] is True
     assert again["model_version"] == first["model_version"]
-    assert instance.get_dynamic_partitions(model_versions.name) == [first["model_version"]]
+    assert instance.get_dynamic_partitions(VERSION_PARTITIONS["clip"].name) == [first["model_version"]]
 
     forced = _train(
         build_resources(home=tmp_path, settings=AuditSettings(**{**settings.model_dump(), "retrain": True})), instance

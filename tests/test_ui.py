@@ -36,8 +36,9 @@ def test_graphql_lists_assets_checks_sensor_and_schedules(webserver):
     data = graphql(webserver, QUERY)
     assert "errors" not in data, data.get("errors")
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
-    assert {"records", "record_roles", "target_clip", "embeddings", "csa_scores", "attack_metrics",
-            "target_captioner", "generated_captions", "m4i_mb_scores", "m4i_scenarios"} <= set(nodes)  # fmt: skip
+    assert {"records", "record_roles", "target_clip", "clip/embeddings", "clip/csa_scores", "clip/attack_metrics",
+            "reference_embeddings", "target_captioner", "captioner/generated_captions", "captioner/m4i_mb_scores",
+            "captioner/m4i_scenarios", "m4i_attack_models"} <= set(nodes)  # fmt: skip
     checks = {c["name"] for n in nodes.values() for c in (n["assetChecksOrError"].get("checks") or [])}
     assert {"rows_accounted_for", "finite_unit_embeddings", "candidates_scored", "shift_gate",
             "one_caption_per_record"} <= checks  # fmt: skip

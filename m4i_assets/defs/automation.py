@@ -37,7 +37,7 @@ from dagster import (
 )
 
 from m4i_assets.data.audits import AuditSpec, load_audits
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.partitions import VERSION_PARTITIONS, version_key
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES, WatchedCheckpoint, describe_checkpoint
 from m4i_assets.models.checkpoints import sha256_file
@@ -45,18 +45,18 @@ from m4i_assets.settings import AuditSettings
 
 
 def audit_selection(family: str, audit: AuditSpec | None) -> list[str]:
-    """What one audited version materializes (`Family.audit_assets`): everything of its family for a controlled
-    audit (`audit` None), what its plan allows for an audit of the registry."""
-    if audit is None:
-        return FAMILIES[family].audit_assets()
-    return FAMILIES[family].audit_assets(audit.planned(), labelled=audit.kind == "labelled")
+    """The keys (`<family>/<name>`) of what one audited version materializes (`Family.audit_assets`): everything
+    of its family for a controlled audit (`audit` None), what its plan allows for an audit of the registry."""
+    spec = FAMILIES[family]
+    names = spec.audit_assets() if audit is None else spec.audit_assets(audit.planned(), audit.kind == "labelled")
+    return [version_key(family, name).to_user_string() for name in names]
 
 
 audit_jobs = {
     family: define_asset_job(
         f"{family}_audit",
-        selection=AssetSelection.assets(*spec.job_assets()),
-        partitions_def=model_versions,
+        selection=AssetSelection.assets(*(version_key(family, name) for name in spec.job_assets())),
+        partitions_def=VERSION_PARTITIONS[family],
         description=f"The full audit of one {family} model version (its partition).",
         tags={"m4i/stage": "audit"},  # the instance's run queue limits concurrent audits by this tag
     )
@@ -96,7 +96,7 @@ def watched_folders(watch: Path, audits: dict[str, AuditSpec]) -> list[tuple[str
 def watched_models_sensor(context: SensorEvaluationContext, storage: Storage, settings: AuditSettings):
     seen: dict[str, list] = json.loads(context.cursor or "{}")
     audits = {a.name: a for a in load_audits(settings.audit_registry_path(storage.root))}
-    runs, versions = [], []
+    runs, versions = [], {family: [] for family in FAMILIES}
     for key, audit, folder in watched_folders(storage.root / WATCHED, audits):
         try:
             checkpoint = describe_checkpoint(folder)
@@ -118,13 +118,13 @@ def watched_models_sensor(context: SensorEvaluationContext, storage: Storage, se
         if previous and len(previous) == 3 and previous[2] == sha:
             continue  # touched, same bytes
         version = register_watched(storage, audit.name if audit else settings.audit, folder, checkpoint, sha)
-        versions.append(version)
-        selection = [AssetKey(k) for k in audit_selection(checkpoint.family, audit)]
+        versions[checkpoint.family].append(version)
+        selection = [AssetKey.from_user_string(k) for k in audit_selection(checkpoint.family, audit)]
         runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[checkpoint.family].name,
                                asset_selection=selection))  # fmt: skip
     return SensorResult(
         run_requests=runs,
-        dynamic_partitions_requests=[model_versions.build_add_request(versions)] if versions else [],
+        dynamic_partitions_requests=[VERSION_PARTITIONS[f].build_add_request(v) for f, v in versions.items() if v],
         cursor=json.dumps(seen, sort_keys=True),
     )
 
@@ -141,7 +141,9 @@ def reaudit_schedule(family: str):
     )
     def _schedule(context: ScheduleEvaluationContext, storage: Storage, settings: AuditSettings):
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-        selection = [AssetKey(k) for k in audit_selection(family, settings.registered_audit(storage.root))]
+        selection = [
+            AssetKey.from_user_string(k) for k in audit_selection(family, settings.registered_audit(storage.root))
+        ]
         return [
             RunRequest(run_key=f"{version}@{tick}", partition_key=version, asset_selection=selection)
             for version in storage.repository.latest_versions(settings.audit, "target", family=family)

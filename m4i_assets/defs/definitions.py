@@ -3,30 +3,53 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from dagster import Definitions, ExecutorDefinition, multi_or_in_process_executor
+from dagster import AssetsDefinition, Definitions, ExecutorDefinition, multi_or_in_process_executor
 
 from m4i_assets.defs.assets import attacks, audits, captioning, data, defenses, evaluation, models, signals
 from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
+from m4i_assets.defs.partitions import VersionAsset, version_asset
 from m4i_assets.defs.resources import Compute, Storage, Tracking
+from m4i_assets.families import FAMILIES, Family
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
 MAX_CONCURRENT_STEPS = 2
 REPO = Path(__file__).resolve().parents[2]
+
+# Every per-version asset, by name: built for each family whose registry entry lists it (`Family.job_assets`),
+# as `<family>/<name>` partitioned by that family's audited versions, so no asset exists for a family that would
+# have to refuse its versions. The few that are not one `VersionAsset` (the checkpoint, whose deps are the
+# family's training assets; the captioner's one-step multi-asset of four scores) and the helper assets are
+# factories of a `Family`.
+VERSION_ASSETS: dict[str, VersionAsset | Callable[[Family], AssetsDefinition]] = {
+    **{
+        spec.name: spec
+        for module in (signals, attacks, captioning, evaluation, audits)
+        for spec in module.VERSION_ASSETS
+    },
+    defenses.UTILITY_ASSET.name: defenses.UTILITY_ASSET,
+    "model_checkpoint": models.model_checkpoint,
+    **dict.fromkeys(captioning.SCORE_ASSETS, captioning.m4i_scores),
+    "reference_embeddings": signals.reference_embeddings,
+    "m4i_attack_models": captioning.m4i_attack_models,
+}
+
+
+def family_assets(family: Family) -> list[AssetsDefinition]:
+    """Every asset of one family: its helper asset and its per-version assets, each built once."""
+    entries = dict.fromkeys(VERSION_ASSETS[name] for name in (family.helper_asset, *family.job_assets()))
+    return [version_asset(e, family) if isinstance(e, VersionAsset) else e(family) for e in entries]
+
+
 # Everything but the ingestion assets, whose shard partitions depend on the audit's sources.
 AUDIT_GRAPH = [
     data.record_roles,
+    audits.audit_plan,
     *models.training_assets,
-    models.model_checkpoint,
-    signals.embeddings,
-    signals.augmentation_deltas,
-    *attacks.attack_assets,
-    evaluation.attack_metrics,
-    evaluation.audit_report,
-    *captioning.captioning_assets,
     *defenses.defense_assets,
-    *audits.audit_assets,
+    *(asset for family in FAMILIES.values() for asset in family_assets(family)),
 ]
 
 

@@ -1,47 +1,25 @@
 """Attack assets: each turns stored signals into `membership_scores` rows for one model version.
 
 Every attack is a plain function in `m4i_assets.attacks`, scored on one audited version by its scorer in
-`m4i_assets.scoring`; one asset is generated per scorer of its registry (`SCORERS`), and stores the scores with
-ground truth attached. WSA's pseudo-labels and attack model are assets of their own.
+`m4i_assets.scoring`; one asset is generated per scorer of its registry (`SCORERS`) and family that runs it
+(`<family>/<key>`), and stores the scores with ground truth attached. WSA's pseudo-labels and attack model are
+assets of their own.
 """
+
+from functools import partial
 
 import numpy as np
 import polars as pl
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, MetadataValue
 
 from m4i_assets.attacks import wsa
 from m4i_assets.defs.assets.data import schema_of
-from m4i_assets.defs.assets.signals import augmentation_deltas, embeddings
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.partitions import Step, VersionAsset
 from m4i_assets.defs.resources import Storage
 from m4i_assets.scoring import SCORERS, Audited, Scorer, score_frames, score_summary, wsa_inputs
-from m4i_assets.settings import AuditSettings
 
 SCORES_CHECK = "candidates_scored"
-
-
-def attack_asset(name: str, deps: list, description: str | None = None):
-    """`@asset` for one attack: partitioned by model version, with the candidates-scored check."""
-    return asset(
-        name=name,
-        description=description,
-        group_name="attacks",
-        partitions_def=model_versions,
-        deps=deps,
-        kinds={"duckdb"},
-        check_specs=[
-            AssetCheckSpec(SCORES_CHECK, asset=name, blocking=True,
-                           description="every candidate scored once, finite, members and non-members present")
-        ],
-    )  # fmt: skip
+SCORED = {SCORES_CHECK: ("every candidate scored once, finite, members and non-members present", True)}
 
 
 def write_scores(
@@ -78,34 +56,30 @@ def skipped_scores(
                              metadata={"dagster/row_count": 0, "skipped": reason})  # fmt: skip
 
 
-def score_asset(scorer: Scorer):
-    """The asset of one attack of the registry: score the partition's version and store the scores."""
-
-    @attack_asset(scorer.key, scorer.deps, scorer.description)
-    def _scores(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
-        a = Audited(storage, settings, context.partition_key)
-        if scorer.by_interface and (reason := a.interface_skip(scorer.attack)):
-            return skipped_scores(storage, a.version, scorer.attack, reason)
-        s = scorer.score(a)
-        result = write_scores(storage, a.info, a.records, scorer.attack, s.ids, s.scores,
-                              known=None if s.known_ids is None else (s.known_ids, s.known_scores))  # fmt: skip
-        result.metadata.update(s.metadata)
-        return result
-
-    return _scores
+def run_scorer(scorer: Scorer, step: Step) -> MaterializeResult:
+    """Score the step's version with one attack of the registry and store the scores (skipped, with the reason,
+    where the version's release interface rules the attack out)."""
+    a = Audited(step.storage, step.settings, step.version)
+    if scorer.by_interface and (reason := a.interface_skip(scorer.attack)):
+        return skipped_scores(step.storage, a.version, scorer.attack, reason)
+    s = scorer.score(a)
+    result = write_scores(step.storage, a.info, a.records, scorer.attack, s.ids, s.scores,
+                          known=None if s.known_ids is None else (s.known_ids, s.known_scores))  # fmt: skip
+    result.metadata.update(s.metadata)
+    return result
 
 
-@asset(group_name="attacks", partitions_def=model_versions, deps=[embeddings], kinds={"duckdb"})
-def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+def label_version(step: Step) -> MaterializeResult:
     """WSA steps 1-2 (Ko et al. 2023, section 3.4): tau from the known non-members' CS alone (their
     (1 - alpha) quantile by default); candidates at or above tau become pseudo-members; each candidate's
     cross-fitting fold. Stores the pseudo-label error rates."""
-    a = Audited(storage, settings, context.partition_key)
+    settings, storage = step.settings, step.storage
+    a = Audited(storage, settings, step.version)
     cands, cs_known = a.cands, a.known["cosine_similarity"].to_numpy()
     labels = wsa.pseudo_label(cands["cosine_similarity"].to_numpy(), cs_known, settings.wsa_tau_rule,
                               settings.wsa_alpha, settings.wsa_lambda, settings.wsa_min_pseudo_members)  # fmt: skip
     if labels.rule == "top_k":
-        context.log.warning(
+        step.context.log.warning(
             f"tau = {labels.tau:.4f} kept fewer than {settings.wsa_min_pseudo_members} candidates: the top "
             f"{settings.wsa_min_pseudo_members} by CS are the pseudo-members (rule {labels.rule})"
         )
@@ -130,13 +104,12 @@ def pseudo_labels(context: AssetExecutionContext, settings: AuditSettings, stora
     })  # fmt: skip
 
 
-@asset(group_name="attacks", partitions_def=model_versions, deps=[pseudo_labels, augmentation_deltas],
-       kinds={"pytorch", "file"})  # fmt: skip
-def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+def fit_wsa(step: Step) -> MaterializeResult:
     """WSA step 3, cross-fitted: per fold, the paper's MLP on the configured features, the other folds'
     pseudo-members vs the other folds' known non-members; saved as one safetensors file with its sha256
     (logged to MLflow with the audit run)."""
-    a = Audited(storage, settings, context.partition_key)
+    settings, storage = step.settings, step.storage
+    a = Audited(storage, settings, step.version)
     if reason := a.interface_skip(wsa.ATTACK_ID):
         return MaterializeResult(metadata={"skipped": reason})
     X, X_known = wsa_inputs(a)
@@ -155,5 +128,10 @@ def wsa_attack_model(context: AssetExecutionContext, settings: AuditSettings, st
     })  # fmt: skip
 
 
-score_assets = [score_asset(scorer) for scorer in SCORERS]
-attack_assets = [pseudo_labels, wsa_attack_model, *score_assets]
+VERSION_ASSETS = [
+    VersionAsset("pseudo_labels", label_version, ("embeddings",), "attacks", frozenset({"duckdb"})),
+    VersionAsset("wsa_attack_model", fit_wsa, ("pseudo_labels", "augmentation_deltas"), "attacks",
+                 frozenset({"pytorch", "file"})),
+    *(VersionAsset(s.key, partial(run_scorer, s), tuple(s.deps), "attacks", frozenset({"duckdb"}), SCORED,
+                   description=s.description) for s in SCORERS),
+]  # fmt: skip

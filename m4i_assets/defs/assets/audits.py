@@ -7,8 +7,8 @@ import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from m4i_assets.defs.assets.data import record_roles
-from m4i_assets.defs.assets.signals import embeddings, load_signal
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.assets.signals import load_signal
+from m4i_assets.defs.partitions import Step, VersionAsset
 from m4i_assets.defs.resources import Storage, Tracking
 from m4i_assets.metrics.membership_rate import estimate_membership_rate
 from m4i_assets.settings import AuditSettings
@@ -59,14 +59,11 @@ def audit_plan(context: AssetExecutionContext, settings: AuditSettings, storage:
                                        "mlflow_run_id": run_id})  # fmt: skip
 
 
-@asset(group_name="evaluation", partitions_def=model_versions, deps=[embeddings], kinds={"duckdb", "mlflow"})
-def membership_rate(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
-) -> MaterializeResult:
+def estimate_rate(step: Step) -> MaterializeResult:
     """An unlabelled audit's estimated membership rate (`metrics.membership_rate`) for CSA, the attack whose
     score of a known non-member is unbiased (no attack model was fitted on them): the share of candidates
     whose image-text cosine similarity lies above the known non-members' (1 - alpha) quantile, minus alpha."""
-    version = context.partition_key
+    version, settings, storage, tracking = step.version, step.settings, step.storage, step.tracking
     repo = storage.repository
     info = repo.model_info(version)
     emb = load_signal(storage, "embeddings", version)
@@ -87,7 +84,7 @@ def membership_rate(
             "audit": info["audit"],
             "model_version": version,
             "kind": "membership_rate",
-            "dagster_run_id": context.run_id,
+            "dagster_run_id": step.context.run_id,
         },  # fmt: skip
         artifacts={"membership_rate.json": json.dumps(row, indent=2).encode()},
     )
@@ -96,4 +93,6 @@ def membership_rate(
     return MaterializeResult(metadata={**{k: float(v) for k, v in rate.as_row().items()}, "mlflow_run_id": run_id})
 
 
-audit_assets = [audit_plan, membership_rate]
+VERSION_ASSETS = [
+    VersionAsset("membership_rate", estimate_rate, ("embeddings",), "evaluation", frozenset({"duckdb", "mlflow"})),
+]

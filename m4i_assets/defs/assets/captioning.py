@@ -1,9 +1,10 @@
-"""Captioning assets (M^4I, Hu et al. 2022): per captioner version its generated captions and caption
-metrics; per shadow version the attack models it trains; per audited version the MB / FB scores under
-every threat scenario and the scenario table.
+"""Captioning assets (M^4I, Hu et al. 2022): per audited captioner version (`captioner/<name>`) its generated
+captions, caption metrics and caption likelihoods, the MB / FB / loss scores under every threat scenario and the
+scenario table; and the family's helper asset, `m4i_attack_models`, which computes the same signals for every
+shadow captioner of the audit and trains the attack models each teaches.
 
-Shadow versions and audited versions are different partitions: a shadow's attack models are read from
-their files when the target is scored, as reference models' signals are for the calibrated CLIP attack.
+Shadows are no partitions: the attack models are files the scoring asset reads, declared as its dependency,
+as the reference CLIPs' embeddings are for the calibrated CLIP attacks.
 """
 
 import json
@@ -15,6 +16,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     AssetSpec,
     MaterializeResult,
     MetadataValue,
@@ -27,12 +29,11 @@ from m4i_assets.attacks.adaptive import average_over_queries, image_query_keys
 from m4i_assets.defenses.release import attack_skip_reason, interface_of
 from m4i_assets.defs.assets.attacks import SCORES_CHECK, skipped_scores, write_scores
 from m4i_assets.defs.assets.data import schema_of
-from m4i_assets.defs.assets.evaluation import attack_metrics
-from m4i_assets.defs.assets.models import model_checkpoint
-from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, load_signal, signal_asset, write_signal
-from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import Compute, Storage, Tracking
-from m4i_assets.families import FAMILIES
+from m4i_assets.defs.assets.models import verified_checkpoint
+from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, helper_versions, load_signal, write_signal
+from m4i_assets.defs.partitions import VERSION_PARTITIONS, Step, VersionAsset, dep_keys, version_key
+from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
+from m4i_assets.families import FAMILIES, Family
 from m4i_assets.metrics import report
 from m4i_assets.metrics.scenarios import scenario_metrics, scenario_rows
 from m4i_assets.scoring import release_of
@@ -49,17 +50,14 @@ def captioner_info(repo: Repository, version: str) -> dict:
     return info
 
 
-@signal_asset("generated_captions", [model_checkpoint], "one_caption_per_record",
-              "one generated caption per queried record, none missing")  # fmt: skip
-def generated_captions(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def caption_version(step: Step) -> MaterializeResult:
     """Step 1 of both M^4I attacks: the captioner's released caption (greedy; sampled for the sampled-decoding
     defense) for each record it is queried on (the candidates; for a shadow model, its known members and
     non-members), batched."""
     from m4i_assets.models import captioner
 
-    version, repo = context.partition_key, storage.repository
+    version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
+    repo = storage.repository
     info = captioner_info(repo, version)
     recs = repo.captioned_records(version)
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
@@ -93,14 +91,13 @@ def generated_captions(
     })  # fmt: skip
 
 
-@signal_asset("caption_metrics", [generated_captions], "finite_metrics",
-              "one row per captioned record, every configured metric finite", gpu=False)  # fmt: skip
-def caption_metrics(context: AssetExecutionContext, settings: AuditSettings, storage: Storage) -> MaterializeResult:
+def metrics_of_version(step: Step) -> MaterializeResult:
     """MB step 2 (M^4I section 3.2): caption metrics of each generated caption against all reference
     captions of its image (BLEU-1..4, ROUGE-1/2/L, CIDEr-D by default; METEOR when configured)."""
     from m4i_assets.metrics.captions import caption_metric_features, cider_corpus
 
-    version, repo = context.partition_key, storage.repository
+    version, settings, storage = step.version, step.settings, step.storage
+    repo = storage.repository
     info = captioner_info(repo, version)
     gen = load_signal(storage, "generated_captions", version).sort("record_id")
     metrics = tuple(settings.caption_metrics)
@@ -129,16 +126,13 @@ def caption_metrics(context: AssetExecutionContext, settings: AuditSettings, sto
     })  # fmt: skip
 
 
-@signal_asset("caption_nll", [model_checkpoint], "finite_nll",
-              "one finite NLL per candidate and known non-member")  # fmt: skip
-def caption_nll(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def nll_of_version(step: Step) -> MaterializeResult:
     """The teacher-forced negative log-likelihood of each candidate's and known non-member's reference caption
     given its image, under this captioner (`m4i_loss`, `m4i_loss_ref`; for a shadow, its OUT likelihoods)."""
     from m4i_assets.models import captioner
 
-    version, repo = context.partition_key, storage.repository
+    version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
+    repo = storage.repository
     info = captioner_info(repo, version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
@@ -184,15 +178,53 @@ def features(storage: Storage, repo: Repository, version: str, metrics: list[str
     )
 
 
-@asset(group_name="attacks", partitions_def=model_versions, deps=[caption_metrics], kinds={"pytorch", "sklearn"})
-def m4i_attack_models(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def m4i_attack_models(family: Family):
+    """The helper asset of a family whose helpers are shadow captioners (`Family.helper_asset`)."""
+    signals = {"generated_captions": "one_caption_per_record", "caption_metrics": "finite_metrics",
+               "caption_nll": "finite_nll"}  # fmt: skip
+    key = AssetKey(family.helper_asset)
+
+    @asset(
+        key=key,
+        op_tags=GPU_STEP,
+        group_name="attacks",
+        deps=[AssetKey(family.models[2]), AssetKey(family.defended), AssetKey("record_roles")],
+        kinds={"pytorch", "sklearn"},
+        check_specs=[AssetCheckSpec(check, asset=key, blocking=True, description=f"every shadow's {name}")
+                     for name, check in signals.items()],
+    )  # fmt: skip
+    def _attack_models(
+        context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute, tracking: Tracking
+    ) -> MaterializeResult:
+        """What every shadow captioner of the audit teaches the attacker (M^4I sections 3.2-3.3): its captions of
+        its own known members and non-members, their caption metrics and every candidate's and known
+        non-member's caption likelihood (calibrating `m4i_loss_ref`), then the attack models it trains
+        (`train_shadow_attack_models`)."""
+        versions = helper_versions(storage, settings, family)
+        per_version, passed = {}, {check: True for check in signals.values()}
+        for version in versions:
+            context.log.info(f"shadow {version}: captions, caption metrics, caption likelihoods, attack models")
+            verified_checkpoint(storage, version)
+            step = Step(version, settings, storage, compute, tracking, context)
+            for result in (caption_version(step), metrics_of_version(step), nll_of_version(step)):
+                check = result.check_results[0]
+                passed[check.check_name] &= check.passed
+            per_version[version] = train_shadow_attack_models(storage, settings, compute, version)
+        return MaterializeResult(
+            metadata={"shadow_versions": MetadataValue.json(versions),
+                      "attack_models": MetadataValue.json(per_version)},
+            check_results=[AssetCheckResult(check_name=c, passed=ok) for c, ok in passed.items()],
+        )  # fmt: skip
+
+    return _attack_models
+
+
+def train_shadow_attack_models(storage: Storage, settings: AuditSettings, compute: Compute, version: str) -> dict:
     """What one shadow captioner teaches the attacker (M^4I sections 3.2-3.3): the MB classifier on its
     caption metrics, the multimodal feature extractor (MFE) on a seeded half of its records and the FB
     classifier on |MFE_img - MFE_txt(generated)| of the other half (the MFE never embeds a record the FB
     classifier learns from), each a file with its sha256."""
-    version, repo = context.partition_key, storage.repository
+    repo = storage.repository
     info = captioner_info(repo, version)
     if info["role"] not in SHADOW_ROLES:
         raise ValueError(f"{version} is a {info['role']} model: attack models are trained on shadow models only")
@@ -208,13 +240,13 @@ def m4i_attack_models(
     mb, fb = fitted.mb, fitted.fb
     blobs = {MB_FILE: mb.to_bytes(), MFE_FILE: fitted.mfe.to_bytes(), FB_FILE: fb.to_bytes()}
     files = {name: storage.write_attack_model(version, name, blob) for name, blob in blobs.items()}
-    return MaterializeResult(metadata={
-        "files": MetadataValue.json(files), "n_shadow_members": int(y.sum()), "n_shadow_nonmembers": int((~y).sum()),
+    return {
+        "files": files, "n_shadow_members": int(y.sum()), "n_shadow_nonmembers": int((~y).sum()),
         "mb_classifier": mb.kind_, "mb_shadow_accuracy": mb.shadow_accuracy_,
         "fb_classifier": fb.kind_, "fb_shadow_accuracy": fb.shadow_accuracy_,
         "n_mfe_records": int(fitted.mfe_part.sum()), "n_fb_records": int(fitted.fb_part.sum()),
-        "fb_validation_auc": MetadataValue.json(fb.validation_auc_),
-    })  # fmt: skip
+        "fb_validation_auc": fb.validation_auc_,
+    }  # fmt: skip
 
 
 SCORE_ASSETS = {
@@ -231,24 +263,37 @@ SCORE_ASSETS = {
 }
 
 
-@multi_asset(
-    specs=[AssetSpec(key, deps=[caption_metrics, caption_nll, m4i_attack_models], kinds={"duckdb"}, description=text)
-           for key, (_, text) in SCORE_ASSETS.items()],
-    check_specs=[
-        AssetCheckSpec(SCORES_CHECK, asset=key, blocking=True,
-                       description="every candidate scored once, finite, members and non-members present")
-        for key in SCORE_ASSETS
-    ],
-    group_name="attacks",
-    partitions_def=model_versions,
-)  # fmt: skip
-def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage: Storage):
+def m4i_scores(family: Family):
+    """`<family>/m4i_mb_scores`, `m4i_fb_scores`, `m4i_loss_scores`, `m4i_loss_ref_scores` of an audited captioner,
+    one step (`captioner_scores`), reading the shadows' attack models and likelihoods (`Family.helper_asset`)."""
+    keys = {name: version_key(family, name) for name in SCORE_ASSETS}
+    deps = dep_keys(family, ("caption_metrics", "caption_nll", family.helper_asset))
+
+    @multi_asset(
+        name=f"{family.name}_m4i_scores",
+        specs=[AssetSpec(keys[name], deps=deps, kinds={"duckdb"}, description=text)
+               for name, (_, text) in SCORE_ASSETS.items()],
+        check_specs=[
+            AssetCheckSpec(SCORES_CHECK, asset=key, blocking=True,
+                           description="every candidate scored once, finite, members and non-members present")
+            for key in keys.values()
+        ],
+        group_name="attacks",
+        partitions_def=VERSION_PARTITIONS[family.name],
+    )  # fmt: skip
+    def _scores(context: AssetExecutionContext, settings: AuditSettings, storage: Storage):
+        yield from captioner_scores(storage, settings, context.partition_key, keys)
+
+    return _scores
+
+
+def captioner_scores(storage: Storage, settings: AuditSettings, version: str, keys: dict[str, AssetKey]):
     """The captioner attacks on an audited captioner: both M^4I attacks once per shadow model, i.e. per threat
     scenario (and per shadow seed), `m4i_loss` (white box) and `m4i_loss_ref` calibrated by each shadow. Every
     scenario's per-record scores (and the M^4I shadow-threshold predictions) go to `m4i_scenario_scores`; the
     unrestricted scenario's first-seed MB / FB scores, `m4i_loss` and `m4i_loss_ref` calibrated by every shadow
-    are the `membership_scores` rows."""
-    version, repo = context.partition_key, storage.repository
+    are the `membership_scores` rows (one result per asset of `keys`)."""
+    repo = storage.repository
     info = captioner_info(repo, version)
     cands = features(storage, repo, version, settings.caption_metrics)
     known = repo.known_nonmembers(version)
@@ -285,7 +330,8 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
         caption_loss.LOSS: (caption_loss.loss_scores(nll), "white box"),
         caption_loss.LOSS_REF: (calibrated, f"{len(attackers)} shadow captioners"),
     }
-    for key, (attack, _) in SCORE_ASSETS.items():
+    for name, (attack, _) in SCORE_ASSETS.items():
+        key = keys[name]
         if attack in skips:
             result = skipped_scores(storage, version, attack, skips[attack], asset_key=key)
         elif attack in own:
@@ -303,15 +349,11 @@ def m4i_scores(context: AssetExecutionContext, settings: AuditSettings, storage:
         yield result
 
 
-@asset(group_name="evaluation", partitions_def=model_versions, deps=[m4i_scores, attack_metrics],
-       kinds={"duckdb", "mlflow"})  # fmt: skip
-def m4i_scenarios(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
-) -> MaterializeResult:
+def scenario_table(step: Step) -> MaterializeResult:
     """The M^4I scenario table (Hu et al. 2022, section 4.3): both attacks under unrestricted,
     data-restricted, architecture-restricted and doubly restricted shadows, in `m4i_scenarios`, the
     asset metadata and the version's MLflow run."""
-    version = context.partition_key
+    version, settings, storage, tracking = step.version, step.settings, step.storage, step.tracking
     repo = storage.repository
     info = captioner_info(repo, version)
     rows = scenario_rows(load_signal(storage, "m4i_scenario_scores", version), settings.n_bootstrap, settings.seed)
@@ -332,4 +374,14 @@ def m4i_scenarios(
     })  # fmt: skip
 
 
-captioning_assets = [generated_captions, caption_metrics, caption_nll, m4i_attack_models, m4i_scores, m4i_scenarios]
+SIGNALS = frozenset({"pytorch", "parquet"})
+VERSION_ASSETS = [
+    VersionAsset("generated_captions", caption_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+                 checks={"one_caption_per_record": ("one generated caption per queried record, none missing", True)}),
+    VersionAsset("caption_metrics", metrics_of_version, ("generated_captions",), "signals", SIGNALS,
+                 checks={"finite_metrics": ("one row per captioned record, every configured metric finite", True)}),
+    VersionAsset("caption_nll", nll_of_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+                 checks={"finite_nll": ("one finite NLL per candidate and known non-member", True)}),
+    VersionAsset("m4i_scenarios", scenario_table, (*SCORE_ASSETS, "attack_metrics"), "evaluation",
+                 frozenset({"duckdb", "mlflow"})),
+]  # fmt: skip

@@ -27,7 +27,7 @@ from m4i_assets.defenses.grid import defended_spec, grid, is_release
 from m4i_assets.defenses.release import RELEASE_DEFENSES, attack_skip_reason, family_attacks_needing, interface_of
 from m4i_assets.defs.assets.audits import replace_plan_rows
 from m4i_assets.defs.assets.models import train_and_register
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.partitions import Step, VersionAsset, add_versions, version_key
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, Family
 from m4i_assets.metrics import privacy_utility as pu
@@ -109,6 +109,7 @@ def defense_spec(settings: AuditSettings, spec, defense: str, strength: float):
 def register_adaptive_twins(
     context: AssetExecutionContext,
     storage: Storage,
+    family: str,
     jobs: list[TrainJob],
     trained: list[dict],
     references: list[TrainJob],
@@ -135,7 +136,7 @@ def register_adaptive_twins(
         storage.write("models", pl.DataFrame([twin]), model_version=twin["model_version"])
         twins.append({"defense": job.defense[0], "strength": job.defense[1], "model_version": twin["model_version"],
                       "attacker": "adaptive", "references": sorted(matching)})  # fmt: skip
-    context.instance.add_dynamic_partitions(model_versions.name, [t["model_version"] for t in twins])
+    add_versions(context.instance, family, [t["model_version"] for t in twins])
     return twins
 
 
@@ -172,13 +173,13 @@ def defend(
         jobs.append(TrainJob("defended", members, spec, defense=(defense, strength, target["model_version"]),
                              validation=validation if defense == "early_stopping" else None))  # fmt: skip
     references = adaptive_helper_jobs(settings, family, defenses, population, validation, target["model_version"])
-    context.instance.add_dynamic_partitions(model_versions.name, [r["model_version"] for r in released])
+    add_versions(context.instance, family, [r["model_version"] for r in released])
     skipped = plan_release_skips(storage, settings.audit, family, released)
     trained = train_and_register(context, settings, storage, compute, FAMILIES[family].models_module(),
                                  jobs + references)  # fmt: skip
     trained, refs = trained[: len(jobs)], trained[len(jobs) :]
     table = [{"defense": j.defense[0], "strength": j.defense[1], **r} for j, r in zip(jobs, trained)] + released
-    table += register_adaptive_twins(context, storage, jobs, trained, references, refs)
+    table += register_adaptive_twins(context, storage, family, jobs, trained, references, refs)
     return MaterializeResult(
         metadata={
             "base_version": target["model_version"],
@@ -207,20 +208,10 @@ def defended_asset(family: Family):
 defended_assets = [defended_asset(family) for family in FAMILIES.values()]
 
 
-@asset(
-    group_name="defenses",
-    partitions_def=model_versions,
-    deps=["embeddings", "caption_metrics"],
-    kinds={"duckdb"},
-    check_specs=[AssetCheckSpec("utility_in_range", asset="model_utility", blocking=True,
-                                description="every metric finite; recalls, accuracy, BLEU and ROUGE in [0, 1]")],
-)  # fmt: skip
-def model_utility(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def measure_utility(step: Step) -> MaterializeResult:
     """What the model version is good for, measured on the audit's non-members (held out from the target's
     training): a CLIP's retrieval recall and zero-shot accuracy, a captioner's BLEU-4, ROUGE-L and CIDEr."""
-    version = context.partition_key
+    version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     info = storage.repository.model_info(version)
     naive = json.loads(info.get("defense_facts") or "{}").get("naive_version")
     if naive:  # an attacker's view of a release: its utility is the release's, measured on `naive`
@@ -246,6 +237,16 @@ def model_utility(
     )
 
 
+UTILITY_ASSET = VersionAsset(
+    "model_utility",
+    measure_utility,
+    ("embeddings", "caption_metrics"),
+    "defenses",
+    frozenset({"duckdb"}),
+    {"utility_in_range": ("every metric finite; recalls, accuracy, BLEU and ROUGE in [0, 1]", True)},
+)
+
+
 def empirical_epsilons(storage: Storage, versions: list[str], delta: float, seed: int) -> pl.DataFrame:
     """Per version: the empirical epsilon lower bound at `delta` from its strongest attack (picked on a held-out
     half of the candidates; Jagielski et al. 2020, Nasr et al. 2021), and that attack. Blind scores never count:
@@ -266,7 +267,8 @@ def empirical_epsilons(storage: Storage, versions: list[str], delta: float, seed
 
 @asset(
     group_name="defenses",
-    deps=["attack_metrics", model_utility, *defended_assets],
+    deps=[*(version_key(family, name) for family in FAMILIES for name in ("attack_metrics", "model_utility")),
+          *defended_assets],
     kinds={"duckdb", "mlflow"},
     check_specs=[AssetCheckSpec("every_defense_evaluated", asset="defense_evaluations",
                                 description="every defended version of each target has attack metrics and utility")],
@@ -340,4 +342,4 @@ def defense_evaluations(
     )  # fmt: skip
 
 
-defense_assets = [*defended_assets, model_utility, defense_evaluations]
+defense_assets = [*defended_assets, defense_evaluations]

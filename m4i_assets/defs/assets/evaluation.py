@@ -8,16 +8,13 @@ import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from m4i_assets.defs.assets.attacks import score_assets, wsa_attack_model
-from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import Storage, Tracking
+from m4i_assets.defs.assets.captioning import SCORE_ASSETS
+from m4i_assets.defs.partitions import Step, VersionAsset
+from m4i_assets.defs.resources import Storage
 from m4i_assets.metrics import report
 from m4i_assets.metrics.evaluation import (
     metric_rows,
@@ -27,6 +24,7 @@ from m4i_assets.metrics.evaluation import (
     score_matrix,
     sklearn_disagreement,
 )
+from m4i_assets.scoring import SCORERS
 from m4i_assets.settings import AuditSettings
 
 
@@ -75,34 +73,12 @@ def null_control_check(info: dict, rows: list[dict]) -> AssetCheckResult:
                             description=message, metadata={"off_chance": MetadataValue.json(off)})  # fmt: skip
 
 
-@asset(
-    group_name="evaluation",
-    partitions_def=model_versions,
-    deps=[*score_assets, wsa_attack_model, "m4i_mb_scores", "m4i_fb_scores", "m4i_loss_scores",
-          "m4i_loss_ref_scores"],  # (captioning: by key, no cycle)
-    kinds={"duckdb", "mlflow"},
-    check_specs=[
-        AssetCheckSpec("agrees_with_sklearn", asset="attack_metrics",
-                       description="AUC and TPR@1%FPR recomputed by scikit-learn match"),
-        AssetCheckSpec("shift_gate", asset="attack_metrics", blocking=True,
-                       description="blocks reporting when the blind baseline's AUC CI (or known vs candidate "
-                       "non-members') lies above 0.5 by more than the margin"),
-        AssetCheckSpec("beats_blind_baseline", asset="attack_metrics",
-                       description="the paired CI of (best attack AUC - blind AUC) lies above 0 (Das et al. 2024)"),
-        AssetCheckSpec("null_control_at_chance", asset="attack_metrics",
-                       description="on a null control, every attack's AUC CI contains 0.5"),
-        AssetCheckSpec("metrics_in_range", asset="attack_metrics", blocking=True,
-                       description="metrics and CIs in [0, 1], every attack on the same candidates"),
-    ],
-)  # fmt: skip
-def attack_metrics(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
-) -> MaterializeResult:
+def evaluate_version(step: Step) -> MaterializeResult:
     """AUC, balanced accuracy and TPR at 1% / 0.1% FPR (NULL below ten possible false positives) with paired
     bootstrap CIs for every attack of a model version, TPR and realised FPR at the known non-members'
     thresholds with Clopper-Pearson CIs, the paired differences from CSA and the blind baseline
     (`attack_comparisons`), a log-log ROC plot, and one MLflow run (Carlini et al. 2022; ATTACKS.md 5)."""
-    version = context.partition_key
+    version, settings, storage, tracking = step.version, step.settings, step.storage, step.tracking
     repo = storage.repository
     info = repo.model_info(version)
     labels, scores, known = score_matrix(repo.scores_with_truth(version), repo.known_scores(version), version)
@@ -128,7 +104,7 @@ def attack_metrics(
         },
         metrics=numbers,
         tags={"audit": info["audit"], "model_version": version, "model_role": info["role"],
-              "dagster_run_id": context.run_id},
+              "dagster_run_id": step.context.run_id},
         artifacts=artifacts,
     )  # fmt: skip
     table = pl.DataFrame(rows, infer_schema_length=None).with_columns(
@@ -172,14 +148,11 @@ def attack_metrics(
     )
 
 
-@asset(group_name="evaluation", partitions_def=model_versions, deps=[attack_metrics, "m4i_scenarios"], kinds={"mlflow"})
-def audit_report(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking
-) -> MaterializeResult:
+def report_version(step: Step) -> MaterializeResult:
     """The comparison report of one model version: every attack with CIs, the paired comparisons with CSA
     and the blind baseline, the shift, null-control and permutation verdicts, and for a captioner the M^4I
     scenario table. Runs only when the shift gate passed."""
-    version = context.partition_key
+    version, settings, storage, tracking = step.version, step.settings, step.storage, step.tracking
     repo = storage.repository
     info = repo.model_info(version)
     v = version_verdicts(storage, settings, version)
@@ -195,3 +168,23 @@ def audit_report(
                          {"audit_report.md": text.encode()})  # fmt: skip
     return MaterializeResult(metadata={"report": MetadataValue.md(text), "mlflow_run_id": run_id,
                                        "permutation_test": MetadataValue.json(permutation)})  # fmt: skip
+
+
+CHECKS = {
+    "agrees_with_sklearn": ("AUC and TPR@1%FPR recomputed by scikit-learn match", False),
+    "shift_gate": (
+        "blocks reporting when the blind baseline's AUC CI (or known vs candidate non-members') lies above "
+        "0.5 by more than the margin",
+        True,
+    ),
+    "beats_blind_baseline": ("the paired CI of (best attack AUC - blind AUC) lies above 0 (Das et al. 2024)", False),
+    "null_control_at_chance": ("on a null control, every attack's AUC CI contains 0.5", False),
+    "metrics_in_range": ("metrics and CIs in [0, 1], every attack on the same candidates", True),
+}
+# every asset that writes a family's scores (or WSA's attack model), read by attack_metrics where the family has it
+SCORED = (*(s.key for s in SCORERS), *SCORE_ASSETS, "wsa_attack_model")
+VERSION_ASSETS = [
+    VersionAsset("attack_metrics", evaluate_version, SCORED, "evaluation", frozenset({"duckdb", "mlflow"}), CHECKS),
+    VersionAsset("audit_report", report_version, ("attack_metrics", "m4i_scenarios"), "evaluation",
+                 frozenset({"mlflow"})),
+]  # fmt: skip

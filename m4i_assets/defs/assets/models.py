@@ -14,12 +14,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, MetadataValue, asset, multi_asset
 
 from m4i_assets import plans
 from m4i_assets.data.audits import AuditSpec
 from m4i_assets.defs.assets.data import record_roles
-from m4i_assets.defs.partitions import model_versions
+from m4i_assets.defs.partitions import VERSION_PARTITIONS, add_versions, is_audited, version_key
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
 from m4i_assets.families import FAMILIES, Family, stage_checkpoint
 from m4i_assets.models.checkpoints import checkpoint_tensor_count, sha256_file
@@ -35,14 +35,16 @@ def train_and_register(
     family: ModuleType,
     jobs: list[TrainJob],
 ) -> list[dict]:
-    """`plans.train_and_register` in a step: each version it trains or reuses becomes a partition."""
+    """`plans.train_and_register` in a step: each audited version it trains or reuses becomes a partition of its
+    family's assets (a helper does not: `partitions.is_audited`)."""
 
-    def announce(version: str) -> None:
-        context.instance.add_dynamic_partitions(model_versions.name, [version])
+    def announce(version: str, role: str) -> None:
+        if is_audited(family.FAMILY, role):
+            add_versions(context.instance, family.FAMILY, [version])
 
     def register(staged: Path, sha256: str, row: dict) -> str:
         version = storage.register_model(staged, sha256, row, move=True)
-        announce(version)
+        announce(version, row["role"])
         return version
 
     return plans.train_and_register(jobs, family, settings, storage, register, announce, context.log.info,
@@ -138,24 +140,39 @@ def register_audit_models(
             version = storage.register_model(folder, sha256_file(described.weights), row, move=staged, weights=weights)
             if staged:
                 shutil.rmtree(folder, ignore_errors=True)
-            context.instance.add_dynamic_partitions(model_versions.name, [version])
+            if is_audited(family.name, role):
+                add_versions(context.instance, family.name, [version])
             registered.append({"model_version": version, "source": checkpoint.path, "arch": described.arch})
         yield MaterializeResult(asset_key=key, metadata={"models": MetadataValue.json(registered),
                                                          "registered_from": audit.name})  # fmt: skip
 
 
-@asset(group_name="models", partitions_def=model_versions, deps=training_assets, kinds={"pytorch"})
-def model_checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
-    """One model version: its checkpoint verified against the registered sha256 and its tensors counted
-    (weights are loaded by the signal assets, which name the file in any error)."""
-    info = storage.repository.model_info(context.partition_key)
+def verified_checkpoint(storage: Storage, version: str) -> dict:
+    """A version's `models` row, once its checkpoint file's sha256 is the registered one (else a ValueError)."""
+    info = storage.repository.model_info(version)
     actual = sha256_file(info["checkpoint_uri"])
     if actual != info["sha256"]:
         raise ValueError(f"{info['checkpoint_uri']}: sha256 {actual} differs from the registered {info['sha256']}")
-    n_tensors = checkpoint_tensor_count(info["checkpoint_uri"])
-    return MaterializeResult(
-        metadata={
-            "n_tensors": n_tensors,
-            **{k: str(info[k]) for k in ("arch", "role", "audit", "sha256", "checkpoint_uri")},
-        }
-    )
+    return info
+
+
+def model_checkpoint(family: Family):
+    """`<family>/model_checkpoint`, downstream of the family's training assets."""
+
+    @asset(key=version_key(family, "model_checkpoint"), group_name="models",
+           partitions_def=VERSION_PARTITIONS[family.name],
+           deps=[AssetKey(family.models[0]), AssetKey(family.models[1]), AssetKey(family.defended)],
+           kinds={"pytorch"})  # fmt: skip
+    def _checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
+        """One audited version's checkpoint verified against the registered sha256 and its tensors counted (weights
+        are loaded by the signal assets, which name the file in any error)."""
+        info = verified_checkpoint(storage, context.partition_key)
+        n_tensors = checkpoint_tensor_count(info["checkpoint_uri"])
+        return MaterializeResult(
+            metadata={
+                "n_tensors": n_tensors,
+                **{k: str(info[k]) for k in ("arch", "role", "audit", "sha256", "checkpoint_uri")},
+            }
+        )
+
+    return _checkpoint

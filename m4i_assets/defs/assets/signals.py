@@ -1,50 +1,43 @@
-"""Signal assets: per (model version, record) quantities every attack shares, as Parquet files."""
+"""Signal assets: per (model version, record) quantities every attack shares, as Parquet files. Each is generated
+per family (`<family>/<name>`, partitioned by the family's audited versions); the helper models' signals are
+computed by the family's helper asset (`reference_embeddings` here) with the same functions."""
 
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from m4i_assets.attacks.adaptive import caption_variant_keys, image_variant_keys
 from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.defs.assets.data import schema_of
-from m4i_assets.defs.assets.models import model_checkpoint
-from m4i_assets.defs.partitions import model_versions
-from m4i_assets.defs.resources import GPU_STEP, Compute, Storage
+from m4i_assets.defs.assets.models import verified_checkpoint
+from m4i_assets.defs.partitions import Step, VersionAsset
+from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
+from m4i_assets.families import Family
 from m4i_assets.scoring import release_of
 from m4i_assets.settings import AuditSettings
 from m4i_assets.storage.repository import CANDIDATE_ROLES
 
-
 # Records every attack scores or calibrates against; the population only trains models.
-def signal_asset(name: str, deps: list, check: str, check_description: str, gpu: bool = True):
-    """`@asset` for one per-version signal (Parquet), with its blocking data check; `gpu`: it runs a model."""
-    return asset(
-        op_tags=GPU_STEP if gpu else None,
-        name=name,
-        group_name="signals",
-        partitions_def=model_versions,
-        deps=deps,
-        kinds={"pytorch", "parquet"},
-        check_specs=[AssetCheckSpec(check, asset=name, blocking=True, description=check_description)],
-    )
-
-
 EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 
-@signal_asset("embeddings", [model_checkpoint], "finite_unit_embeddings",
-              "one row per record, NaN-free, expected dimension, unit norm")  # fmt: skip
-def embeddings(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def embed_version(step: Step) -> MaterializeResult:
     """L2-normalised image and text embeddings and their cosine similarity, for the audit's records, as the
     model version releases them (a release-time defense perturbs them here, so every attack sees it)."""
     from m4i_assets.models import clip
     from m4i_assets.signals.embeddings import embed_records
 
-    version = context.partition_key
+    version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = repo.model_info(version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
@@ -97,6 +90,52 @@ def embeddings(
     )
 
 
+def helper_versions(storage: Storage, settings: AuditSettings, family: Family) -> list[str]:
+    """The helper versions the settings' audit learns from (`Family.helper_versions`): an audit of the registry's
+    own references (all of them), a controlled audit's `n_reference_models`, and those trained with a defense."""
+    audit = settings.registered_audit(storage.root)
+    n = len(audit.references) if audit is not None else settings.n_reference_models
+    return family.helper_versions(storage, settings.audit, n)
+
+
+def reference_embeddings(family: Family):
+    """The helper asset of a family whose helpers are reference CLIPs (`Family.helper_asset`)."""
+    key = AssetKey(family.helper_asset)
+
+    @asset(
+        key=key,
+        op_tags=GPU_STEP,
+        group_name="signals",
+        deps=[AssetKey(family.models[2]), AssetKey(family.defended)],
+        kinds={"pytorch", "parquet"},
+        check_specs=[AssetCheckSpec("finite_unit_embeddings", asset=key, blocking=True,
+                                    description="every reference model's embeddings NaN-free, unit norm")],
+    )  # fmt: skip
+    def _reference_embeddings(
+        context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute, tracking: Tracking
+    ) -> MaterializeResult:
+        """The embeddings of every reference CLIP of the audit (and of those trained with a defense, for the
+        adaptive attacker), which the calibrated attacks (offline LiRA, RMIA) and the blind baseline's
+        target-independent features read: one Parquet file per reference version, as an audited version's."""
+        versions = helper_versions(storage, settings, family)
+        checks = []
+        rows = 0
+        for version in versions:
+            context.log.info(f"embedding the audit's records with reference {version}")
+            verified_checkpoint(storage, version)
+            result = embed_version(Step(version, settings, storage, compute, tracking, context))
+            checks.append(result.check_results[0])
+            rows += result.metadata["dagster/row_count"]
+        return MaterializeResult(
+            metadata={"reference_versions": MetadataValue.json(versions), "dagster/row_count": rows},
+            check_results=[AssetCheckResult(
+                check_name="finite_unit_embeddings", passed=all(c.passed for c in checks),
+                metadata={"per_version": MetadataValue.json({v: c.passed for v, c in zip(versions, checks)})})],
+        )  # fmt: skip
+
+    return _reference_embeddings
+
+
 def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.DataFrame) -> Path:
     """Write one model version's signal as Parquet, replacing its file atomically (`signals/<signal>/`)."""
     return storage.warehouse.write_signal(signal, model_version, frame)
@@ -107,17 +146,13 @@ def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFra
     return storage.repository.signal(signal, model_version)
 
 
-@signal_asset("augmentation_deltas", [embeddings], "finite_deltas",
-              "one row per (candidate or known non-member, transform), at least eight transforms, finite")  # fmt: skip
-def augmentation_deltas(
-    context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute
-) -> MaterializeResult:
+def augment_version(step: Step) -> MaterializeResult:
     """CS(x, t), CS(T_k(x), t) and their delta for every candidate and transform (Ko et al. 2023,
     section 3.3). Text embeddings and clean CS come from `embeddings`; only images are re-encoded."""
     from m4i_assets.models import clip
     from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 
-    version = context.partition_key
+    version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = repo.model_info(version)
     cands = repo.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
@@ -152,3 +187,14 @@ def augmentation_deltas(
         "dagster/row_count": frame.height, "dagster/column_schema": schema_of(frame), "path": str(path),
         "mean_delta_by_transform": MetadataValue.json(dict(mean_delta.iter_rows())),
     })  # fmt: skip
+
+
+SIGNALS = frozenset({"pytorch", "parquet"})
+VERSION_ASSETS = [
+    VersionAsset("embeddings", embed_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+                 checks={"finite_unit_embeddings": ("one row per record, NaN-free, expected dimension, unit norm",
+                                                    True)}),
+    VersionAsset("augmentation_deltas", augment_version, ("embeddings",), "signals", SIGNALS, gpu=True,
+                 checks={"finite_deltas": ("one row per (candidate or known non-member, transform), at least eight "
+                                           "transforms, finite", True)}),
+]  # fmt: skip
