@@ -17,6 +17,7 @@ from m4i_assets.metrics.privacy_utility import (
     interpolate_tpr,
     matched_utility,
     privacy_utility_png,
+    tpr_at_utility,
     worst_attack_heldout,
 )
 
@@ -119,8 +120,10 @@ def test_frontier_at_matched_utility_compares_each_point_with_the_other_curves()
     # dp_sgd at 0.5 (utility 0.70) is inside noise's range [0.60, 0.75] and below it
     assert frontier[("dp_sgd", 0.5)]["frontier_tpr"] == pytest.approx(0.2 + (0.70 - 0.60) / 0.15 * 0.1)
     assert frontier[("dp_sgd", 0.5)]["on_frontier"]
-    # no other curve reaches utility 0.30: nothing to compare, so it is on the frontier by default
-    assert frontier[("dp_sgd", 2.0)]["frontier_defense"] is None and frontier[("dp_sgd", 2.0)]["on_frontier"]
+    # at utility 0.30 noise's curve has no segment, but its strengths keep more utility: 0.20 at 0.60 is what noise
+    # leaks while keeping at least 0.30, and DP-SGD's 0.02 is below it
+    assert frontier[("dp_sgd", 2.0)]["frontier_defense"] == "noise"
+    assert frontier[("dp_sgd", 2.0)]["frontier_tpr"] == pytest.approx(0.20) and frontier[("dp_sgd", 2.0)]["on_frontier"]
     assert best_at_utility(_points(), 0.65)["defense"] == "dp_sgd"
     assert best_at_utility(_points(), 0.85) is None  # above the target: no curve reaches it
 
@@ -142,6 +145,22 @@ def test_a_defense_at_one_strength_is_compared_on_its_segment_from_the_target():
         frontier[("rounding", 2.0)]["frontier_defense"] == "dp_sgd" and not frontier[("rounding", 2.0)]["on_frontier"]
     )
     assert best_at_utility(points, 0.79)["tpr"] == pytest.approx(0.46)
+
+
+def test_a_point_that_keeps_more_utility_and_leaks_less_is_best_below_its_utility():
+    """A defense measured above the target's utility with less leakage (augmentation on an overfit target) has no
+    segment at 90% of the target's utility, yet it beats every curve there: matched utility reads each defense at
+    that utility or more, never only inside its own segments."""
+    points = pl.concat([_points(), pl.DataFrame({"defense": ["augmentation"], "strength": [0.5], "utility": [0.90],
+                                                 "tpr": [0.10]})])  # fmt: skip
+    curves = defense_curves(points)
+    assert interpolate_tpr(curves["augmentation"], 0.72) is None  # its segment runs from the target (0.80) to 0.90
+    assert tpr_at_utility(curves["augmentation"], 0.72) == pytest.approx(0.10)
+    assert tpr_at_utility(curves["dp_sgd"], 0.72) == pytest.approx(0.1 + 0.2 * 0.4)  # on its segment to the target
+    assert tpr_at_utility(curves["augmentation"], 0.95) is None  # nothing keeps that much
+    assert best_at_utility(points, 0.72) == {"defense": "augmentation", "utility": 0.72, "tpr": pytest.approx(0.10)}
+    frontier = {(r["defense"], r["strength"]): r for r in matched_utility(points).iter_rows(named=True)}
+    assert frontier[("noise", 0.05)]["frontier_defense"] == "augmentation"  # 0.10 at 0.90 beats DP-SGD's 0.30
 
 
 def test_worst_attack_on_held_out_halves_is_not_biased_upward_by_the_pick():

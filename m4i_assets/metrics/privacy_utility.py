@@ -243,11 +243,23 @@ def interpolate_tpr(curve: pl.DataFrame, utility: float) -> float | None:
     return float(np.interp(utility, u, t))
 
 
+def tpr_at_utility(curve: pl.DataFrame, utility: float) -> float | None:
+    """One defense's worst-attack privacy TPR (`PRIVACY`) while keeping at least `utility`: the lower of its curve
+    read at `utility` (`interpolate_tpr`) and its measured points of more utility (a strength that keeps more
+    utility and leaks less serves any lower utility: the Pareto reading); None when no strength reaches it."""
+    curve = curve.drop_nulls(["utility", "tpr"])
+    kept = curve.filter(pl.col("utility") >= utility)["tpr"]
+    if kept.len() == 0:
+        return None
+    at = interpolate_tpr(curve, utility)
+    return float(kept.min()) if at is None else min(at, float(kept.min()))
+
+
 def defense_curves(points: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """Each defense's privacy-utility curve (`curve_points` rows of its strengths), anchored at the undefended
     target: strength zero of every defense is the target itself, so a defense evaluated at one strength still has
     a segment (from the target to that strength) on which other defenses can be compared at matched utility.
-    Between two points the curve is read linearly (`interpolate_tpr`), never beyond its ends."""
+    Between two points the curve is read linearly, never above its most useful point (`tpr_at_utility`)."""
     target = points.filter(pl.col("defense") == UNDEFENDED).select("utility", "tpr")
     return {
         d: pl.concat([g.select("utility", "tpr"), target])
@@ -257,8 +269,8 @@ def defense_curves(points: pl.DataFrame) -> dict[str, pl.DataFrame]:
 
 def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
     """The frontier at matched utility: for each defended point (a `curve_points` row), every other defense's
-    worst-attack privacy TPR (`PRIVACY`) interpolated at that point's utility on its anchored curve
-    (`defense_curves`), and the lowest of them
+    worst-attack privacy TPR (`PRIVACY`) at that point's utility or more on its anchored curve (`defense_curves`,
+    `tpr_at_utility`), and the lowest of them
     (`frontier_tpr`, by `frontier_defense`). A point whose own TPR is at or below the frontier is the most private
     at its utility; comparing at one strength each would set a defense that kept less utility against one that
     kept more."""
@@ -266,7 +278,7 @@ def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
     curves = defense_curves(points)
     rows = []
     for r in defended.iter_rows(named=True):
-        others = {d: interpolate_tpr(g, r["utility"]) for d, g in curves.items() if d != r["defense"]}
+        others = {d: tpr_at_utility(g, r["utility"]) for d, g in curves.items() if d != r["defense"]}
         others = {d: t for d, t in others.items() if t is not None}
         best = min(others, key=others.get) if others else None
         rows.append({
@@ -281,9 +293,9 @@ def matched_utility(points: pl.DataFrame) -> pl.DataFrame:
 
 
 def best_at_utility(points: pl.DataFrame, utility: float) -> dict | None:
-    """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`), interpolated) at `utility`, with
-    that TPR; None when no defense's strengths reach that utility."""
-    at = {d: interpolate_tpr(g, utility) for d, g in defense_curves(points).items()}
+    """The defense whose curve is lowest (worst-attack privacy TPR (`PRIVACY`) keeping at least `utility`,
+    `tpr_at_utility`) at `utility`, with that TPR; None when no defense's strengths reach that utility."""
+    at = {d: tpr_at_utility(g, utility) for d, g in defense_curves(points).items()}
     at = {d: t for d, t in at.items() if t is not None}
     if not at:
         return None
