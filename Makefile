@@ -26,7 +26,7 @@ demo-captioning: venv
 	$(VENV)/bin/m4i demo --family captioner
 
 # Defenses (DP-SGD, regularisation, output perturbation) of both targets, audited and set against their
-# utility, on the reduced `defenses` profile (its own audit: smaller sets and grid, under 20 minutes on 2 cores).
+# utility, on the reduced `defenses` profile (its own audit: smaller sets and grid; about an hour on 2 cores).
 demo-defenses: venv
 	M4I_PROFILE=defenses $(VENV)/bin/m4i demo --family all --defenses
 
@@ -48,7 +48,8 @@ dev: venv
 	DAGSTER_HOME=$$($(VENV)/bin/m4i home) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # Serves the Dagster UI on 127.0.0.1 and saves what a person looks at, checked, under $(M4I_HOME)/ui/: the
-# expanded asset graph, the target's attack_metrics materialization and its ROC plot (after `make demo`).
+# expanded asset graph, the target's attack_metrics materialization, its paired comparisons and its ROC plot
+# (after `make demo`).
 # Installs Debian's chromium when missing (as root; otherwise it says how).
 ui-check: venv
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q chromium; } \

@@ -346,8 +346,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 def ui_check(home: Path) -> list[Path]:
     """What a person sees in the Dagster UI, as PNGs under `home/ui/`, each checked to show what it should: the
     whole asset graph with every group expanded (Dagster's "Join the community" dialog dismissed), the latest
-    target's `attack_metrics` materialization with its metrics table, and its log-log ROC plot. Drives Debian's
-    Chromium with Playwright; needs a home where an audit has run (`make demo`)."""
+    target's `attack_metrics` materialization with its metrics table, its paired-comparison table, and its log-log
+    ROC plot. Drives Debian's Chromium with Playwright; needs a home where an audit has run (`make demo`)."""
     from playwright.sync_api import sync_playwright
 
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
@@ -358,7 +358,7 @@ def ui_check(home: Path) -> list[Path]:
         raise SystemExit(f"no audited target in {home}: run `make demo` first")
     out = home / "ui"
     out.mkdir(parents=True, exist_ok=True)
-    shots = [out / "asset_graph.png", out / "attack_metrics.png", out / "roc_plot.png"]
+    shots = [out / "asset_graph.png", out / "attack_metrics.png", out / "attack_comparisons.png", out / "roc_plot.png"]
     with dagster_webserver(home) as url, sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=browser, args=CHROMIUM_FLAGS)
         page = chromium.new_page(viewport={"width": 1600, "height": 1000})
@@ -371,7 +371,8 @@ def ui_check(home: Path) -> list[Path]:
         page.mouse.click(1000, 700, button="right")  # the graph's context menu
         page.get_by_role("menuitem", name="Expand all groups").click()
         page.wait_for_timeout(2000)
-        if page.get_by_text("Join the Dagster community").count() or not page.get_by_text("attack_metrics").count():
+        # collapsed groups show only their names; expanded, the models group shows its assets
+        if page.get_by_text("Join the Dagster community").count() or not page.get_by_text("model_checkpoint").count():
             raise SystemExit("the asset graph did not show expanded: the dialog is still up or no asset is visible")
         page.screenshot(path=shots[0])
         family = Storage(home=str(home)).repository.model_info(target)["family"]
@@ -380,15 +381,19 @@ def ui_check(home: Path) -> list[Path]:
         page.wait_for_timeout(1000)
         if not page.get_by_text("TPR@1%FPR").count():
             raise SystemExit(f"attack_metrics of {target} shows no metrics table")
-        if not page.get_by_text("attack_comparisons").count():
+        comparisons = page.get_by_text("attack_comparisons")
+        if not comparisons.count():
             raise SystemExit(f"attack_metrics of {target} shows no paired comparisons (attack_comparisons)")
         page.screenshot(path=shots[1], full_page=True)
+        comparisons.first.scroll_into_view_if_needed()
+        page.screenshot(path=shots[2])
         page.get_by_text("[Show Markdown]").first.click()
         plot = page.locator("[role=dialog] img")
         plot.first.wait_for(timeout=10000)
         if not plot.first.get_attribute("src").startswith("data:image/png"):
             raise SystemExit(f"attack_metrics of {target} shows no ROC plot")
-        page.screenshot(path=shots[2])
+        page.wait_for_timeout(1000)  # the dialog fades in
+        page.screenshot(path=shots[3])
         chromium.close()
     return shots
 
