@@ -1,9 +1,9 @@
 """Model assets: the audit's CLIPs (target, null control, references), its captioners (target, null
 control, shadows) and the per-version checkpoint.
 
-Training assets write a checkpoint, register it in `models` and add its `model_version` as a
-dynamic partition; everything downstream is partitioned by model version, so a new version adds a
-partition and never overwrites an earlier one.
+Training assets write a checkpoint, register it in `models` and add an audited version (not a helper) as a
+dynamic partition of its family's assets (`defs.partitions`); everything downstream is partitioned by model
+version, so a new version adds a partition and never overwrites an earlier one.
 """
 
 import json
