@@ -19,7 +19,7 @@ from m4i_assets.defs.resources import Storage
 from m4i_assets.scoring import SCORERS, Audited, Scorer, score_frames, score_summary, wsa_inputs
 
 SCORES_CHECK = "candidates_scored"
-SCORED = {SCORES_CHECK: ("every candidate scored once, finite, members and non-members present", True)}
+SCORES_CHECK_SPEC = {SCORES_CHECK: ("every candidate scored once, finite, members and non-members present", True)}
 
 
 def write_scores(
@@ -132,6 +132,6 @@ VERSION_ASSETS = [
     VersionAsset("pseudo_labels", label_version, ("embeddings",), "attacks", frozenset({"duckdb"})),
     VersionAsset("wsa_attack_model", fit_wsa, ("pseudo_labels", "augmentation_deltas"), "attacks",
                  frozenset({"pytorch", "file"})),
-    *(VersionAsset(s.key, partial(run_scorer, s), tuple(s.deps), "attacks", frozenset({"duckdb"}), SCORED,
-                   description=s.description) for s in SCORERS),
+    *(VersionAsset(s.key, partial(run_scorer, s), tuple(s.deps), "attacks", frozenset({"duckdb"}),
+                   SCORES_CHECK_SPEC, description=s.description) for s in SCORERS),
 ]  # fmt: skip

@@ -27,7 +27,7 @@ from dagster import (
 from m4i_assets.attacks import caption_loss, m4i
 from m4i_assets.attacks.adaptive import average_over_queries, image_query_keys
 from m4i_assets.defenses.release import attack_skip_reason, interface_of
-from m4i_assets.defs.assets.attacks import SCORES_CHECK, skipped_scores, write_scores
+from m4i_assets.defs.assets.attacks import SCORES_CHECK_SPEC, skipped_scores, write_scores
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import verified_checkpoint
 from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, helper_versions, load_signal, write_signal
@@ -273,11 +273,8 @@ def m4i_scores(family: Family):
         name=f"{family.name}_m4i_scores",
         specs=[AssetSpec(keys[name], deps=deps, kinds={"duckdb"}, description=text)
                for name, (_, text) in SCORE_ASSETS.items()],
-        check_specs=[
-            AssetCheckSpec(SCORES_CHECK, asset=key, blocking=True,
-                           description="every candidate scored once, finite, members and non-members present")
-            for key in keys.values()
-        ],
+        check_specs=[AssetCheckSpec(name, asset=key, description=text, blocking=blocking) for key in keys.values()
+                     for name, (text, blocking) in SCORES_CHECK_SPEC.items()],
         group_name="attacks",
         partitions_def=VERSION_PARTITIONS[family.name],
     )  # fmt: skip
