@@ -1,11 +1,11 @@
 """One re-audit through the real Dagster daemon: drop a new CLIP checkpoint in the watched folder of a
 home where `make demo` has run, start `watched_models_sensor` and `dagster-daemon run`, and wait for
-the audit run the sensor launches. Prints what it took and what it added.
+the audit backfill the sensor submits. Prints what it took and what it added.
 
     M4I_HOME=.m4i .venv/bin/python bench/reaudit.py [--seed-offset 1000] [--timeout 1800]
 
 The new checkpoint is the audit's target recipe retrained with another seed (a team retraining its
-model), trained here before the clock starts. Figures: wall time from the drop to the audit run's
+model), trained here before the clock starts. Figures: wall time from the drop to the audit backfill's
 success, records embedded for the new version, rows added per table, and whether any earlier version's
 rows were recomputed (they must not be).
 """
@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from m4i_assets.cli import REPO, prepare_dagster_home
+from dagster import DagsterInstance
+
+from m4i_assets import orchestration
+from m4i_assets.cli import REPO
 from m4i_assets.defs.resources import Storage
+from m4i_assets.orchestration import prepare_dagster_home
 from m4i_assets.settings import m4i_home, settings_for
 
 TABLES = ("membership_scores", "attack_metrics", "pseudo_labels", "embeddings", "augmentation_deltas")
@@ -70,21 +74,18 @@ def main() -> None:
     dagster = [sys.executable, "-m", "dagster"]
     subprocess.run([*dagster, "sensor", "start", "watched_models_sensor", "-w", "workspace.yaml"], cwd=REPO, env=env,
                    check=True, capture_output=True)  # fmt: skip
-    log = open(home / "logs" / "reaudit_daemon.log", "w")  # noqa: SIM115 (closed below)
-    daemon_cmd = [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"]
-    daemon = subprocess.Popen(daemon_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    instance = DagsterInstance.get()
+    known = {b.backfill_id for b in instance.get_backfills()}
     try:
-        drop = home / "watched_models" / f"retrained-seed{args.seed_offset}"
-        shutil.rmtree(drop, ignore_errors=True)
-        start = time.monotonic()
-        shutil.copytree(staging, drop)
-        version, status = wait_for_audit(env, storage, args.timeout)
-        wall = time.monotonic() - start
+        with orchestration.daemon(instance, env, home / "logs" / "reaudit_daemon.log"):
+            drop = home / "watched_models" / f"retrained-seed{args.seed_offset}"
+            shutil.rmtree(drop, ignore_errors=True)
+            start = time.monotonic()
+            shutil.copytree(staging, drop)
+            version, status = wait_for_audit(instance, known, args.timeout)
+            wall = time.monotonic() - start
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
-        log.close()
         subprocess.run([*dagster, "sensor", "stop", "watched_models_sensor", "-w", "workspace.yaml"], cwd=REPO,
                        env=env, capture_output=True)  # fmt: skip
     after = counts(storage)
@@ -97,24 +98,16 @@ def main() -> None:
     }, indent=2))  # fmt: skip
 
 
-def wait_for_audit(env: dict, storage: Storage, timeout: float) -> tuple[str, str]:
-    """Poll the Dagster instance until the sensor's audit run ends; (model version, run status)."""
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
-
-    instance = DagsterInstance.get()
-    known = {r.run_id for r in instance.get_runs()}
+def wait_for_audit(instance: DagsterInstance, known: set[str], timeout: float) -> tuple[str, str]:
+    """Wait for the sensor's backfill of the dropped checkpoint, then follow it to its end; (model version, its
+    final status)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fresh = [r for r in instance.get_runs(RunsFilter(tags={"dagster/sensor_name": "watched_models_sensor"}))
-                 if r.run_id not in known]  # fmt: skip
-        done = [r for r in fresh if r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                                                 DagsterRunStatus.CANCELED)]  # fmt: skip
-        if done:
-            run = done[0]
-            return run.tags["dagster/partition"], run.status.value
+        fresh = [b for b in instance.get_backfills() if b.backfill_id not in known and b.tags.get("m4i/version")]
+        if fresh:
+            return fresh[0].tags["m4i/version"], orchestration.follow(instance, fresh[0].backfill_id).value
         time.sleep(5)
-    raise SystemExit(f"no audit run finished within {timeout:.0f}s; see logs/reaudit_daemon.log")
+    raise SystemExit(f"no audit backfill within {timeout:.0f}s; see logs/reaudit_daemon.log")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ sys.path.insert(0, str(REPO))
 STAGES = [
     ("ingest", ["source_shards"], "shard"),
     ("ingest", ["records", "record_roles"], None),
-    ("embed", ["clip/model_checkpoint", "clip/embeddings"], "target"),
-    ("augment", ["clip/augmentation_deltas"], "target"),
+    ("embed", ["clip/model_checkpoint"], "target"),
+    ("embed", ["clip/embeddings"], "target shards"),
+    ("augment", ["clip/augmentation_deltas"], "target shards"),
     ("csa", ["clip/csa_scores"], "target"),
     ("aea", ["clip/aea_scores"], "target"),
     ("wsa", ["clip/pseudo_labels", "clip/wsa_attack_model", "clip/wsa_scores"], "target"),
@@ -91,10 +92,12 @@ def run(home: Path, n: int, selection: list[str], partition: str | None) -> tupl
 
 def audit(n: int) -> dict[str, tuple[float, float]]:
     """{stage: (seconds, peak RSS MiB)} of one audit of `n` candidates in a fresh home."""
-    from m4i_assets.cli import prepare_dagster_home
+    from m4i_assets.data.shards import Shard
     from m4i_assets.data.sources import shard_partition_keys
     from m4i_assets.defs.assets.data import audit_sources
+    from m4i_assets.defs.partitions import shard_partition_key
     from m4i_assets.defs.resources import Storage
+    from m4i_assets.orchestration import prepare_dagster_home
 
     costs: dict[str, tuple[float, float]] = {}
 
@@ -113,7 +116,9 @@ def audit(n: int) -> dict[str, tuple[float, float]]:
                 run(home, n, ["target_clip", "null_control_clip", "reference_clips", "reference_embeddings"], None)
                 settings = settings_for_size(n)
                 [target] = storage.repository.latest_versions(settings.audit, "target")
-            keys = shards if partition == "shard" else [target if partition == "target" else None]
+            keys = {"shard": shards, "target": [target], None: [None],
+                    "target shards": [shard_partition_key(target, Shard(i, settings.record_shards))
+                                      for i in range(settings.record_shards)]}[partition]  # fmt: skip
             for key in keys:
                 add(stage, *run(home, n, selection, key))
     return costs

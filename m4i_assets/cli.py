@@ -1,6 +1,6 @@
 """`m4i`: run audits through Dagster (the embedded controlled demo, or audits of the registry) and print their metrics.
 
-m4i demo [--family clip|captioner|all]   materialize an audit (multiprocess executor, persistent Dagster home)
+m4i demo [--family clip|captioner|all]   run the embedded audit as backfills through the Dagster daemon
 m4i audit NAME | --all   run audits of the registry ($M4I_HOME/audits.yaml): ingest, register, audit, report
 m4i ingest    ingest every registered source; print rows in / records / rejects per dataset
 m4i home      prepare $M4I_HOME/dagster and print it (for `DAGSTER_HOME=... dagster dev`)
@@ -21,85 +21,74 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 
+from m4i_assets import orchestration
 from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.data.sources import partition_key, shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources, shard_outputs
 from m4i_assets.defs.assets.evaluation import version_verdicts
-from m4i_assets.defs.automation import audit_selection
-from m4i_assets.defs.definitions import MAX_CONCURRENT_STEPS
+from m4i_assets.defs.automation import AUDIT_TAGS, audit_runs
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES
 from m4i_assets.metrics.report import comparisons_markdown, target_seed_spread, target_spread_markdown, verdict_lines
+from m4i_assets.orchestration import prepare_dagster_home
 from m4i_assets.settings import AuditSettings, m4i_home, settings_for
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = ["records", "record_roles"]  # after every shard of `source_shards`
 
 
-DAGSTER_YAML = """\
-# Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
-telemetry:
-  enabled: false
-"""
+class Orchestrator:
+    """The backfills of one `m4i` command on its home's instance (`orchestration`): each phase is submitted
+    to the daemon (the running one, or one started for the command) and followed to its end."""
+
+    def __init__(self, home: Path, env: dict[str, str], settings: AuditSettings, logs: Path) -> None:
+        from dagster import DagsterInstance
+
+        from m4i_assets.defs.definitions import build_definitions
+
+        self.settings, self.logs = settings, logs
+        self.instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+        self.graph = build_definitions(home, settings).resolve_asset_graph()
+        self._daemon = orchestration.daemon(self.instance, env, logs / "daemon.log")
+
+    def __enter__(self) -> Orchestrator:
+        if not self._daemon.__enter__():
+            print("m4i: submitting to the Dagster daemon already running on this home", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._daemon.__exit__(*exc)
+        self.instance.dispose()
+
+    def phase(self, what: str, partitions: list[tuple[str, str | None]], audit: bool = False) -> None:
+        """One backfill of (asset key, partition) pairs, followed to its end; exits on a failed run. An `audit`
+        backfill's runs (one per partition) run their steps in process and count against the queue's audits."""
+        start = time.monotonic()
+        subset = orchestration.partitions_subset(self.graph, partitions)
+        backfill = orchestration.submit(self.instance, subset, what, self.settings,
+                                        orchestration.execution_config(in_process=audit),
+                                        AUDIT_TAGS if audit else None)  # fmt: skip
+        print(f"m4i: {what} (backfill {backfill}, {len(partitions)} asset partitions) ...", flush=True)
+        status = orchestration.follow(self.instance, backfill)
+        if status.value != "COMPLETED_SUCCESS":
+            raise SystemExit(f"m4i: {what} ended {status.value}: the errors above, its runs in the Dagster UI")
+        print(f"m4i: {what} done in {time.monotonic() - start:.0f}s", flush=True)
+
+    def audit(self, what: str, versions: list[tuple[str, AuditSpec | None, str]]) -> None:
+        """The audit of each (family, audit, version): every record shard's signals, then the rest of it."""
+        shards = self.settings.record_shards
+        self.phase(what, [(key, partition) for family, audit, version in versions
+                          for keys, partition in audit_runs(family, audit, version, shards) for key in keys],
+                   audit=True)  # fmt: skip
 
 
-def prepare_dagster_home(home: Path) -> Path:
-    """Create `$M4I_HOME/dagster` with a dagster.yaml and its storage; runs and event logs persist there.
-
-    The storage (SQLite run, event-log and schedule databases) is created here, once: runs launched in
-    parallel on a fresh home would otherwise race to create the same tables ("table ... already exists")."""
-    from dagster import DagsterInstance
-
-    dagster_home = home / "dagster"
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    config = dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
-    instance = DagsterInstance.from_config(str(dagster_home))
-    instance.get_runs(limit=1)
-    instance.dispose()
-    return dagster_home
-
-
-def _materialize(
-    selection: list[str], env: dict[str, str], log: Path, partition: str | None = None
-) -> tuple[subprocess.Popen, Path]:
-    """Launch one Dagster run through the CLI; log to `log`. A partition's run (one shard, one model version)
-    executes its steps in process, one after the other: the demo runs two such runs side by side, and a
-    process per step would spend about 5 s starting each of its dozen steps. An unpartitioned run uses the
-    multiprocess executor (at most MAX_CONCURRENT_STEPS steps at once)."""
-    cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-f", str(REPO / "definitions.py"),
-           "--select", ",".join(selection)]  # fmt: skip
-    if partition:
-        cmd += ["--partition", partition, "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})]
-    else:
-        execution = {"multiprocess": {"max_concurrent": MAX_CONCURRENT_STEPS}}
-        cmd += ["--config-json", json.dumps({"execution": {"config": execution}})]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT), log
-
-
-def _run_phase(what: str, launches: list, parallel: int = 2) -> None:
-    """Start the runs (zero-argument callables returning (process, log)), `parallel` at a time."""
-    start = time.monotonic()
-    print(f"m4i: {what} ({len(launches)} Dagster run{'s' * (len(launches) > 1)}) ...", flush=True)
-    runs, codes = [], []
-    for batch in range(0, len(launches), parallel):
-        started = [launch() for launch in launches[batch : batch + parallel]]
-        codes += [proc.wait() for proc, _ in started]
-        runs += started
-    if any(codes):
-        for (_, log), code in zip(runs, codes):
-            if code:
-                print(f"--- {log} (exit code {code}), last lines:\n" + "".join(log.read_text().splitlines(True)[-40:]))
-        raise SystemExit(f"m4i: {what} failed; full logs above and in the Dagster UI (make dev)")
-    print(f"m4i: {what} done in {time.monotonic() - start:.0f}s", flush=True)
+def ingestion_partitions(settings: AuditSettings, storage: Storage) -> list[tuple[str, str | None]]:
+    """Every source shard of the settings' sources, then `records`."""
+    return [*(("source_shards", key) for key in shard_partition_keys(audit_sources(settings, storage))),
+            ("records", None)]  # fmt: skip
 
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
@@ -166,32 +155,27 @@ def demo(families: list[str], defenses: bool = False) -> None:
     logs = home / "logs"
     storage = Storage(home=str(home))
     storage.warehouse.publish_catalog()  # SQL users may open it read-only from now on, while the demo writes
-    shards = shard_partition_keys(audit_sources(settings, storage))
-    _run_phase(
-        "sources, shard by shard",
-        [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
-    )
-    # One run, ordered by lineage: roles, every model, the defended versions, then the helpers' signals (the
-    # reference CLIPs' embeddings, the shadow captioners' attack models) the per-version attacks read.
-    models = DATA + [a for f in families for a in FAMILIES[f].models]
-    models += [FAMILIES[f].defended for f in families if defenses]
-    models += [FAMILIES[f].helper_asset for f in families]
-    _run_phase("records, roles, models and the helpers' signals",
-               [partial(_materialize, models, env, logs / "models.log")])  # fmt: skip
-    # One run per audited model version, two at a time: each writes its own partitions' files.
-    targets = {f: controlled_targets(storage, settings, f) for f in families}
-    repo = storage.repository
-    audited = {f: [*targets[f], repo.latest_versions(settings.audit, "null_control", family=f)[0]] for f in families}
-    if defenses:
-        for f in families:
-            audited[f] += repo.defended_versions(audited[f][0])
-    _run_phase(
-        "audit of the targets, the null controls" + " and the defended versions" * defenses,
-        [partial(_materialize, audit_selection(f, None), env, logs / f"{v}.log", v)
-         for f in families for v in audited[f]],
-    )  # fmt: skip
-    if defenses:
-        _run_phase("defense evaluations", [partial(_materialize, ["defense_evaluations"], env, logs / "defenses.log")])
+    with Orchestrator(home, env, settings, logs) as runs:
+        # One backfill ordered by lineage: the sources shard by shard, records, roles, every model, the defended
+        # versions, then the helpers' signals (the reference CLIPs' embeddings, the shadow captioners' attack
+        # models) the per-version attacks read.
+        models = ["record_roles", *(a for f in families for a in FAMILIES[f].models)]
+        models += [FAMILIES[f].defended for f in families if defenses]
+        models += [FAMILIES[f].helper_asset for f in families]
+        runs.phase("sources, records, roles, models and the helpers' signals",
+                   ingestion_partitions(settings, storage) + [(m, None) for m in models])  # fmt: skip
+        # Then each audited version's partitions: its signals shard by shard, its attacks and metrics.
+        targets = {f: controlled_targets(storage, settings, f) for f in families}
+        repo = storage.repository
+        audited = {f: [*targets[f], repo.latest_versions(settings.audit, "null_control", family=f)[0]]
+                   for f in families}  # fmt: skip
+        if defenses:
+            for f in families:
+                audited[f] += repo.defended_versions(audited[f][0])
+        runs.audit("audit of the targets, the null controls" + " and the defended versions" * defenses,
+                   [(f, None, v) for f in families for v in audited[f]])  # fmt: skip
+        if defenses:
+            runs.phase("defense evaluations", [("defense_evaluations", None)])
     versions = [v for f in families for v in audited[f]]
     print(f"\nm4i demo: done in {time.monotonic() - start:.0f}s. Headline metrics:\n")
     print(report(storage, versions))
@@ -232,16 +216,6 @@ def audit_environment(home: Path, audit: str | None = None) -> tuple[dict[str, s
     return env, settings_for()
 
 
-def ingest_sources(env: dict[str, str], settings: AuditSettings, storage: Storage, logs: Path) -> None:
-    """Every source shard of the settings' sources (one run each, two at a time), then `records`."""
-    shards = shard_partition_keys(audit_sources(settings, storage))
-    _run_phase(
-        "sources, shard by shard",
-        [partial(_materialize, ["source_shards"], env, logs / "ingest" / f"{key}.log", key) for key in shards],
-    )
-    _run_phase("records", [partial(_materialize, ["records"], env, logs / "records.log")])
-
-
 def ingestion_table(storage: Storage, sources: list) -> str:
     """rows in (the shards' own counts) / records / rejects, with the reasons, per dataset."""
     lines = [f"{'dataset':<24} {'rows in':>8} {'records':>8} {'rejects':>8}  reasons"]
@@ -260,7 +234,8 @@ def ingest() -> None:
     home = m4i_home()
     env, settings = audit_environment(home)
     storage = Storage(home=str(home))
-    ingest_sources(env, settings, storage, home / "logs")
+    with Orchestrator(home, env, settings, home / "logs") as runs:
+        runs.phase("sources, shard by shard, then records", ingestion_partitions(settings, storage))
     print(ingestion_table(storage, audit_sources(settings, storage)))
 
 
@@ -272,21 +247,19 @@ def run_audit(spec: AuditSpec) -> list[str]:
     storage = Storage(home=str(home))
     logs = home / "logs" / spec.name
     print(f"m4i audit: {spec.name!r} ({spec.kind} {spec.family} audit of {spec.dataset}), under {home}", flush=True)
-    ingest_sources(env, settings, storage, logs)
     family = FAMILIES[spec.family]
     target, null_control, helpers = family.models
     has_helpers = family.audit_has_helpers(spec)
     models = ["record_roles", "audit_plan", target, *[null_control] * bool(spec.null_control)]
     models += [helpers, family.helper_asset] * has_helpers
-    _run_phase(
-        "roles, plan, models and the helpers' signals", [partial(_materialize, models, env, logs / "models.log")]
-    )
-    repo = storage.repository
-    audited = repo.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
-    audited += repo.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
-    selection = audit_selection(spec.family, spec)
-    _run_phase("audit of the targets" + " and the null control" * bool(spec.null_control),
-               [partial(_materialize, selection, env, logs / f"{v}.log", v) for v in audited])  # fmt: skip
+    with Orchestrator(home, env, settings, logs) as runs:
+        runs.phase("sources, records, roles, plan, models and the helpers' signals",
+                   ingestion_partitions(settings, storage) + [(m, None) for m in models])  # fmt: skip
+        repo = storage.repository
+        audited = repo.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
+        audited += repo.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []
+        runs.audit("audit of the targets" + " and the null control" * bool(spec.null_control),
+                   [(spec.family, spec, v) for v in audited])  # fmt: skip
     print(f"\nm4i audit {spec.name}: headline metrics\n")
     print(report(storage, audited))
     plan = repo.plan(spec.name)

@@ -37,9 +37,11 @@ class Family:
     audited version computes before any attack, `helper_asset`: the asset that computes what the attacks read
     from every helper model of the audit (unpartitioned: helpers are not audited), `attacks`: each attack
     id of the audit registry and its assets, `controlled`: what a controlled audit runs beyond those attacks,
-    `unlabelled`: what an unlabelled audit reports instead of attack metrics, `interface`: what an attacker can
-    query of an undefended version (`defenses.release.INTERFACES`), `utility`: its utility measure (a name of
-    `scoring.UTILITIES`), `primary_utility`: the metric of it the privacy-utility tables read."""
+    `unlabelled`: what an unlabelled audit reports instead of attack metrics, `sharded`: the signals (model
+    forwards, one row per record) an audited version computes per record shard (`data.shards`), `interface`:
+    what an attacker can query of an undefended version (`defenses.release.INTERFACES`), `utility`: its utility
+    measure (a name of `scoring.UTILITIES`), `primary_utility`: the metric of it the privacy-utility tables
+    read."""
 
     name: str
     module: str
@@ -51,6 +53,7 @@ class Family:
     attacks: dict[str, tuple[str, ...]]
     controlled: tuple[str, ...]
     unlabelled: tuple[str, ...]
+    sharded: tuple[str, ...]
     interface: str
     utility: str
     primary_utility: str
@@ -158,6 +161,7 @@ FAMILIES: dict[str, Family] = {
                  "ref_calibrated": ("ref_calibrated_scores",), "blind_baseline": ("blind_baseline_scores",)},
         controlled=("augmentation_deltas", "clip_loss_scores", "rmia_scores"),
         unlabelled=("membership_rate",),
+        sharded=("embeddings", "augmentation_deltas"),
         interface="embeddings",
         utility="retrieval",
         primary_utility="i2t_recall@5",
@@ -175,6 +179,7 @@ FAMILIES: dict[str, Family] = {
                  "blind_baseline": ("blind_baseline_scores",)},
         controlled=("caption_nll", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores"),
         unlabelled=(),
+        sharded=("generated_captions", "caption_nll"),
         interface="likelihoods",
         utility="captioning",
         primary_utility="cider",

@@ -116,6 +116,10 @@ class AuditSettings(ConfigurableResource):
     membership_rate_alpha: float = 0.05
     # Signals and evaluation
     embed_batch_size: int = 256
+    # Record shards of each audited version's model-forward signals (`Family.sharded`): each shard is a partition,
+    # computed by a run of its own (on any worker); the numbers do not depend on it. Fixed when the definitions
+    # load (its partitions), so set it in the profile or M4I_SETTINGS, not in a run's config.
+    record_shards: int = 1
     n_bootstrap: int = 1000
     n_permutations: int = 1000  # label-permutation test of the target's best attack
     # Training variance: every shadow captioner is trained with this many seeds (the scenario table gives

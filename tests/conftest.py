@@ -1,5 +1,6 @@
 """Shared fixtures' helpers: the end-to-end tests run `m4i demo` on the tiny profile in a fresh home."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 CLIP_ATTACKS = {"csa", "aea", "clip_loss", "rmia", "wsa", "ref_calibrated", "blind_baseline"}
 
 
-def run_demo(home: Path, *args: str) -> str:
-    """`m4i demo [args]` on the tiny profile with `home` as $M4I_HOME; its stdout (fails with the log tail)."""
-    env = {**os.environ, "M4I_HOME": str(home), "M4I_PROFILE": "tiny"}
+def run_demo(home: Path, *args: str, settings: dict | None = None) -> str:
+    """`m4i demo [args]` on the tiny profile (with `settings` on top) with `home` as $M4I_HOME; its stdout (fails
+    with the log tail)."""
+    env = {**os.environ, "M4I_HOME": str(home), "M4I_PROFILE": "tiny", "M4I_SETTINGS": json.dumps(settings or {})}
     out = subprocess.run([sys.executable, "-m", "m4i_assets.cli", "demo", *args], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -39,6 +41,25 @@ def demo_home(tmp_path_factory):
     finally:
         session.close()
     return home, stdout
+
+
+RUN_COLUMNS = {"computed_at", "mlflow_run_id"}  # columns that name a run rather than its results
+
+
+def snapshot(home: Path, version: str, tables: tuple[str, ...]) -> dict:
+    """What an audit wrote for `version` in these tables and signals, without the columns that name a run, in a
+    stable row order."""
+    import polars as pl
+
+    from m4i_assets.defs.resources import Storage
+
+    storage = Storage(home=str(home))
+    frames = {}
+    for table in tables:
+        frame = storage.read(f"SELECT * FROM {table} WHERE model_version = ?", [version])
+        frame = frame.drop([c for c in frame.columns if c in RUN_COLUMNS])
+        frames[table] = frame.sort([c for c in frame.columns if frame[c].dtype == pl.String])
+    return frames
 
 
 def read_only(home: Path):
@@ -66,12 +87,23 @@ def ingest(resources: dict, instance) -> list:
     return assets
 
 
+def materialize_audit(assets: list, family: str, audit, version: str, resources: dict, instance) -> None:
+    """One version's audit in process, run by run as its backfill would (`automation.audit_runs`): each record
+    shard's signals, then the rest."""
+    from dagster import materialize
+
+    from m4i_assets.defs.automation import audit_runs
+
+    for keys, partition in audit_runs(family, audit, version, resources["settings"].record_shards):
+        result = materialize(assets, resources=resources, instance=instance, selection=keys, partition_key=partition)
+        assert result.success, (keys, partition)
+
+
 def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]]):
     """On a tiny demo home: register / train the family's defended versions, run each one's audit job in
     process, then `defense_evaluations`; returns (defended versions, the evaluation's materialize result)."""
     from dagster import DagsterInstance, materialize
 
-    from m4i_assets.defs.automation import audit_selection
     from m4i_assets.defs.definitions import build_assets, build_resources
     from m4i_assets.families import FAMILIES
     from m4i_assets.settings import PROFILES, AuditSettings
@@ -90,7 +122,7 @@ def defend_in_process(home: Path, family: str, defenses: dict[str, list[float]])
         assert materialize(assets, selection=[helpers.helper_asset], **kwargs).success
         versions = storage.read("SELECT model_version FROM models WHERE role = 'defended' ORDER BY 1")
         for version in versions["model_version"]:
-            assert materialize(assets, selection=audit_selection(family, None), partition_key=version, **kwargs).success
+            materialize_audit(assets, family, None, version, **kwargs)
         evaluation = materialize(assets, selection=["defense_evaluations"], **kwargs)
         assert evaluation.success
         return versions["model_version"].to_list(), evaluation

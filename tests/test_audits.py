@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import transformers
-from conftest import ingest
+from conftest import ingest, materialize_audit
 from dagster import DagsterInstance
 from PIL import Image
 
@@ -205,8 +205,7 @@ def test_unlabelled_audit_scores_candidates_and_estimates_a_membership_rate(tmp_
     selection = audit_selection("clip", spec)
     assert "clip/attack_metrics" not in selection and "clip/blind_baseline_scores" not in selection
     assert "clip/csa_scores" in selection and "clip/membership_rate" in selection
-    assert materialize(assets, resources=resources, instance=instance, selection=selection,
-                       partition_key=version).success  # fmt: skip
+    materialize_audit(assets, "clip", spec, version, resources, instance)
     plan = dict(storage.read("SELECT attack, status FROM audit_plan WHERE audit = 'acme-unlabelled'").rows())
     assert plan == {"csa": "run", "aea": "run", "wsa": "run", "ref_calibrated": "skipped", "blind_baseline": "skipped"}
     query = ("SELECT attack, count(*) AS n, count(is_member) AS labelled, max(exposure_rank) AS worst "
@@ -261,6 +260,7 @@ def test_a_checkpoint_dropped_under_an_audit_folder_is_a_target_of_that_audit(tm
     from dagster import build_sensor_context
 
     from m4i_assets.defs.automation import watched_models_sensor
+    from m4i_assets.defs.definitions import build_definitions
     from m4i_assets.defs.resources import Storage
     from m4i_assets.models import clip
 
@@ -270,13 +270,14 @@ def test_a_checkpoint_dropped_under_an_audit_folder_is_a_target_of_that_audit(tm
     for folder, seed in ((tmp_path / "watched_models" / "acme" / "v2", 1), (tmp_path / "watched_models" / "plain", 2)):
         clip.save_clip(clip.build_clip("m4i-tiny-vit", seed=seed), folder, {})
     storage, settings = Storage(home=str(tmp_path)), AuditSettings(**PROFILES["tiny"])
-    context = build_sensor_context(instance=DagsterInstance.ephemeral(),
+    repository = build_definitions(home=tmp_path, settings=settings).get_repository_def()
+    context = build_sensor_context(instance=DagsterInstance.ephemeral(), repository_def=repository,
                                    resources={"storage": storage, "settings": settings})  # fmt: skip
     result = watched_models_sensor(context)
-    by_audit = {storage.repository.model_info(r.partition_key)["audit"]: r for r in result.run_requests}
+    by_audit = {storage.repository.model_info(r.tags["m4i/version"])["audit"]: r for r in result.run_requests}
     assert set(by_audit) == {"acme", "tiny"}  # the plain folder keeps today's behaviour: the settings' audit
-    assert by_audit["acme"].partition_key.endswith("@acme")
-    selected = {k.to_user_string() for k in by_audit["acme"].asset_selection}
+    assert by_audit["acme"].tags["m4i/version"].endswith("@acme")
+    selected = {k.to_user_string() for k in by_audit["acme"].asset_graph_subset.asset_keys}
     assert "clip/ref_calibrated_scores" not in selected and {"clip/csa_scores", "clip/attack_metrics"} <= selected
     assert set(json.loads(result.cursor)) == {"acme/v2", "plain"}
 

@@ -1,16 +1,23 @@
-"""Re-audits: the watched-models sensor and the weekly schedules, through Dagster's testing APIs."""
+"""Re-audits: the watched-models sensor and the weekly re-audit sensors, through Dagster's testing APIs: each asks
+for one backfill per version, its signals shard by shard and then the rest of its audit."""
 
 import json
 import os
 from datetime import UTC, datetime
 
 import pytest
-from dagster import DagsterInstance, build_schedule_context, build_sensor_context
+from dagster import DagsterInstance, build_sensor_context
 
-from m4i_assets.defs.automation import describe_checkpoint, reaudit_schedules, watched_models_sensor
+from m4i_assets.defs.automation import (
+    describe_checkpoint,
+    last_reaudit_time,
+    reaudit_sensors,
+    watched_models_sensor,
+)
+from m4i_assets.defs.definitions import build_definitions
 from m4i_assets.defs.resources import Storage
 from m4i_assets.models import clip
-from m4i_assets.settings import settings_for
+from m4i_assets.settings import PROFILES, AuditSettings, settings_for
 
 
 def drop_clip(home, name: str, seed: int):
@@ -19,11 +26,22 @@ def drop_clip(home, name: str, seed: int):
     return sha
 
 
+def context(storage, settings, cursor=None):
+    return build_sensor_context(
+        instance=DagsterInstance.ephemeral(), cursor=cursor, resources={"storage": storage, "settings": settings},
+        repository_def=build_definitions(home=storage.root, settings=settings).get_repository_def(),
+    )  # fmt: skip
+
+
 def tick(storage, settings, cursor=None):
-    context = build_sensor_context(
-        instance=DagsterInstance.ephemeral(), cursor=cursor, resources={"storage": storage, "settings": settings}
-    )
-    return watched_models_sensor(context)
+    return watched_models_sensor(context(storage, settings, cursor))
+
+
+def partitions(request) -> dict[str, set[str]]:
+    """The partitions a backfill request targets, by asset key."""
+    subset = request.asset_graph_subset
+    return {key.to_user_string(): set(subset.get_partitions_subset(key).get_partition_keys())
+            for key in subset.asset_keys}  # fmt: skip
 
 
 def test_sensor_audits_new_checkpoints_once(tmp_path):
@@ -34,9 +52,14 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
     sha = drop_clip(tmp_path, "first", seed=1)
     first = tick(storage, settings, empty.cursor)
     [request] = first.run_requests
-    assert request.partition_key == f"clip-{sha[:12]}@tiny" and request.job_name == "clip_audit"
-    assert list(first.dynamic_partitions_requests[0].partition_keys) == [request.partition_key]
-    row = storage.repository.model_info(request.partition_key)
+    version = f"clip-{sha[:12]}@tiny"
+    assert request.tags["m4i/version"] == version and request.requires_backfill_daemon()
+    targeted = partitions(request)  # one backfill: the version's shard of signals, then every other asset of it
+    assert targeted["clip/embeddings"] == targeted["clip/augmentation_deltas"] == {f"0|{version}"}
+    assert targeted["clip/csa_scores"] == targeted["clip/attack_metrics"] == {version}
+    assert "clip/membership_rate" not in targeted  # a controlled audit is labelled
+    assert list(first.dynamic_partitions_requests[0].partition_keys) == [version]
+    row = storage.repository.model_info(version)
     assert (row["family"], row["arch"], row["role"], row["audit"]) == ("clip", "m4i-tiny-vit", "target", "tiny")
     assert row["checkpoint_uri"].startswith(str(storage.models_dir))  # copied: deleting the drop breaks nothing
 
@@ -51,7 +74,7 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
     (tmp_path / "watched_models" / "junk" / "model.safetensors").write_bytes(b"not a model")
     second_sha = drop_clip(tmp_path, "second", seed=2)
     second = tick(storage, settings, touched.cursor)
-    assert [r.partition_key for r in second.run_requests] == [f"clip-{second_sha[:12]}@tiny"]  # junk skipped
+    assert [r.tags["m4i/version"] for r in second.run_requests] == [f"clip-{second_sha[:12]}@tiny"]  # junk skipped
 
 
 def test_describe_checkpoint_names_what_is_wrong(tmp_path):
@@ -75,16 +98,20 @@ def test_describe_checkpoint_names_what_is_wrong(tmp_path):
         describe_checkpoint(tmp_path)
 
 
-def test_weekly_schedules_reaudit_the_latest_target(tmp_path):
-    storage, settings = Storage(home=str(tmp_path)), settings_for("tiny")
+def test_weekly_sensors_reaudit_the_latest_target_once_a_week(tmp_path):
+    storage, settings = Storage(home=str(tmp_path)), AuditSettings(**{**PROFILES["tiny"], "record_shards": 2})
     drop_clip(tmp_path, "first", seed=1)
-    result = tick(storage, settings)
-    version = result.run_requests[0].partition_key
-    when = datetime(2026, 11, 23, 3, tzinfo=UTC)
-    by_name = {s.name: s for s in reaudit_schedules}
-    resources = {"storage": storage, "settings": settings}
-    context = build_schedule_context(resources=resources, scheduled_execution_time=when)
-    [request] = by_name["weekly_clip_reaudit"](context)
-    assert request.partition_key == version and request.run_key == f"{version}@{when.isoformat()}"
-    assert by_name["weekly_captioner_reaudit"](context) == []  # no captioner target registered
-    assert by_name["weekly_clip_reaudit"].cron_schedule == "0 3 * * 1"
+    version = tick(storage, settings).run_requests[0].tags["m4i/version"]
+    by_name = {s.name: s for s in reaudit_sensors}
+    first = context(storage, settings)  # a first tick notes the latest cron time and fires nothing
+    assert "next re-audit after" in by_name["weekly_clip_reaudit"](first).skip_message
+    assert first.cursor == last_reaudit_time(datetime.now(UTC)).isoformat()
+    due = context(storage, settings, cursor="2026-11-16T03:00:00+00:00")  # a week (or more) later
+    [request] = by_name["weekly_clip_reaudit"](due)
+    assert request.tags["m4i/version"] == version and due.cursor == first.cursor
+    assert partitions(request)["clip/embeddings"] == {f"0|{version}", f"1|{version}"}  # each of two shards
+    assert partitions(request)["clip/attack_metrics"] == {version}
+    assert by_name["weekly_captioner_reaudit"](context(storage, settings, "2026-11-16")) == []  # no captioner target
+    assert last_reaudit_time(datetime(2026, 11, 23, 3, tzinfo=UTC)) == datetime(2026, 11, 23, 3, tzinfo=UTC)
+    assert last_reaudit_time(datetime(2026, 11, 23, 2, 59, tzinfo=UTC)) == datetime(2026, 11, 16, 3, tzinfo=UTC)
+    assert last_reaudit_time(datetime(2026, 11, 29, 23, tzinfo=UTC)) == datetime(2026, 11, 23, 3, tzinfo=UTC)

@@ -13,8 +13,9 @@ SCENARIOS = {"unrestricted", "data_restricted", "arch_restricted", "both_restric
 
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
+    """The captioner demo with its audited versions' captions and likelihoods in two record shards each."""
     home = tmp_path_factory.mktemp("m4i_captioning")
-    return home, run_demo(home, "--family", "captioner")
+    return home, run_demo(home, "--family", "captioner", settings={"record_shards": 2})
 
 
 @pytest.fixture()
@@ -49,12 +50,18 @@ def test_shadow_data_never_touches_a_candidate(db):
     assert len(per_shadow) == 4 and all(n == 96 and m == 48 for _, n, m in per_shadow)
 
 
-def test_every_captioner_captioned_what_it_is_queried_on(db):
+def test_every_captioner_captioned_what_it_is_queried_on(db, demo_home):
     counts = dict(db.execute("SELECT model_version, count(*) FROM generated_captions GROUP BY 1").fetchall())
     assert {v: counts[v] for v in versions(db, "target") + versions(db, "null_control")} == {
         v: 96 for v in versions(db, "target") + versions(db, "null_control")
     }
     assert all(counts[v] == 96 for v in versions(db, "shadow"))
+    for signal, rows in (("generated_captions", [64, 32]), ("caption_nll", [96, 48])):  # 3 and 5 batches of 32
+        for version in versions(db, "target") + versions(db, "null_control"):
+            files = sorted((demo_home[0] / "signals" / signal).glob(f"{version}.shard-*-of-2.parquet"))
+            assert [db.execute(f"SELECT count(*) FROM read_parquet('{f}')").fetchone()[0] for f in files] == rows
+        shadow = versions(db, "shadow")[0]  # a helper's signals are computed whole, by the helper asset
+        assert (demo_home[0] / "signals" / signal / f"{shadow}.parquet").is_file()
     metrics = db.execute("SELECT count(*), count(bleu4), count(cider) FROM caption_metrics").fetchone()
     assert metrics[0] == metrics[1] == metrics[2] == 6 * 96
 

@@ -2,6 +2,7 @@ import pytest
 from dagster import AssetKey, Definitions
 
 from m4i_assets.defs.definitions import build_definitions
+from m4i_assets.families import FAMILIES
 from m4i_assets.settings import settings_for
 
 
@@ -22,10 +23,17 @@ def test_definitions_load(tmp_path, monkeypatch):
         "captioner/m4i_fb_scores", "captioner/m4i_scenarios", "captioner/attack_metrics", "captioner/audit_report",
     } <= keys  # fmt: skip
     # each family's per-version assets are partitioned by its own audited versions only, and no asset of one
-    # family is offered the other's versions (nor a helper's: helpers are no partitions)
+    # family is offered the other's versions (nor a helper's: helpers are no partitions); its model-forward
+    # signals by version x record shard
+    sharded = {f"{name}/{signal}" for name, family in FAMILIES.items() for signal in family.sharded}
+    assert {"clip/embeddings", "clip/augmentation_deltas", "captioner/generated_captions"} <= sharded
     for key in keys:
         partitions = graph.get(AssetKey.from_user_string(key)).partitions_def
-        if "/" in key:
+        if key in sharded:
+            dims = {d.name: d.partitions_def for d in partitions.partitions_defs}
+            assert dims["version"].name == f"{key.split('/')[0]}_versions", key
+            assert dims["shard"].get_partition_keys() == ["0"], key  # the default profile: one shard
+        elif "/" in key:
             assert partitions.name == f"{key.split('/')[0]}_versions", key
         else:
             assert partitions is None or key == "source_shards", key
@@ -74,18 +82,21 @@ def test_tracking_makes_metric_names_mlflow_accepts(tmp_path):
     assert run.data.metrics == {"clip-ab_embedding_noise_0.05.csa": 0.5}
 
 
-def test_every_job_sensor_and_schedule_resolves(tmp_path):
-    """Each family's audit job resolves over the family's assets (as the registry lists them), and the sensor
-    and the weekly schedules resolve against those jobs."""
-    from m4i_assets.families import FAMILIES
-
+def test_every_job_and_sensor_resolves(tmp_path):
+    """Each family's signals job resolves over its sharded signals (version x shard), its audit job over the rest
+    of the family's assets (as the registry lists them), and the watched-models and weekly re-audit sensors
+    load (they request backfills, so they target no job)."""
     defs = build_definitions(home=tmp_path)
     for name, family in FAMILIES.items():
         job = defs.resolve_job_def(f"{name}_audit")
         assert job.partitions_def.name == f"{name}_versions"
         assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
-            f"{name}/{asset}" for asset in family.job_assets()
+            f"{name}/{asset}" for asset in family.job_assets() if asset not in family.sharded
         }
-        assert defs.resolve_schedule_def(f"weekly_{name}_reaudit").job_name == job.name
-    sensor = defs.resolve_sensor_def("watched_models_sensor")
-    assert {j.name for j in sensor.jobs} == {f"{name}_audit" for name in FAMILIES}
+        signals = defs.resolve_job_def(f"{name}_signals")
+        assert {d.name for d in signals.partitions_def.partitions_defs} == {"version", "shard"}
+        assert {k.to_user_string() for k in signals.asset_layer.executable_asset_keys} == {
+            f"{name}/{asset}" for asset in family.sharded
+        }
+        assert defs.resolve_sensor_def(f"weekly_{name}_reaudit").minimum_interval_seconds == 600
+    assert defs.resolve_sensor_def("watched_models_sensor").minimum_interval_seconds == 30

@@ -9,7 +9,6 @@ Needs redis-server and PostgreSQL's server binaries (Debian's redis-server and p
 them when missing). As root, Postgres runs as the `postgres` user."""
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -22,15 +21,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import polars as pl
 import pytest
+from conftest import snapshot
 from polars.testing import assert_frame_equal
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# What one version's audit writes, and the columns that name a run rather than its results.
+# What one version's audit writes.
 TABLES = ("membership_scores", "pseudo_labels", "attack_metrics", "model_utility", "embeddings", "augmentation_deltas")
-RUN_COLUMNS = {"computed_at", "mlflow_run_id"}
 KILLED_STEP = "clip__blind_baseline_scores"  # the longest tiny step (7 s; embeddings take under 2 s)
 
 
@@ -112,19 +110,6 @@ def postgres(stack: ExitStack, logs: Path) -> Iterator[int]:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
 
 
-def snapshot(home: Path, version: str) -> dict[str, pl.DataFrame]:
-    """What the audit wrote for `version`, without the columns that name a run, in a stable row order."""
-    from m4i_assets.defs.resources import Storage
-
-    storage = Storage(home=str(home))
-    frames = {}
-    for table in TABLES:
-        frame = storage.read(f"SELECT * FROM {table} WHERE model_version = ?", [version])
-        frame = frame.drop([c for c in frame.columns if c in RUN_COLUMNS])
-        frames[table] = frame.sort([c for c in frame.columns if frame[c].dtype == pl.String])
-    return frames
-
-
 def active_step_tasks(app) -> list[tuple[str, int, list[str]]]:
     """(worker, pool process id, step keys) of each step a Celery worker is executing now."""
     found = []
@@ -138,21 +123,28 @@ def active_step_tasks(app) -> list[tuple[str, int, list[str]]]:
 @pytest.mark.timeout(1200)
 def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_path):
     from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
     from dagster_celery.make_app import make_app
 
+    from m4i_assets import orchestration
+    from m4i_assets.defs.automation import AUDIT_TAGS, audit_backfill
+    from m4i_assets.defs.definitions import build_definitions
     from m4i_assets.defs.resources import Storage
+    from m4i_assets.settings import settings_for
 
     demo, _ = demo_home
     storage = Storage(home=str(demo))
     [target] = storage.read("SELECT model_version FROM models WHERE role = 'target'")["model_version"].to_list()
-    expected = snapshot(demo, target)
+    expected = snapshot(demo, target, TABLES)
     assert expected["membership_scores"].height > 0
-    # The in-process run of that audit in the demo (one run for the target's partition), for its wall time.
+    # The in-process runs of that audit in the demo (its signals' shard, then the rest), for their wall time.
     os.environ["DAGSTER_HOME"] = str(demo / "dagster")
     try:
         with DagsterInstance.get() as instance:
-            [record] = instance.get_run_records(RunsFilter(tags={"dagster/partition": target}))
-            in_process_s = record.end_time - record.start_time
+            records = [r for r in instance.get_run_records()
+                       if r.dagster_run.tags.get("dagster/partition") in (target, f"0|{target}")]  # fmt: skip
+            assert len(records) == 2
+            in_process_s = sum(r.end_time - r.start_time for r in records)
     finally:
         del os.environ["DAGSTER_HOME"]
 
@@ -199,13 +191,21 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         instance = stack.enter_context(DagsterInstance.get())
         instance.add_dynamic_partitions("clip_versions", [target])
 
-        launch = subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "clip_audit",
-             "--tags", json.dumps({"dagster/partition": target})],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-2000:]
-        [run] = instance.get_runs(RunsFilter(tags={"dagster/partition": target}))
+        # The target's audit as one backfill (`m4i demo` submits the same), which the daemon runs: its signals'
+        # shard, then the rest, each run queued as an audit (the tag the queue limits).
+        graph = build_definitions(home=home, settings=settings_for("tiny")).resolve_asset_graph()
+        subset = audit_backfill(graph, "clip", None, target, shards=1)
+        backfill = orchestration.submit(instance, subset, "distributed audit", tags=AUDIT_TAGS)
+        run = wait_for(
+            "the audit run",
+            lambda: next(
+                iter(instance.get_runs(RunsFilter(tags={"dagster/partition": target, "dagster/backfill": backfill}))),
+                None,
+            ),
+            timeout=300,
+            proc=daemon,
+        )
+        [signals_run] = instance.get_runs(RunsFilter(tags={"dagster/partition": f"0|{target}"}))
 
         # Kill the pool process of whichever worker executes the killed step, mid-step: as soon as the step has
         # started (its STEP_START is logged after the task's imports, so a fixed sleep after the task appears can
@@ -242,22 +242,25 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         retried = wait_for("the retry", lambda: next(iter(instance.get_runs(RunsFilter(
             tags={"dagster/parent_run_id": run.run_id}))), None), timeout=300, proc=daemon)  # fmt: skip
         status = wait_for("the retried run", lambda: finished(retried.run_id), timeout=900, proc=daemon)
-        record = instance.get_run_record_by_id(run.run_id)
+        backfill_status = wait_for("the backfill's end", lambda: (lambda b: b.status if b.status in
+                                   BULK_ACTION_TERMINAL_STATUSES else None)(instance.get_backfill(backfill)),
+                                   timeout=120, proc=daemon)  # fmt: skip
+        record = instance.get_run_record_by_id(signals_run.run_id)
         retried_record = instance.get_run_record_by_id(retried.run_id)
         starts = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
                   if e.step_key == KILLED_STEP]  # fmt: skip
         successes = [e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
                      if e.step_key == KILLED_STEP]  # fmt: skip
-        tags = instance.get_run_by_id(run.run_id).tags
-        queued = tags.get("m4i/stage")
+        queued = {instance.get_run_by_id(r.run_id).tags.get("m4i/stage") for r in (signals_run, run, retried)}
         celery_s = retried_record.end_time - record.start_time
         print(f"\nclip audit of {target}: in process {in_process_s:.0f}s, on 2 Celery workers {celery_s:.0f}s "
               f"(one killed in {KILLED_STEP} on {worker}; then the run worker, the run retried)")  # fmt: skip
 
     assert killed_status == DagsterRunStatus.FAILURE  # not STARTED forever
     assert status == DagsterRunStatus.SUCCESS, (logs / "daemon.log").read_text()[-3000:]
-    assert queued == "audit"  # through the queue's tag limit
+    assert queued == {"audit"}  # through the queue's tag limit
+    assert backfill_status == BulkActionStatus.COMPLETED_SUCCESS  # the retried run completed the backfill
     assert len(starts) == 2 and len(successes) == 1  # the killed step ran again, and completed
-    actual = snapshot(home, target)
+    actual = snapshot(home, target, TABLES)
     for table in TABLES:
         assert_frame_equal(actual[table], expected[table], check_exact=False), table

@@ -3,7 +3,7 @@
 Every import of a project module counts, module-level or inside a function (a lazy import is still a
 dependency), read from the source with `ast`: data (and storage) -> families (models, families.py) -> signals ->
 attacks -> metrics -> defenses -> settings, the training plan (plans.py) and the scoring of an audited version
-(scoring.py) -> the Dagster layer and the CLI."""
+(scoring.py) -> the Dagster layer, the orchestration of its backfills and the CLI."""
 
 import ast
 from pathlib import Path
@@ -19,7 +19,7 @@ LAYERS = (
     ("metrics",),
     ("defenses",),
     ("settings", "plans", "scoring"),
-    ("defs", "cli"),
+    ("defs", "cli", "orchestration"),
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 

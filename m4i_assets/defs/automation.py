@@ -1,5 +1,8 @@
-"""Re-audits: one partitioned audit job per model family, a sensor on the watched models folder, and
-a weekly schedule that re-audits the latest target of each family.
+"""Re-audits: per model family, a job of the sharded signals and one of the rest of a version's audit, a sensor
+on the watched models folder, and a weekly re-audit of the latest target of each family. Both request one
+backfill per audited version (its signals shard by shard, then its attacks and metrics), which the daemon
+runs through its queue in lineage order: a schedule cannot ask for a backfill, so the weekly re-audit is a
+sensor that fires once per week, at its cron time.
 
 The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one checkpoint in a layout a
 family of the registry recognizes (`m4i_assets.families.describe_checkpoint`):
@@ -20,24 +23,26 @@ unchanged folder launches nothing. A folder that is not a checkpoint is logged o
 """
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dagster import (
     AssetKey,
     AssetSelection,
-    DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
-    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     define_asset_job,
-    schedule,
     sensor,
 )
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from m4i_assets.data.audits import AuditSpec, load_audits
-from m4i_assets.defs.partitions import VERSION_PARTITIONS, version_key
+from m4i_assets.data.shards import Shard
+from m4i_assets.defs.partitions import VERSION_PARTITIONS, shard_partition_key, version_key
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES, WatchedCheckpoint, describe_checkpoint
 from m4i_assets.models.checkpoints import sha256_file
@@ -52,16 +57,59 @@ def audit_selection(family: str, audit: AuditSpec | None) -> list[str]:
     return [version_key(family, name).to_user_string() for name in names]
 
 
-audit_jobs = {
-    family: define_asset_job(
-        f"{family}_audit",
-        selection=AssetSelection.assets(*(version_key(family, name) for name in spec.job_assets())),
-        partitions_def=VERSION_PARTITIONS[family],
-        description=f"The full audit of one {family} model version (its partition).",
-        tags={"m4i/stage": "audit"},  # the instance's run queue limits concurrent audits by this tag
-    )
+# On every run of an audit (its jobs' runs, the backfills' of the sensors and the CLI): the instance's run queue
+# limits concurrent audits by this tag.
+AUDIT_TAGS = {"m4i/stage": "audit"}
+
+
+def audit_runs(family: str, audit: AuditSpec | None, version: str, shards: int) -> list[tuple[list[str], str]]:
+    """(asset keys, partition key) of each run of one version's audit, in lineage order: the sharded signals of
+    each record shard (`shard|version`), then every other asset of `audit_selection` (the version)."""
+    keys = audit_selection(family, audit)
+    sharded = {version_key(family, name).to_user_string() for name in FAMILIES[family].sharded}
+    signals = [k for k in keys if k in sharded]
+    runs = [(signals, shard_partition_key(version, Shard(i, shards))) for i in range(shards)] if signals else []
+    return [*runs, ([k for k in keys if k not in sharded], version)]
+
+
+def audit_backfill(asset_graph, family: str, audit: AuditSpec | None, version: str, shards: int) -> AssetGraphSubset:
+    """The asset partitions of one version's audit (`audit_runs`), as the subset a backfill targets."""
+    partitions = {AssetKeyPartitionKey(AssetKey.from_user_string(key), partition)
+                  for keys, partition in audit_runs(family, audit, version, shards) for key in keys}  # fmt: skip
+    return AssetGraphSubset.from_asset_partition_set(partitions, asset_graph)
+
+
+def audit_request(context: SensorEvaluationContext, family: str, audit: AuditSpec | None, version: str,
+                  settings: AuditSettings, reason: str) -> RunRequest:  # fmt: skip
+    """A backfill of one version's audit, tagged with what asked for it."""
+    subset = audit_backfill(context.repository_def.asset_graph, family, audit, version, settings.record_shards)
+    return RunRequest.for_asset_graph_subset(subset, tags={**AUDIT_TAGS, "m4i/version": version, "m4i/reason": reason})
+
+
+# Per family: the audit of a version from its signals, and its signals per record shard (a backfill runs both).
+audit_jobs = [
+    job
     for family, spec in FAMILIES.items()
-}
+    for job in (
+        define_asset_job(
+            f"{family}_audit",
+            selection=AssetSelection.assets(
+                *(version_key(family, name) for name in spec.job_assets() if name not in spec.sharded)
+            ),
+            partitions_def=VERSION_PARTITIONS[family],
+            description=f"The audit of one {family} model version (its partition) from its signals, which "
+            f"`{family}_signals` computes shard by shard (a backfill of the version runs both in order).",
+            tags=AUDIT_TAGS,
+        ),
+        define_asset_job(
+            f"{family}_signals",
+            selection=AssetSelection.assets(*(version_key(family, name) for name in spec.sharded)),
+            description=f"The model-forward signals of one {family} model version's record shard (partition "
+            "`shard|version`).",
+            tags={"m4i/stage": "signals"},
+        ),
+    )
+]
 WATCHED = "watched_models"
 
 
@@ -87,7 +135,6 @@ def watched_folders(watch: Path, audits: dict[str, AuditSpec]) -> list[tuple[str
 
 
 @sensor(
-    jobs=list(audit_jobs.values()),
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.STOPPED,
     description="Audits every new or changed checkpoint dropped in $M4I_HOME/watched_models/<name>/ (or, for an "
@@ -119,37 +166,44 @@ def watched_models_sensor(context: SensorEvaluationContext, storage: Storage, se
             continue  # touched, same bytes
         version = register_watched(storage, audit.name if audit else settings.audit, folder, checkpoint, sha)
         versions[checkpoint.family].append(version)
-        selection = [AssetKey.from_user_string(k) for k in audit_selection(checkpoint.family, audit)]
-        runs.append(RunRequest(run_key=version, partition_key=version, job_name=audit_jobs[checkpoint.family].name,
-                               asset_selection=selection))  # fmt: skip
+        runs.append((checkpoint.family, audit, version))
     return SensorResult(
-        run_requests=runs,
+        run_requests=[audit_request(context, f, a, v, settings, "new checkpoint") for f, a, v in runs],
         dynamic_partitions_requests=[VERSION_PARTITIONS[f].build_add_request(v) for f, v in versions.items() if v],
         cursor=json.dumps(seen, sort_keys=True),
     )
 
 
-def reaudit_schedule(family: str):
-    """A weekly re-audit (Monday 03:00) of the latest target of one family in the audit."""
+REAUDIT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 
-    @schedule(
+
+def last_reaudit_time(now: datetime) -> datetime:
+    """The latest Monday 03:00 UTC at or before `now` (REAUDIT_CRON)."""
+    monday = (now - timedelta(days=now.weekday())).replace(hour=3, minute=0, second=0, microsecond=0)
+    return monday if monday <= now else monday - timedelta(days=7)
+
+
+def reaudit_sensor(family: str):
+    """The weekly re-audit (REAUDIT_CRON) of the latest target of one family in the settings' audit: on its first
+    tick it notes the latest cron time, then fires once for each later one (missed ticks are not caught up)."""
+
+    @sensor(
         name=f"weekly_{family}_reaudit",
-        job=audit_jobs[family],
-        cron_schedule="0 3 * * 1",
-        default_status=DefaultScheduleStatus.STOPPED,
-        description=f"Re-audits the latest {family} target every week.",
+        minimum_interval_seconds=600,
+        default_status=DefaultSensorStatus.STOPPED,
+        description=f"Re-audits the latest {family} target every week ({REAUDIT_CRON}, UTC), as one backfill.",
     )
-    def _schedule(context: ScheduleEvaluationContext, storage: Storage, settings: AuditSettings):
-        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-        selection = [
-            AssetKey.from_user_string(k) for k in audit_selection(family, settings.registered_audit(storage.root))
-        ]
-        return [
-            RunRequest(run_key=f"{version}@{tick}", partition_key=version, asset_selection=selection)
-            for version in storage.repository.latest_versions(settings.audit, "target", family=family)
-        ]
+    def _sensor(context: SensorEvaluationContext, storage: Storage, settings: AuditSettings):
+        due = last_reaudit_time(datetime.now(UTC)).isoformat()
+        if context.cursor is None or context.cursor >= due:
+            context.update_cursor(due)
+            return SkipReason(f"next re-audit after {due} ({REAUDIT_CRON})")
+        context.update_cursor(due)
+        audit = settings.registered_audit(storage.root)
+        return [audit_request(context, family, audit, version, settings, f"weekly re-audit {due}")
+                for version in storage.repository.latest_versions(settings.audit, "target", family=family)]  # fmt: skip
 
-    return _schedule
+    return _sensor
 
 
-reaudit_schedules = [reaudit_schedule(family) for family in FAMILIES]
+reaudit_sensors = [reaudit_sensor(family) for family in FAMILIES]

@@ -9,7 +9,7 @@ from pathlib import Path
 from dagster import AssetsDefinition, Definitions, ExecutorDefinition, multi_or_in_process_executor
 
 from m4i_assets.defs.assets import attacks, audits, captioning, data, defenses, evaluation, models, signals
-from m4i_assets.defs.automation import audit_jobs, reaudit_schedules, watched_models_sensor
+from m4i_assets.defs.automation import audit_jobs, reaudit_sensors, watched_models_sensor
 from m4i_assets.defs.partitions import VersionAsset, version_asset
 from m4i_assets.defs.resources import Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, Family
@@ -37,20 +37,23 @@ VERSION_ASSETS: dict[str, VersionAsset | Callable[[Family], AssetsDefinition]] =
 }
 
 
-def family_assets(family: Family) -> list[AssetsDefinition]:
-    """Every asset of one family: its helper asset and its per-version assets, each built once."""
+def family_assets(family: Family, shards: int) -> list[AssetsDefinition]:
+    """Every asset of one family: its helper asset and its per-version assets (the sharded signals in `shards`
+    record shards), each built once."""
     entries = dict.fromkeys(VERSION_ASSETS[name] for name in (family.helper_asset, *family.job_assets()))
-    return [version_asset(e, family) if isinstance(e, VersionAsset) else e(family) for e in entries]
+    return [version_asset(e, family, shards) if isinstance(e, VersionAsset) else e(family) for e in entries]
 
 
-# Everything but the ingestion assets, whose shard partitions depend on the audit's sources.
-AUDIT_GRAPH = [
-    data.record_roles,
-    audits.audit_plan,
-    *models.training_assets,
-    *defenses.defense_assets,
-    *(asset for family in FAMILIES.values() for asset in family_assets(family)),
-]
+def audit_graph(shards: int) -> list[AssetsDefinition]:
+    """Everything but the ingestion assets (whose partitions are the audit's source shards), with the sharded
+    signals in `shards` record shards."""
+    return [
+        data.record_roles,
+        audits.audit_plan,
+        *models.training_assets,
+        *defenses.defense_assets,
+        *(asset for family in FAMILIES.values() for asset in family_assets(family, shards)),
+    ]
 
 
 def build_resources(home: Path | None = None, settings: AuditSettings | None = None) -> dict:
@@ -68,8 +71,11 @@ def build_resources(home: Path | None = None, settings: AuditSettings | None = N
 
 
 def build_assets(resources: dict) -> list:
-    """The platform's assets for these resources: ingestion partitioned by the sources' shards, then the rest."""
-    return [*data.ingestion_assets(data.audit_sources(resources["settings"], resources["storage"])), *AUDIT_GRAPH]
+    """The platform's assets for these resources: ingestion partitioned by the sources' shards, then the rest
+    (the settings' `record_shards`)."""
+    settings = resources["settings"]
+    return [*data.ingestion_assets(data.audit_sources(settings, resources["storage"])),
+            *audit_graph(settings.record_shards)]  # fmt: skip
 
 
 def build_executor(name: str | None = None) -> ExecutorDefinition:
@@ -89,16 +95,15 @@ def build_executor(name: str | None = None) -> ExecutorDefinition:
 
 
 def build_definitions(home: Path | None = None, settings: AuditSettings | None = None) -> Definitions:
-    """All assets with their resources, the per-family audit jobs, the watched-models sensor and the weekly
-    re-audits. A run's steps run in parallel processes by default, or in process when its run config asks
-    (`execution: {config: {in_process: {}}}`, as the demo does for per-partition runs), or on Celery workers
-    (`build_executor`)."""
+    """All assets with their resources, the per-family audit and signals jobs, the watched-models sensor and the
+    weekly re-audit sensors. A run's steps run in parallel processes by default, or in process when its run
+    config asks (`execution: {config: {in_process: {}}}`, as the CLI's backfills of partitions do), or on Celery
+    workers (`build_executor`)."""
     resources = build_resources(home, settings)
     return Definitions(
         assets=build_assets(resources),
-        jobs=list(audit_jobs.values()),
-        sensors=[watched_models_sensor],
-        schedules=reaudit_schedules,
+        jobs=audit_jobs,
+        sensors=[watched_models_sensor, *reaudit_sensors],
         resources=resources,
         executor=build_executor(),
     )

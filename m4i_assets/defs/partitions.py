@@ -1,28 +1,43 @@
 """Per-version assets: the audited versions of each family (targets, null controls, defended versions) are dynamic
 partitions of that family's assets only (`clip_versions`, `captioner_versions`), so no asset is ever offered a
 version it cannot audit; each such asset's key is `<family>/<name>`, and one `VersionAsset` entry says how any
-family builds it (`version_asset`). Helper models (reference CLIPs, shadow captioners) are no partitions: the
-family's helper asset computes, for all of them at once, what its attacks read (`Family.helper_asset`)."""
+family builds it (`version_asset`). The signals a family computes per record shard (`Family.sharded`) are
+partitioned by version x shard (`shard|version` keys, `data.shards`), so one version's embeddings spread over
+runs and workers; the assets that read them depend on every shard of their version. Helper models (reference
+CLIPs, shadow captioners) are no partitions: the family's helper asset computes, for all of them at once, what
+its attacks read (`Family.helper_asset`)."""
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dagster import (
     AssetCheckSpec,
+    AssetDep,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    BetaWarning,
     DagsterInstance,
     DynamicPartitionsDefinition,
     MaterializeResult,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
+    PartitionsDefinition,
+    StaticPartitionsDefinition,
     asset,
 )
 
+from m4i_assets.data.shards import WHOLE, Shard, shard_keys
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, Family
 from m4i_assets.settings import AuditSettings
 
+with warnings.catch_warnings():  # beta since 1.3 and stable in use: said once here, not at every load
+    warnings.simplefilter("ignore", BetaWarning)
+    EVERY_SHARD = MultiToSingleDimensionPartitionMapping(partition_dimension_name="version")
 VERSION_PARTITIONS = {name: DynamicPartitionsDefinition(name=f"{name}_versions") for name in FAMILIES}
 PER_VERSION = {name for family in FAMILIES.values() for name in family.job_assets()}
 
@@ -32,11 +47,31 @@ def version_key(family: Family | str, name: str) -> AssetKey:
     return AssetKey([family if isinstance(family, str) else family.name, name])
 
 
-def dep_keys(family: Family, names: Iterable[str]) -> list[AssetKey]:
+def shard_partitions(family: Family | str, shards: int) -> MultiPartitionsDefinition:
+    """The partitions of a family's sharded signals: its audited versions x `shards` record shards."""
+    name = family if isinstance(family, str) else family.name
+    return MultiPartitionsDefinition(
+        {"version": VERSION_PARTITIONS[name], "shard": StaticPartitionsDefinition(shard_keys(shards))}
+    )
+
+
+def shard_partition_key(version: str, shard: Shard) -> str:
+    """The partition key of one shard of a version's sharded signals (`<shard>|<version>`)."""
+    return str(MultiPartitionKey({"version": version, "shard": shard.key}))
+
+
+def dep_keys(family: Family, names: Iterable[str], sharded: bool = False) -> list[AssetDep]:
     """What a per-version asset of `family` reads: the family's own per-version assets of these names (those it
-    lacks are left out), and the unpartitioned assets (records, roles, models, helpers) by their names."""
-    return [version_key(family, n) if n in PER_VERSION else AssetKey(n) for n in names
-            if n not in PER_VERSION or n in family.job_assets()]  # fmt: skip
+    lacks are left out; a sharded one by every shard of the version, unless the reader is itself sharded and
+    reads its own shard), and the unpartitioned assets (records, roles, models, helpers) by their names."""
+    deps = []
+    for name in names:
+        if name not in PER_VERSION:
+            deps.append(AssetDep(AssetKey(name)))
+        elif name in family.job_assets():
+            every_shard = name in family.sharded and not sharded
+            deps.append(AssetDep(version_key(family, name), partition_mapping=EVERY_SHARD if every_shard else None))
+    return deps
 
 
 def is_audited(family: str, role: str) -> bool:
@@ -61,6 +96,7 @@ class Step:
     compute: Compute
     tracking: Tracking
     context: AssetExecutionContext
+    shard: Shard = WHOLE
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,16 +115,19 @@ class VersionAsset:
     description: str | None = None
 
 
-def version_asset(spec: VersionAsset, family: Family) -> AssetsDefinition:
-    """`spec` as the asset `<family>/<name>`, partitioned by the family's audited versions."""
+def version_asset(spec: VersionAsset, family: Family, shards: int = 1) -> AssetsDefinition:
+    """`spec` as the asset `<family>/<name>`, partitioned by the family's audited versions, and by `shards`
+    record shards too when the family computes it per shard."""
     key = version_key(family, spec.name)
+    sharded = spec.name in family.sharded
+    partitions: PartitionsDefinition = shard_partitions(family, shards) if sharded else VERSION_PARTITIONS[family.name]
 
     @asset(
         key=key,
         description=spec.description or inspect.getdoc(spec.run),
         group_name=spec.group,
-        partitions_def=VERSION_PARTITIONS[family.name],
-        deps=dep_keys(family, spec.deps),
+        partitions_def=partitions,
+        deps=dep_keys(family, spec.deps, sharded),
         kinds=set(spec.kinds),
         op_tags=GPU_STEP if spec.gpu else None,
         check_specs=[AssetCheckSpec(name, asset=key, description=text, blocking=blocking)
@@ -97,6 +136,10 @@ def version_asset(spec: VersionAsset, family: Family) -> AssetsDefinition:
     def _asset(
         context: AssetExecutionContext, settings: AuditSettings, storage: Storage, compute: Compute, tracking: Tracking
     ) -> MaterializeResult:
-        return spec.run(Step(context.partition_key, settings, storage, compute, tracking, context))
+        version, shard = context.partition_key, WHOLE
+        if sharded:
+            keys = context.partition_key.keys_by_dimension
+            version, shard = keys["version"], Shard(int(keys["shard"]), shards)
+        return spec.run(Step(version, settings, storage, compute, tracking, context, shard))
 
     return _asset

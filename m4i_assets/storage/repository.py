@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from m4i_assets.data.shards import Shard
 from m4i_assets.storage.warehouse import Warehouse, sql_file
 
 CANDIDATE_ROLES = ("member", "nonmember", "candidate")  # what every attack scores (candidates: unlabelled audits)
@@ -32,12 +33,26 @@ class Repository:
         """One of the named queries of `sql/repository/`."""
         return self.read(sql_file(str(Path("repository") / f"{name}.sql")), params)
 
-    def signal(self, signal: str, model_version: str) -> pl.DataFrame:
-        """One model version's signal Parquet; a clear error when it was not materialized."""
-        path = self.warehouse.signals[signal] / f"{model_version}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"no {signal} for {model_version}: materialize `{signal}` for it first ({path})")
-        return pl.read_parquet(path)
+    def signal(self, signal: str, model_version: str, shard: Shard | None = None) -> pl.DataFrame:
+        """One model version's signal (every shard of it, in record order; or one `shard`); a clear error when
+        it, or a shard of it, was not materialized."""
+        files = self.warehouse.signal_files(signal, model_version)
+        counts = sorted({s.count for _, s in files})
+        where = self.warehouse.signals[signal]
+        if not files:
+            raise FileNotFoundError(f"no {signal} for {model_version}: materialize `{signal}` for it first ({where})")
+        if len(counts) > 1:
+            raise FileNotFoundError(f"{signal} of {model_version} is being re-sharded ({counts} shards): "
+                                    f"materialize every shard of it again ({where})")  # fmt: skip
+        have = {s.index: path for path, s in files}
+        wanted = range(counts[0]) if shard is None else [shard.index]
+        if shard is not None and shard.count != counts[0]:
+            raise FileNotFoundError(f"{signal} of {model_version}: shard {shard.index} of {shard.count} not "
+                                    f"materialized (it is in {counts[0]} shards; {where})")  # fmt: skip
+        if missing := [i for i in wanted if i not in have]:
+            raise FileNotFoundError(f"{signal} of {model_version}: shards {missing} of {counts[0]} not "
+                                    f"materialized ({where})")  # fmt: skip
+        return pl.concat([pl.read_parquet(have[i]) for i in wanted], how="vertical_relaxed")
 
     def model_info(self, model_version: str) -> dict[str, Any]:
         """The `models` row of a version; a clear error when it was never registered."""

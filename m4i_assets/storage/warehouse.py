@@ -33,6 +33,8 @@ from urllib.parse import quote
 import duckdb
 import polars as pl
 
+from m4i_assets.data.shards import WHOLE, Shard, shard_of_file
+
 SQL_DIR = Path(os.environ.get("M4I_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
 LOCK_TIMEOUT_S = 600.0
 SCHEMA_FILE = "_schema.parquet"
@@ -214,18 +216,35 @@ class Warehouse:
         rejects = pl.concat([duplicates, rejects], how="diagonal_relaxed")
         self.write_many([("records", records, {"dataset": dataset}), ("rejects", rejects, {"source": dataset})])
 
-    def write_signal(self, signal: str, model_version: str, frame: pl.DataFrame) -> Path:
-        """One model version's signal file, `signals/<signal>/<model_version>.parquet`, replaced atomically."""
+    def write_signal(self, signal: str, model_version: str, frame: pl.DataFrame, shard: Shard = WHOLE) -> Path:
+        """One shard of one model version's signal, `signals/<signal>/<shard.file_name(version)>`, replaced
+        atomically; the version's files of another shard count (an earlier sharding) are removed, so the folder
+        never holds a record of the version twice."""
         self.ensure_lake()
-        final = self.signals[signal] / f"{model_version}.parquet"
+        folder = self.signals[signal]
+        final = folder / shard.file_name(model_version)
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         try:
             frame.write_parquet(tmp)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        for stale, other in self.signal_files(signal, model_version):
+            if other.count != shard.count:
+                stale.unlink(missing_ok=True)
         self.publish_catalog()
         return final
+
+    def signal_files(self, signal: str, model_version: str) -> list[tuple[Path, Shard]]:
+        """The files of one version's signal with the shard each holds, in shard order."""
+        folder = self.signals[signal]
+        whole = folder / WHOLE.file_name(model_version)
+        found = [(whole, WHOLE)] if whole.is_file() else []
+        prefix = f"{model_version}.shard-"
+        for path in folder.glob("*.parquet") if folder.is_dir() else []:
+            if path.name.startswith(prefix) and (parsed := shard_of_file(path.name)) and parsed[0] == model_version:
+                found.append((path, parsed[1]))
+        return sorted(found, key=lambda f: (f[1].count, f[1].index))
 
     # --- reading: the views ---------------------------------------------------------------------------------
 

@@ -52,14 +52,15 @@ def captioner_info(repo: Repository, version: str) -> dict:
 
 def caption_version(step: Step) -> MaterializeResult:
     """Step 1 of both M^4I attacks: the captioner's released caption (greedy; sampled for the sampled-decoding
-    defense) for each record it is queried on (the candidates; for a shadow model, its known members and
-    non-members), batched."""
+    defense) for each record it is queried on (the candidates, those of the step's record shard; for a shadow
+    model, its known members and non-members), batched."""
     from m4i_assets.models import captioner
 
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = captioner_info(repo, version)
     recs = repo.captioned_records(version)
+    recs = recs[step.shard.rows(recs.height, settings.caption_batch_size)]
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
     release = release_of(info, settings.seed)  # sampled decoding, for that release-time defense
     uris = recs["image_uri"].to_list()
@@ -73,7 +74,7 @@ def caption_version(step: Step) -> MaterializeResult:
     frame = pl.DataFrame({"model_version": version, "record_id": recs["record_id"], "generated_caption": captions})
     if len(per_query) > 1:  # every query's caption, for the k-query attacker's averaged features
         frame = frame.with_columns(query_captions=pl.Series([list(q) for q in zip(*per_query)]))
-    path = write_signal(storage, "generated_captions", version, frame)
+    path = write_signal(storage, "generated_captions", version, frame, step.shard)
     n_empty = sum(not c.strip() for c in captions)
     sample = recs.head(5).with_columns(generated=pl.Series(captions[:5]))
     table = "\n".join(
@@ -128,18 +129,20 @@ def metrics_of_version(step: Step) -> MaterializeResult:
 
 def nll_of_version(step: Step) -> MaterializeResult:
     """The teacher-forced negative log-likelihood of each candidate's and known non-member's reference caption
-    given its image, under this captioner (`m4i_loss`, `m4i_loss_ref`; for a shadow, its OUT likelihoods)."""
+    given its image, under this captioner (`m4i_loss`, `m4i_loss_ref`; for a shadow, its OUT likelihoods), of the
+    step's record shard."""
     from m4i_assets.models import captioner
 
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = captioner_info(repo, version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
+    recs = recs[step.shard.rows(recs.height, settings.caption_batch_size)]
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
     nll = captioner.caption_nll(bundle, recs["image_uri"].to_list(), recs["caption"].to_list(),
                                 settings.caption_batch_size, compute.torch_device)  # fmt: skip
     frame = pl.DataFrame({"model_version": version, "record_id": recs["record_id"], "nll": nll})
-    path = write_signal(storage, "caption_nll", version, frame)
+    path = write_signal(storage, "caption_nll", version, frame, step.shard)
     by_role = frame.with_columns(role=recs["role"]).group_by("role").agg(pl.col("nll").mean())
     check = AssetCheckResult(check_name="finite_nll", passed=bool(frame.height == recs.height
                                                                   and np.isfinite(nll).all()),

@@ -18,6 +18,7 @@ from dagster import (
 
 from m4i_assets.attacks.adaptive import caption_variant_keys, image_variant_keys
 from m4i_assets.attacks.csa import cosine_similarity
+from m4i_assets.data.shards import WHOLE, Shard
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import verified_checkpoint
 from m4i_assets.defs.partitions import Step, VersionAsset
@@ -32,8 +33,9 @@ EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 
 def embed_version(step: Step) -> MaterializeResult:
-    """L2-normalised image and text embeddings and their cosine similarity, for the audit's records, as the
-    model version releases them (a release-time defense perturbs them here, so every attack sees it)."""
+    """L2-normalised image and text embeddings and their cosine similarity, for the audit's records (those of the
+    step's record shard), as the model version releases them (a release-time defense perturbs them here, so
+    every attack sees it)."""
     from m4i_assets.models import clip
     from m4i_assets.signals.embeddings import embed_records
 
@@ -41,6 +43,7 @@ def embed_version(step: Step) -> MaterializeResult:
     repo = storage.repository
     info = repo.model_info(version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
+    recs = recs[step.shard.rows(recs.height, settings.embed_batch_size)]
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     img, txt = embed_records(
         bundle,
@@ -61,7 +64,7 @@ def embed_version(step: Step) -> MaterializeResult:
             "cosine_similarity": release.similarities(cosine_similarity(img, txt).astype(np.float64)),
         }
     )
-    path = write_signal(storage, "embeddings", version, frame)
+    path = write_signal(storage, "embeddings", version, frame, step.shard)
     norms = np.r_[np.linalg.norm(img, axis=1), np.linalg.norm(txt, axis=1)]
     dim = bundle.embed_dim
     check = AssetCheckResult(
@@ -136,19 +139,21 @@ def reference_embeddings(family: Family):
     return _reference_embeddings
 
 
-def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.DataFrame) -> Path:
-    """Write one model version's signal as Parquet, replacing its file atomically (`signals/<signal>/`)."""
-    return storage.warehouse.write_signal(signal, model_version, frame)
+def write_signal(storage: Storage, signal: str, model_version: str, frame: pl.DataFrame, shard: Shard = WHOLE) -> Path:
+    """Write one model version's signal (one record shard of it) as Parquet, replacing its file atomically
+    (`signals/<signal>/`)."""
+    return storage.warehouse.write_signal(signal, model_version, frame, shard)
 
 
-def load_signal(storage: Storage, signal: str, model_version: str) -> pl.DataFrame:
-    """One model version's signal Parquet (`Repository.signal`)."""
-    return storage.repository.signal(signal, model_version)
+def load_signal(storage: Storage, signal: str, model_version: str, shard: Shard | None = None) -> pl.DataFrame:
+    """One model version's signal: every shard of it, or one (`Repository.signal`)."""
+    return storage.repository.signal(signal, model_version, shard)
 
 
 def augment_version(step: Step) -> MaterializeResult:
     """CS(x, t), CS(T_k(x), t) and their delta for every candidate and transform (Ko et al. 2023,
-    section 3.3). Text embeddings and clean CS come from `embeddings`; only images are re-encoded."""
+    section 3.3), of the step's record shard. Text embeddings and clean CS come from that shard of
+    `embeddings`; only images are re-encoded."""
     from m4i_assets.models import clip
     from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
 
@@ -156,7 +161,7 @@ def augment_version(step: Step) -> MaterializeResult:
     repo = storage.repository
     info = repo.model_info(version)
     cands = repo.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
-    emb = load_signal(storage, "embeddings", version).join(cands, on="record_id").sort("record_id")
+    emb = load_signal(storage, "embeddings", version, step.shard).join(cands, on="record_id").sort("record_id")
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
     transforms = transform_registry(settings.seed)
     augmented = augmented_image_embeddings(bundle, emb["image_uri"].to_list(), transforms, settings.embed_batch_size,
@@ -175,7 +180,7 @@ def augment_version(step: Step) -> MaterializeResult:
             "cs_clean": cs_clean, "cs_augmented": cs_aug, "delta": cs_clean - cs_aug,
         }))  # fmt: skip
     frame = pl.concat(frames)
-    path = write_signal(storage, "augmentation_deltas", version, frame)
+    path = write_signal(storage, "augmentation_deltas", version, frame, step.shard)
     check = AssetCheckResult(
         check_name="finite_deltas",
         passed=bool(frame.height == emb.height * len(transforms) and len(transforms) >= 8
