@@ -25,7 +25,7 @@ from dagster._core.utils import make_new_backfill_id
 
 from m4i_assets.settings import AuditSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MAX_CONCURRENT_RUNS = 2  # a developer machine's two cores
 HEARTBEAT_S = 60.0  # a daemon whose backfill loop beat within this is running
 
