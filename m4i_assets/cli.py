@@ -30,7 +30,7 @@ from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.data.sources import partition_key, shard_partition_keys
 from m4i_assets.defs.assets.data import audit_sources, shard_outputs
 from m4i_assets.defs.assets.evaluation import version_verdicts
-from m4i_assets.defs.automation import AUDIT_TAGS, audit_runs
+from m4i_assets.defs.automation import AUDIT_TAGS, STAGES, audit_runs
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES
 from m4i_assets.metrics.report import comparisons_markdown, target_seed_spread, target_spread_markdown, verdict_lines
@@ -77,18 +77,20 @@ class Orchestrator:
             raise SystemExit(f"m4i: {what} ended {status.value}: the errors above, its runs in the Dagster UI")
         print(f"m4i: {what} done in {time.monotonic() - start:.0f}s", flush=True)
 
+    def sources(self, settings: AuditSettings, storage: Storage) -> None:
+        """Every source shard of the settings' sources (one backfill: `records`, which merges them, is the next)."""
+        self.phase("sources, shard by shard", [("source_shards", key) for key in
+                                               shard_partition_keys(audit_sources(settings, storage))])  # fmt: skip
+
     def audit(self, what: str, versions: list[tuple[str, AuditSpec | None, str]]) -> None:
-        """The audit of each (family, audit, version): every record shard's signals, then the rest of it."""
-        shards = self.settings.record_shards
-        self.phase(what, [(key, partition) for family, audit, version in versions
-                          for keys, partition in audit_runs(family, audit, version, shards) for key in keys],
-                   audit=True)  # fmt: skip
-
-
-def ingestion_partitions(settings: AuditSettings, storage: Storage) -> list[tuple[str, str | None]]:
-    """Every source shard of the settings' sources, then `records`."""
-    return [*(("source_shards", key) for key in shard_partition_keys(audit_sources(settings, storage))),
-            ("records", None)]  # fmt: skip
+        """The audit of each (family, audit, version), one backfill per stage of `automation.STAGES` (each of one
+        wave: `orchestration`): the checkpoints, every record shard's signals, then the rest of each version."""
+        runs = [run for family, audit, version in versions
+                for run in audit_runs(family, audit, version, self.settings.record_shards)]  # fmt: skip
+        for stage in STAGES:
+            partitions = [(key, partition) for name, keys, partition in runs if name == stage for key in keys]
+            if partitions:
+                self.phase(f"{what}: {stage}", partitions, audit=True)
 
 
 def report(storage: Storage, versions: list[str] | None = None) -> str:
@@ -156,14 +158,14 @@ def demo(families: list[str], defenses: bool = False) -> None:
     storage = Storage(home=str(home))
     storage.warehouse.publish_catalog()  # SQL users may open it read-only from now on, while the demo writes
     with Orchestrator(home, env, settings, logs) as runs:
-        # One backfill ordered by lineage: the sources shard by shard, records, roles, every model, the defended
-        # versions, then the helpers' signals (the reference CLIPs' embeddings, the shadow captioners' attack
-        # models) the per-version attacks read.
-        models = ["record_roles", *(a for f in families for a in FAMILIES[f].models)]
+        # The sources shard by shard, then one backfill (one run, ordered by lineage) of records, roles, every
+        # model, the defended versions and the helpers' signals (the reference CLIPs' embeddings, the shadow
+        # captioners' attack models) the per-version attacks read.
+        models = ["records", "record_roles", *(a for f in families for a in FAMILIES[f].models)]
         models += [FAMILIES[f].defended for f in families if defenses]
         models += [FAMILIES[f].helper_asset for f in families]
-        runs.phase("sources, records, roles, models and the helpers' signals",
-                   ingestion_partitions(settings, storage) + [(m, None) for m in models])  # fmt: skip
+        runs.sources(settings, storage)
+        runs.phase("records, roles, models and the helpers' signals", [(m, None) for m in models])
         # Then each audited version's partitions: its signals shard by shard, its attacks and metrics.
         targets = {f: controlled_targets(storage, settings, f) for f in families}
         repo = storage.repository
@@ -235,7 +237,8 @@ def ingest() -> None:
     env, settings = audit_environment(home)
     storage = Storage(home=str(home))
     with Orchestrator(home, env, settings, home / "logs") as runs:
-        runs.phase("sources, shard by shard, then records", ingestion_partitions(settings, storage))
+        runs.sources(settings, storage)
+        runs.phase("records", [("records", None)])
     print(ingestion_table(storage, audit_sources(settings, storage)))
 
 
@@ -250,11 +253,11 @@ def run_audit(spec: AuditSpec) -> list[str]:
     family = FAMILIES[spec.family]
     target, null_control, helpers = family.models
     has_helpers = family.audit_has_helpers(spec)
-    models = ["record_roles", "audit_plan", target, *[null_control] * bool(spec.null_control)]
+    models = ["records", "record_roles", "audit_plan", target, *[null_control] * bool(spec.null_control)]
     models += [helpers, family.helper_asset] * has_helpers
     with Orchestrator(home, env, settings, logs) as runs:
-        runs.phase("sources, records, roles, plan, models and the helpers' signals",
-                   ingestion_partitions(settings, storage) + [(m, None) for m in models])  # fmt: skip
+        runs.sources(settings, storage)
+        runs.phase("records, roles, plan, models and the helpers' signals", [(m, None) for m in models])
         repo = storage.repository
         audited = repo.latest_versions(spec.name, "target", len(spec.targets), family=spec.family)
         audited += repo.latest_versions(spec.name, "null_control", family=spec.family) if spec.null_control else []

@@ -80,6 +80,11 @@ class Family:
         return bool(audit.references) if self.helper_role == "reference" else "population" in audit.values
 
     @property
+    def trained(self) -> tuple[str, ...]:
+        """The assets that train or register the family's audited versions (targets, null controls, defended)."""
+        return self.models[0], self.models[1], self.defended
+
+    @property
     def defended_helper_role(self) -> str:
         """The role of a helper trained with a defense, for the adaptive attacker of a defended version
         (`defended_reference`, `defended_shadow`): no undefended audit ever learns from one."""

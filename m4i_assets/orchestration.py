@@ -1,7 +1,15 @@
-"""Orchestration by Dagster: what `m4i demo` and `m4i audit` ask for is a backfill of asset partitions, which
+"""Orchestration by Dagster: each phase of `m4i demo` and `m4i audit` is a backfill of asset partitions, which
 the daemon runs through the instance's run queue (at most `MAX_CONCURRENT_RUNS` runs at once, launched in
 lineage order, each run's process watched by run monitoring); the CLI submits it and follows it to its end.
 A running daemon of the instance is used as it is; otherwise the CLI starts one for the audit's duration.
+
+The daemon looks at its backfills every 30 s and launches a run for the partitions whose parents are
+materialized by then, so a backfill spanning several steps of lineage across partitionings (a version's signal
+shards, then its attacks) runs in waves, each waiting for the next look, each wave's runs paying their start.
+A phase is therefore one backfill per partitioning, each of one wave (its partitions' parents materialized
+before it is submitted): one run per partition. The daemon the CLI starts (`python -m m4i_assets.orchestration
+run`) looks every `BACKFILL_LOOK_S` seconds; a daemon of the deployment (`dagster-daemon run`) keeps Dagster's
+30 s, which the interval is not configurable for.
 
 A backfill carries the audit's settings in its run config (`resources.settings`), so its runs compute what
 the CLI was asked for, whichever daemon launches them."""
@@ -28,6 +36,7 @@ from m4i_assets.settings import AuditSettings
 REPO = Path(__file__).resolve().parents[1]
 MAX_CONCURRENT_RUNS = 2  # a developer machine's two cores
 HEARTBEAT_S = 60.0  # a daemon whose backfill loop beat within this is running
+BACKFILL_LOOK_S = 1  # how often the daemon the CLI starts looks at its backfills (Dagster's own: every 30 s)
 
 # The instance of an `$M4I_HOME` (written by `m4i home`, or upgraded from the first release's, which had no queue).
 DAGSTER_YAML = f"""\
@@ -114,6 +123,9 @@ def submit(
     return backfill_id
 
 
+ENDED = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+
+
 def run_label(run) -> str:
     return run.tags.get("dagster/partition") or ",".join(sorted(k.to_user_string() for k in run.asset_selection or []))
 
@@ -129,16 +141,17 @@ def failure_text(instance: DagsterInstance, run_id: str) -> str:
     return "\n".join(lines) or "  (no step failure recorded: see the run in the Dagster UI)"
 
 
-def follow(instance: DagsterInstance, backfill_id: str, log=print, poll_s: float = 2.0) -> BulkActionStatus:
-    """Wait for a backfill to end, saying each of its runs' end; returns its final status (after its failed runs'
-    errors, when any)."""
+def follow(instance: DagsterInstance, backfill_id: str, log=print, poll_s: float = 1.0) -> BulkActionStatus:
+    """Wait for a backfill to end, saying each of its runs' end (and a failed run's errors); returns its status.
+
+    A backfill that has requested all its partitions and whose runs all succeeded is done: the daemon would
+    say so at its next look, up to 30 s later. Any other end is the daemon's (a failed run may be retried)."""
     seen: set[str] = set()
     while True:
         backfill = instance.get_backfill(backfill_id)
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         for run in sorted(runs, key=lambda r: r.run_id):
-            if run.run_id not in seen and run.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                                                         DagsterRunStatus.CANCELED):  # fmt: skip
+            if run.run_id not in seen and run.status in ENDED:
                 seen.add(run.run_id)
                 record = instance.get_run_record_by_id(run.run_id)
                 took = (record.end_time or 0) - (record.start_time or record.end_time or 0)
@@ -146,9 +159,11 @@ def follow(instance: DagsterInstance, backfill_id: str, log=print, poll_s: float
                 if run.status == DagsterRunStatus.FAILURE:
                     log(failure_text(instance, run.run_id))
         if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
-            if backfill.status != BulkActionStatus.COMPLETED_SUCCESS and backfill.failure_count:
-                log(f"  backfill {backfill_id}: {backfill.failure_count} failure(s)")
             return backfill.status
+        data = backfill.asset_backfill_data
+        if (data is not None and runs and data.requested_subset == data.target_subset
+                and all(r.status == DagsterRunStatus.SUCCESS for r in runs)):  # fmt: skip
+            return BulkActionStatus.COMPLETED_SUCCESS
         time.sleep(poll_s)
 
 
@@ -160,13 +175,13 @@ def daemon_running(instance: DagsterInstance) -> bool:
 
 @contextmanager
 def daemon(instance: DagsterInstance, env: dict[str, str], log_file: Path) -> Iterator[bool]:
-    """The instance's daemon: the running one, or `dagster-daemon run` on the repository's workspace started
-    here (with `env`: the audit's home, profile and settings) and stopped on exit. Yields whether it started one."""
+    """The instance's daemon: the running one, or one on the repository's workspace started here (`run_daemon`,
+    with `env`: the audit's home, profile and settings) and stopped on exit. Yields whether it started one."""
     if daemon_running(instance):
         yield False
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")]
+    cmd = [sys.executable, "-m", "m4i_assets.orchestration", "run", "-w", str(REPO / "workspace.yaml")]
     with open(log_file, "a") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -186,3 +201,19 @@ def daemon(instance: DagsterInstance, env: dict[str, str], log_file: Path) -> It
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         instance.wipe_daemon_heartbeats()  # its last beats would pass for a running daemon for a minute
+
+
+def run_daemon(argv: list[str]) -> int:
+    """`dagster-daemon <argv>` whose backfill loop looks every BACKFILL_LOOK_S seconds: Dagster reads its loop's
+    interval, `dagster._daemon.controller.DEFAULT_DAEMON_INTERVAL_SECONDS` (30), when each loop starts, and offers
+    no setting for it. Were that name gone, this is Dagster's daemon as it is, looking every 30 s."""
+    from dagster._daemon import controller
+    from dagster._daemon.cli import main
+
+    controller.DEFAULT_DAEMON_INTERVAL_SECONDS = BACKFILL_LOOK_S
+    sys.argv = ["dagster-daemon", *argv]
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run_daemon(sys.argv[1:]))

@@ -88,13 +88,13 @@ def ingest(resources: dict, instance) -> list:
 
 
 def materialize_audit(assets: list, family: str, audit, version: str, resources: dict, instance) -> None:
-    """One version's audit in process, run by run as its backfill would (`automation.audit_runs`): each record
-    shard's signals, then the rest."""
+    """One version's audit in process, run by run as its backfills would (`automation.audit_runs`): its checkpoint,
+    each record shard's signals, then the rest."""
     from dagster import materialize
 
     from m4i_assets.defs.automation import audit_runs
 
-    for keys, partition in audit_runs(family, audit, version, resources["settings"].record_shards):
+    for _, keys, partition in audit_runs(family, audit, version, resources["settings"].record_shards):
         result = materialize(assets, resources=resources, instance=instance, selection=keys, partition_key=partition)
         assert result.success, (keys, partition)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from m4i_assets.defs.automation import describe_checkpoint, watched_models_sensor
+from m4i_assets.defs.definitions import build_definitions
 from m4i_assets.defs.resources import Storage
 from m4i_assets.models import clip, hf_clip
 from m4i_assets.models.captioner import CaptionerSpec, Vocabulary, build_captioner, save_captioner
@@ -312,13 +313,15 @@ def test_sensor_registers_torch_and_hugging_face_checkpoints(open_clip_bundle, h
     (watched / "copying").mkdir()
     (watched / "copying" / "model.json").write_text(json.dumps({"family": "clip", "arch": "m4i-tiny-vit"}))
 
+    repository = build_definitions(home=tmp_path, settings=settings).get_repository_def()
+
     def tick(cursor=None):
-        context = build_sensor_context(instance=DagsterInstance.ephemeral(), cursor=cursor,
+        context = build_sensor_context(instance=DagsterInstance.ephemeral(), cursor=cursor, repository_def=repository,
                                        resources={"storage": storage, "settings": settings})  # fmt: skip
         return watched_models_sensor(context)
 
     first = tick()
-    versions = [r.partition_key for r in first.run_requests]
+    versions = [r.tags["m4i/version"] for r in first.run_requests]
     assert versions == [f"clip-{hf_saved[3][:12]}@tiny", f"clip-{pt_sha[:12]}@tiny"]  # folders in name order
     assert json.loads(first.cursor)["copying"] == [f"{watched / 'copying'}: no weights file "
                                                    "(model.safetensors, *.pt, *.pth or *.bin)"]  # fmt: skip

@@ -127,14 +127,15 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
     from dagster_celery.make_app import make_app
 
     from m4i_assets import orchestration
-    from m4i_assets.defs.automation import AUDIT_TAGS, audit_backfill
+    from m4i_assets.defs.automation import AUDIT_TAGS, audit_runs
     from m4i_assets.defs.definitions import build_definitions
     from m4i_assets.defs.resources import Storage
     from m4i_assets.settings import settings_for
 
     demo, _ = demo_home
     storage = Storage(home=str(demo))
-    [target] = storage.read("SELECT model_version FROM models WHERE role = 'target'")["model_version"].to_list()
+    trained = "SELECT model_version FROM models WHERE role = 'target' AND train_fingerprint IS NOT NULL"
+    [target] = storage.read(trained)["model_version"].to_list()  # the demo's (not a checkpoint dropped by a test)
     expected = snapshot(demo, target, TABLES)
     assert expected["membership_scores"].height > 0
     # The in-process runs of that audit in the demo (its signals' shard, then the rest), for their wall time.
@@ -183,7 +184,11 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
                 logs / f"worker_{name}.log", env))  # fmt: skip
         wait_for("two workers", lambda: len(app.control.ping(timeout=1.0) or []) == 2, timeout=180)
         daemon = stack.enter_context(
-            process([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], logs / "daemon.log", env)
+            process(
+                [sys.executable, "-m", "m4i_assets.orchestration", "run", "-w", str(REPO / "workspace.yaml")],
+                logs / "daemon.log",
+                env,
+            )
         )
         os.environ.update({k: v for k, v in env.items() if k.startswith("M4I_PG_")})
         os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
@@ -191,11 +196,19 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
         instance = stack.enter_context(DagsterInstance.get())
         instance.add_dynamic_partitions("clip_versions", [target])
 
-        # The target's audit as one backfill (`m4i demo` submits the same), which the daemon runs: its signals'
-        # shard, then the rest, each run queued as an audit (the tag the queue limits).
+        # The target's audit as `m4i demo` submits it, through the daemon: a backfill of its signals' shard, then
+        # one of the rest, each run queued as an audit (the tag the queue limits).
         graph = build_definitions(home=home, settings=settings_for("tiny")).resolve_asset_graph()
-        subset = audit_backfill(graph, "clip", None, target, shards=1)
-        backfill = orchestration.submit(instance, subset, "distributed audit", tags=AUDIT_TAGS)
+        stages = audit_runs("clip", None, target, shards=1)
+
+        def submit(stage: str) -> str:
+            partitions = [(key, p) for name, keys, p in stages if name == stage for key in keys]
+            subset = orchestration.partitions_subset(graph, partitions)
+            return orchestration.submit(instance, subset, f"distributed audit: {stage}", tags=AUDIT_TAGS)
+
+        assert orchestration.follow(instance, submit("signals")) == BulkActionStatus.COMPLETED_SUCCESS
+        [signals_run] = instance.get_runs(RunsFilter(tags={"dagster/partition": f"0|{target}"}))
+        backfill = submit("audit")
         run = wait_for(
             "the audit run",
             lambda: next(
@@ -205,7 +218,6 @@ def test_the_audit_on_celery_workers_equals_the_in_process_run(demo_home, tmp_pa
             timeout=300,
             proc=daemon,
         )
-        [signals_run] = instance.get_runs(RunsFilter(tags={"dagster/partition": f"0|{target}"}))
 
         # Kill the pool process of whichever worker executes the killed step, mid-step: as soon as the step has
         # started (its STEP_START is logged after the task's imports, so a fixed sleep after the task appears can

@@ -62,20 +62,24 @@ def audit_selection(family: str, audit: AuditSpec | None) -> list[str]:
 AUDIT_TAGS = {"m4i/stage": "audit"}
 
 
-def audit_runs(family: str, audit: AuditSpec | None, version: str, shards: int) -> list[tuple[list[str], str]]:
-    """(asset keys, partition key) of each run of one version's audit, in lineage order: the sharded signals of
-    each record shard (`shard|version`), then every other asset of `audit_selection` (the version)."""
+STAGES = ("signals", "audit")
+
+
+def audit_runs(family: str, audit: AuditSpec | None, version: str, shards: int) -> list[tuple[str, list[str], str]]:
+    """(stage, asset keys, partition key) of each run of one version's audit, in lineage order (`STAGES`): its
+    model-forward signals per record shard (`shard|version`), then every other asset of `audit_selection` (the
+    version)."""
     keys = audit_selection(family, audit)
     sharded = {version_key(family, name).to_user_string() for name in FAMILIES[family].sharded}
     signals = [k for k in keys if k in sharded]
-    runs = [(signals, shard_partition_key(version, Shard(i, shards))) for i in range(shards)] if signals else []
-    return [*runs, ([k for k in keys if k not in sharded], version)]
+    runs = [("signals", signals, shard_partition_key(version, Shard(i, shards))) for i in range(shards * bool(signals))]
+    return [*runs, ("audit", [k for k in keys if k not in sharded], version)]
 
 
 def audit_backfill(asset_graph, family: str, audit: AuditSpec | None, version: str, shards: int) -> AssetGraphSubset:
     """The asset partitions of one version's audit (`audit_runs`), as the subset a backfill targets."""
     partitions = {AssetKeyPartitionKey(AssetKey.from_user_string(key), partition)
-                  for keys, partition in audit_runs(family, audit, version, shards) for key in keys}  # fmt: skip
+                  for _, keys, partition in audit_runs(family, audit, version, shards) for key in keys}  # fmt: skip
     return AssetGraphSubset.from_asset_partition_set(partitions, asset_graph)
 
 

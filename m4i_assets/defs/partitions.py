@@ -66,7 +66,9 @@ def dep_keys(family: Family, names: Iterable[str], sharded: bool = False) -> lis
     reads its own shard), and the unpartitioned assets (records, roles, models, helpers) by their names."""
     deps = []
     for name in names:
-        if name not in PER_VERSION:
+        if name == "model_checkpoint" and sharded:  # a shard verifies the checkpoint it loads (one partitioning
+            deps += [AssetDep(AssetKey(n)) for n in family.trained]  # per run: no run of the checkpoint first)
+        elif name not in PER_VERSION:
             deps.append(AssetDep(AssetKey(name)))
         elif name in family.job_assets():
             every_shard = name in family.sharded and not sharded

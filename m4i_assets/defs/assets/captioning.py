@@ -44,6 +44,7 @@ ATTACK_FILES = MB_FILE, MFE_FILE, FB_FILE = "m4i_mb.joblib", "m4i_mfe.safetensor
 
 
 def captioner_info(repo: Repository, version: str) -> dict:
+    """A captioner version's `models` row (a clear error for another family's)."""
     info = repo.model_info(version)
     if "generated_captions" not in FAMILIES[info["family"]].signals:
         raise ValueError(f"{version} is a {info['family']} model; captioning assets need a captioner version")
@@ -59,6 +60,7 @@ def caption_version(step: Step) -> MaterializeResult:
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = captioner_info(repo, version)
+    verified_checkpoint(storage, version)
     recs = repo.captioned_records(version)
     recs = recs[step.shard.rows(recs.height, settings.caption_batch_size)]
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
@@ -136,6 +138,7 @@ def nll_of_version(step: Step) -> MaterializeResult:
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
     info = captioner_info(repo, version)
+    verified_checkpoint(storage, version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
     recs = recs[step.shard.rows(recs.height, settings.caption_batch_size)]
     bundle = captioner.load_captioner(Path(info["checkpoint_uri"]).parent, compute.torch_device)
@@ -207,7 +210,6 @@ def m4i_attack_models(family: Family):
         per_version, passed = {}, {check: True for check in signals.values()}
         for version in versions:
             context.log.info(f"shadow {version}: captions, caption metrics, caption likelihoods, attack models")
-            verified_checkpoint(storage, version)
             step = Step(version, settings, storage, compute, tracking, context)
             for result in (caption_version(step), metrics_of_version(step), nll_of_version(step)):
                 check = result.check_results[0]

@@ -161,7 +161,7 @@ def model_checkpoint(family: Family):
 
     @asset(key=version_key(family, "model_checkpoint"), group_name="models",
            partitions_def=VERSION_PARTITIONS[family.name],
-           deps=[AssetKey(family.models[0]), AssetKey(family.models[1]), AssetKey(family.defended)],
+           deps=[AssetKey(name) for name in family.trained],
            kinds={"pytorch"})  # fmt: skip
     def _checkpoint(context: AssetExecutionContext, storage: Storage) -> MaterializeResult:
         """One audited version's checkpoint verified against the registered sha256 and its tensors counted (weights

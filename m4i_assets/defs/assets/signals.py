@@ -34,14 +34,14 @@ EMBEDDED_ROLES = (*CANDIDATE_ROLES, "known_nonmember")
 
 def embed_version(step: Step) -> MaterializeResult:
     """L2-normalised image and text embeddings and their cosine similarity, for the audit's records (those of the
-    step's record shard), as the model version releases them (a release-time defense perturbs them here, so
-    every attack sees it)."""
+    step's record shard) under the version's checkpoint (its sha256 verified), as the model version releases them
+    (a release-time defense perturbs them here, so every attack sees it)."""
     from m4i_assets.models import clip
     from m4i_assets.signals.embeddings import embed_records
 
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
-    info = repo.model_info(version)
+    info = verified_checkpoint(storage, version)
     recs = repo.audit_records(info["audit"], EMBEDDED_ROLES)
     recs = recs[step.shard.rows(recs.height, settings.embed_batch_size)]
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
@@ -125,7 +125,6 @@ def reference_embeddings(family: Family):
         rows = 0
         for version in versions:
             context.log.info(f"embedding the audit's records with reference {version}")
-            verified_checkpoint(storage, version)
             result = embed_version(Step(version, settings, storage, compute, tracking, context))
             checks.append(result.check_results[0])
             rows += result.metadata["dagster/row_count"]
@@ -159,7 +158,7 @@ def augment_version(step: Step) -> MaterializeResult:
 
     version, settings, storage, compute = step.version, step.settings, step.storage, step.compute
     repo = storage.repository
-    info = repo.model_info(version)
+    info = verified_checkpoint(storage, version)
     cands = repo.audit_records(info["audit"], EMBEDDED_ROLES).select("record_id", "image_uri")
     emb = load_signal(storage, "embeddings", version, step.shard).join(cands, on="record_id").sort("record_id")
     bundle = clip.load_clip(info["checkpoint_uri"], info["arch"], compute.torch_device)
