@@ -51,12 +51,13 @@ class Orchestrator:
 
         self.settings, self.logs = settings, logs
         self.instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
-        self.graph = build_definitions(home, settings).resolve_asset_graph()
         self._daemon = orchestration.daemon(self.instance, env, logs / "daemon.log")
+        self._build = lambda: build_definitions(home, settings).resolve_asset_graph()
 
     def __enter__(self) -> Orchestrator:
         if not self._daemon.__enter__():
             print("m4i: submitting to the Dagster daemon already running on this home", flush=True)
+        self.graph = self._build()  # while the daemon's code server loads the same definitions
         return self
 
     def __exit__(self, *exc) -> None:

@@ -60,6 +60,10 @@ run_retries:
   enabled: true
   max_retries: 1
   retry_on_asset_or_op_failure: false
+# No asset has an automation condition: the daemon need not look for any.
+auto_materialize:
+  enabled: false
+  use_sensors: false
 """
 FIRST_DAGSTER_YAML = """\
 # Dagster instance of the M4I platform (written by `m4i home`; edit freely, it is not overwritten).
