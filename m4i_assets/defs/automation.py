@@ -27,7 +27,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dagster import (
-    AssetKey,
     AssetSelection,
     DefaultSensorStatus,
     RunRequest,
@@ -38,7 +37,6 @@ from dagster import (
     sensor,
 )
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
-from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from m4i_assets.data.audits import AuditSpec, load_audits
 from m4i_assets.data.shards import Shard
@@ -46,6 +44,7 @@ from m4i_assets.defs.partitions import VERSION_PARTITIONS, shard_partition_key, 
 from m4i_assets.defs.resources import Storage
 from m4i_assets.families import FAMILIES, WatchedCheckpoint, describe_checkpoint
 from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.orchestration import partitions_subset
 from m4i_assets.settings import AuditSettings
 
 
@@ -78,9 +77,8 @@ def audit_runs(family: str, audit: AuditSpec | None, version: str, shards: int) 
 
 def audit_backfill(asset_graph, family: str, audit: AuditSpec | None, version: str, shards: int) -> AssetGraphSubset:
     """The asset partitions of one version's audit (`audit_runs`), as the subset a backfill targets."""
-    partitions = {AssetKeyPartitionKey(AssetKey.from_user_string(key), partition)
-                  for _, keys, partition in audit_runs(family, audit, version, shards) for key in keys}  # fmt: skip
-    return AssetGraphSubset.from_asset_partition_set(partitions, asset_graph)
+    runs = audit_runs(family, audit, version, shards)
+    return partitions_subset(asset_graph, [(key, partition) for _, keys, partition in runs for key in keys])
 
 
 def audit_request(context: SensorEvaluationContext, family: str, audit: AuditSpec | None, version: str,
