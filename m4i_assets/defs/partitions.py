@@ -39,6 +39,10 @@ with warnings.catch_warnings():  # beta since 1.3 and stable in use: said once h
     warnings.simplefilter("ignore", BetaWarning)
     EVERY_SHARD = MultiToSingleDimensionPartitionMapping(partition_dimension_name="version")
 VERSION_PARTITIONS = {name: DynamicPartitionsDefinition(name=f"{name}_versions") for name in FAMILIES}
+# A dependency on whatever trains or registers the family's audited versions (`Family.trained`): what a sharded
+# signal reads, since it verifies the checkpoint it loads itself (one partitioning per run: no run of the
+# per-version `model_checkpoint` asset must come before the shards).
+TRAINED = "trained"
 PER_VERSION = {name for family in FAMILIES.values() for name in family.job_assets()}
 
 
@@ -47,11 +51,10 @@ def version_key(family: Family | str, name: str) -> AssetKey:
     return AssetKey([family if isinstance(family, str) else family.name, name])
 
 
-def shard_partitions(family: Family | str, shards: int) -> MultiPartitionsDefinition:
+def shard_partitions(family: Family, shards: int) -> MultiPartitionsDefinition:
     """The partitions of a family's sharded signals: its audited versions x `shards` record shards."""
-    name = family if isinstance(family, str) else family.name
     return MultiPartitionsDefinition(
-        {"version": VERSION_PARTITIONS[name], "shard": StaticPartitionsDefinition(shard_keys(shards))}
+        {"version": VERSION_PARTITIONS[family.name], "shard": StaticPartitionsDefinition(shard_keys(shards))}
     )
 
 
@@ -63,11 +66,12 @@ def shard_partition_key(version: str, shard: Shard) -> str:
 def dep_keys(family: Family, names: Iterable[str], sharded: bool = False) -> list[AssetDep]:
     """What a per-version asset of `family` reads: the family's own per-version assets of these names (those it
     lacks are left out; a sharded one by every shard of the version, unless the reader is itself sharded and
-    reads its own shard), and the unpartitioned assets (records, roles, models, helpers) by their names."""
+    reads its own shard), the family's training assets by `TRAINED`, and the unpartitioned assets (records, roles,
+    models, helpers) by their names."""
     deps = []
     for name in names:
-        if name == "model_checkpoint" and sharded:  # a shard verifies the checkpoint it loads (one partitioning
-            deps += [AssetDep(AssetKey(n)) for n in family.trained]  # per run: no run of the checkpoint first)
+        if name == TRAINED:
+            deps += [AssetDep(AssetKey(n)) for n in family.trained]
         elif name not in PER_VERSION:
             deps.append(AssetDep(AssetKey(name)))
         elif name in family.job_assets():

@@ -31,7 +31,7 @@ from m4i_assets.defs.assets.attacks import SCORES_CHECK_SPEC, skipped_scores, wr
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import verified_checkpoint
 from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, helper_versions, load_signal, write_signal
-from m4i_assets.defs.partitions import VERSION_PARTITIONS, Step, VersionAsset, dep_keys, version_key
+from m4i_assets.defs.partitions import TRAINED, VERSION_PARTITIONS, Step, VersionAsset, dep_keys, version_key
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
 from m4i_assets.families import FAMILIES, Family
 from m4i_assets.metrics import report
@@ -378,11 +378,11 @@ def scenario_table(step: Step) -> MaterializeResult:
 
 SIGNALS = frozenset({"pytorch", "parquet"})
 VERSION_ASSETS = [
-    VersionAsset("generated_captions", caption_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+    VersionAsset("generated_captions", caption_version, (TRAINED,), "signals", SIGNALS, gpu=True,
                  checks={"one_caption_per_record": ("one generated caption per queried record, none missing", True)}),
     VersionAsset("caption_metrics", metrics_of_version, ("generated_captions",), "signals", SIGNALS,
                  checks={"finite_metrics": ("one row per captioned record, every configured metric finite", True)}),
-    VersionAsset("caption_nll", nll_of_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+    VersionAsset("caption_nll", nll_of_version, (TRAINED,), "signals", SIGNALS, gpu=True,
                  checks={"finite_nll": ("one finite NLL per candidate and known non-member", True)}),
     VersionAsset("m4i_scenarios", scenario_table, (*SCORE_ASSETS, "attack_metrics"), "evaluation",
                  frozenset({"duckdb", "mlflow"})),

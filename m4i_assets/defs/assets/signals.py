@@ -21,7 +21,7 @@ from m4i_assets.attacks.csa import cosine_similarity
 from m4i_assets.data.shards import WHOLE, Shard
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.assets.models import verified_checkpoint
-from m4i_assets.defs.partitions import Step, VersionAsset
+from m4i_assets.defs.partitions import TRAINED, Step, VersionAsset
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
 from m4i_assets.families import Family
 from m4i_assets.scoring import release_of
@@ -195,7 +195,7 @@ def augment_version(step: Step) -> MaterializeResult:
 
 SIGNALS = frozenset({"pytorch", "parquet"})
 VERSION_ASSETS = [
-    VersionAsset("embeddings", embed_version, ("model_checkpoint",), "signals", SIGNALS, gpu=True,
+    VersionAsset("embeddings", embed_version, (TRAINED,), "signals", SIGNALS, gpu=True,
                  checks={"finite_unit_embeddings": ("one row per record, NaN-free, expected dimension, unit norm",
                                                     True)}),
     VersionAsset("augmentation_deltas", augment_version, ("embeddings",), "signals", SIGNALS, gpu=True,
