@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,10 @@ from m4i_assets.data.manifest import read_manifest
 from m4i_assets.models import clip
 from m4i_assets.models.checkpoints import model_version_for, safetensors_tensor_count, sha256_file
 from m4i_assets.models.clip import split_normalisation
-from m4i_assets.signals import embeddings
+from m4i_assets.signals import batches
 from m4i_assets.signals.augmentations import augmented_image_embeddings, transform_registry
-from m4i_assets.signals.embeddings import embed_records, encode_batches, record_batches, tensor_batches
+from m4i_assets.signals.batches import intra_op_threads, map_batches
+from m4i_assets.signals.embeddings import embed_records, encode_batches, tensor_batches
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +36,48 @@ def test_embeddings_are_unit_norm_and_batch_independent(tiny):
     np.testing.assert_allclose(txt, txt2, atol=1e-5)
 
 
+def test_batches_run_in_worker_processes_in_order_and_their_errors_surface(monkeypatch):
+    """One worker per torch thread, batches back in order; one thread, or a process that may not fork (a Celery
+    pool's), runs them here; a worker's exception reaches the caller; the global generator is left alone."""
+    def prepare(start, stop):
+        if start == 40:
+            raise ValueError("record 40 cannot be decoded")
+        return torch.arange(start, stop), os.getpid()
+
+    def run(n, threads):
+        with intra_op_threads(threads):
+            return list(map_batches(n, 10, prepare, lambda item: item, "cpu"))
+
+    state = torch.get_rng_state()
+    out = run(35, 3)
+    assert torch.equal(torch.cat([ids for ids, _ in out]), torch.arange(35))
+    assert os.getpid() not in {pid for _, pid in out} and len({pid for _, pid in out}) > 1
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {pid for _, pid in run(35, 1)} == {os.getpid()}
+    monkeypatch.setattr(batches, "may_fork", lambda: False)
+    assert {pid for _, pid in run(35, 3)} == {os.getpid()}
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="record 40 cannot be decoded"):
+        run(50, 2)
+    assert list(map_batches(0, 10, prepare, lambda item: item, "cpu")) == []
+
+
 def test_streamed_embeddings_equal_the_in_memory_path_bit_for_bit(tiny, monkeypatch):
-    """Decode threads, chunks, per-batch tokenising and prefetch change nothing: the same bits as encoding
-    images and tokens prepared in memory, batch for batch (so the same attack figures)."""
-    monkeypatch.setattr(embeddings, "CHUNK", 2)  # several chunks per batch of 5
+    """Worker processes (one per torch thread) or none (one thread; a process that may not fork) change nothing:
+    the same bits as encoding images and tokens prepared in memory on one thread, batch for batch (so the same
+    attack figures)."""
     bundle, uris, captions = tiny
     images, tokens = clip.load_images(bundle, uris), bundle.tokenizer(captions)
     for batch_size in (5, 12):
-        reference = encode_batches(bundle, tensor_batches(images, tokens, batch_size), device="cpu")
-        runs = [embed_records(bundle, uris, captions, batch_size, device="cpu", threads=t) for t in (1, 3)]
-        prefetched = record_batches(uris, bundle.preprocess, batch_size, captions, bundle.tokenizer, 2, prefetch=2)
-        runs.append(encode_batches(bundle, prefetched, device="cpu"))
+        with intra_op_threads(1):
+            reference = encode_batches(bundle, tensor_batches(images, tokens, batch_size), device="cpu")
+        runs = []
+        for threads in (1, 3):
+            with intra_op_threads(threads):
+                runs.append(embed_records(bundle, uris, captions, batch_size, device="cpu"))
+        with monkeypatch.context() as patch:
+            patch.setattr(batches, "may_fork", lambda: False)
+            runs.append(embed_records(bundle, uris, captions, batch_size, device="cpu"))
         for img, txt in runs:
             assert np.array_equal(img, reference[0]) and np.array_equal(txt, reference[1])
     with pytest.raises(ValueError, match="12 images but 11 captions"):
@@ -52,14 +86,14 @@ def test_streamed_embeddings_equal_the_in_memory_path_bit_for_bit(tiny, monkeypa
     assert empty[0].shape == empty[1].shape == (0, bundle.embed_dim)
 
 
-def test_augmented_embeddings_equal_the_transforms_of_images_in_memory(tiny, monkeypatch):
-    monkeypatch.setattr(embeddings, "CHUNK", 2)
+def test_augmented_embeddings_equal_the_transforms_of_images_in_memory(tiny):
     bundle, uris, _ = tiny
     to_tensor, normalise = split_normalisation(bundle.preprocess)
     x = torch.stack([to_tensor(open_rgb(u)) for u in uris])
     transforms = transform_registry(0)
-    out = augmented_image_embeddings(bundle, uris, transforms, batch_size=5, device="cpu", threads=3)
-    with torch.no_grad():
+    with intra_op_threads(3):
+        out = augmented_image_embeddings(bundle, uris, transforms, batch_size=5, device="cpu")
+    with torch.no_grad(), intra_op_threads(1):
         for name, transform in transforms.items():
             reference = torch.cat([bundle.model.encode_image(normalise(transform(x[s : s + 5]).clamp(0, 1)),
                                                              normalize=True) for s in range(0, len(x), 5)])  # fmt: skip

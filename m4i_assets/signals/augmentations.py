@@ -17,7 +17,7 @@ import torchvision.transforms.v2.functional as F
 
 from m4i_assets.models.clip import ClipBundle, split_normalisation
 from m4i_assets.models.device import device_for
-from m4i_assets.signals.embeddings import decode_plan, record_batches
+from m4i_assets.signals.batches import decode_images, map_batches
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,33 +66,35 @@ def transform_registry(seed: int = 0) -> dict[str, Transform]:
     }
 
 
-@torch.no_grad()
 def augmented_image_embeddings(
     bundle: ClipBundle,
     image_uris: Sequence[str],
     transforms: dict[str, Transform],
     batch_size: int = 256,
     device: str | None = None,
-    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """For each transform, the L2-normalised image embeddings of T_k(x) (n x d, record order kept).
 
-    Each image is decoded once (`record_batches`, `threads` decode threads); all transforms run on the
-    decoded batch on the device."""
+    Each image is decoded once; all transforms run on the decoded batch where the model runs (`map_batches`)."""
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
     to_tensor, normalise = split_normalisation(bundle.preprocess)
-    plan_threads, prefetch = decode_plan(dev)
-    batches = record_batches(image_uris, to_tensor, batch_size, threads=threads or plan_threads, prefetch=prefetch,
-                             pin_memory=dev.type == "cuda")  # fmt: skip
-    # written in place, batch by batch: no per-batch chunks kept, so the heap the batches churn is reused
-    out = {name: np.empty((len(image_uris), bundle.embed_dim), np.float32) for name in transforms}
-    start = 0
-    for batch, _ in batches:
-        batch = batch.to(dev, non_blocking=True)
-        for name, transform in transforms.items():
+
+    @torch.no_grad()
+    def compute(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(dev, non_blocking=True)
+        embeddings = []
+        for transform in transforms.values():
             with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                emb = model.encode_image(normalise(transform(batch).clamp(0, 1)), normalize=True)
-            out[name][start : start + len(batch)] = emb.float().cpu().numpy()
-        start += len(batch)
-    return out
+                embeddings.append(model.encode_image(normalise(transform(images).clamp(0, 1)), normalize=True))
+        return torch.stack(embeddings).float().cpu()  # (K, batch, d)
+
+    def prepare(start: int, stop: int) -> torch.Tensor:
+        return decode_images(image_uris[start:stop], to_tensor)
+
+    # written in place, batch by batch: no per-batch chunks kept
+    out = np.empty((len(transforms), len(image_uris), bundle.embed_dim), np.float32)
+    batches = map_batches(len(image_uris), batch_size, prepare, compute, dev)
+    for start, batch in zip(range(0, len(image_uris), batch_size), batches):
+        out[:, start : start + batch.shape[1]] = batch.numpy()
+    return dict(zip(transforms, out))
