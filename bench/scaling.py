@@ -113,16 +113,20 @@ def audit(n: int) -> dict[str, tuple[float, tuple[float, float]]]:
         home = Path(tmp)
         prepare_dagster_home(home)
         storage = Storage(home=str(home))
-        shards = shard_partition_keys(audit_sources(settings_for_size(n), storage))
+        settings = settings_for_size(n)
+        shards = shard_partition_keys(audit_sources(settings, storage))
         target = None
         for stage, selection, partition in STAGES:
             if stage == "embed" and target is None:  # untimed: the models, and what the references give
                 run(home, n, ["target_clip", "null_control_clip", "reference_clips", "reference_embeddings"], None)
-                settings = settings_for_size(n)
                 [target] = storage.repository.latest_versions(settings.audit, "target")
-            keys = {"shard": shards, "target": [target], None: [None],
-                    "target shards": [shard_partition_key(target, Shard(i, settings.record_shards))
-                                      for i in range(settings.record_shards)]}[partition]  # fmt: skip
+            if partition == "shard":
+                keys = shards
+            elif partition == "target shards":
+                keys = [shard_partition_key(target, Shard(i, settings.record_shards))
+                        for i in range(settings.record_shards)]  # fmt: skip
+            else:
+                keys = [target if partition == "target" else None]
             for key in keys:
                 add(stage, *run(home, n, selection, key))
     return costs
