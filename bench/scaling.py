@@ -9,8 +9,7 @@ timed: training is not a per-record stage), then the target's stages one by one.
 of its own (so its peak RSS is its own; imports are not timed) through Dagster's `materialize`, as the demo's
 in-process runs do.
 
-Prints, per stage and size, seconds per 1,000 candidates and peak RSS (with `+` the largest of a step's batch
-worker processes', `signals.batches`, where it forked them), then for each stage the ratio of its
+Prints, per stage and size, seconds per 1,000 candidates and peak RSS, then for each stage the ratio of its
 per-record cost at the largest size to the smallest; the last line is the largest of those ratios:
 `per-record cost ratio: X.XX`."""
 
@@ -68,15 +67,13 @@ def _materialize(home: Path, n: int, selection: list[str], partition: str | None
             result = materialize(assets, resources=resources, instance=instance, selection=selection,
                                  partition_key=partition, raise_on_error=False)  # fmt: skip
             seconds = time.perf_counter() - start
-        # the step's own peak, and the largest of its batch workers' (signals.batches: forked, joined by the end)
-        peaks = [resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        out.send((result.success, seconds, tuple(peaks)))
+        out.send((result.success, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     except BaseException as exc:
-        out.send((False, repr(exc), (0.0, 0.0)))
+        out.send((False, repr(exc), 0.0))
         raise
 
 
-def run(home: Path, n: int, selection: list[str], partition: str | None) -> tuple[float, tuple[float, float]]:
+def run(home: Path, n: int, selection: list[str], partition: str | None) -> tuple[float, float]:
     receive, send = multiprocessing.Pipe(duplex=False)
     # spawned, not forked: DuckDB's threads in this process (its reads of the models) would deadlock a fork
     child = multiprocessing.get_context("spawn").Process(target=_materialize, args=(home, n, selection, partition,
@@ -93,9 +90,8 @@ def run(home: Path, n: int, selection: list[str], partition: str | None) -> tupl
     return seconds, rss
 
 
-def audit(n: int) -> dict[str, tuple[float, tuple[float, float]]]:
-    """{stage: (seconds, (peak RSS MiB, the largest batch worker's peak RSS MiB))} of one audit of `n` candidates in a
-    fresh home."""
+def audit(n: int) -> dict[str, tuple[float, float]]:
+    """{stage: (seconds, peak RSS MiB)} of one audit of `n` candidates in a fresh home."""
     from m4i_assets.data.shards import Shard
     from m4i_assets.data.sources import shard_partition_keys
     from m4i_assets.defs.assets.data import audit_sources
@@ -103,11 +99,11 @@ def audit(n: int) -> dict[str, tuple[float, tuple[float, float]]]:
     from m4i_assets.defs.resources import Storage
     from m4i_assets.orchestration import prepare_dagster_home
 
-    costs: dict[str, tuple[float, tuple[float, float]]] = {}
+    costs: dict[str, tuple[float, float]] = {}
 
-    def add(stage: str, seconds: float, rss: tuple[float, float]) -> None:
-        before_seconds, before_rss = costs.get(stage, (0.0, (0.0, 0.0)))
-        costs[stage] = (before_seconds + seconds, (max(before_rss[0], rss[0]), max(before_rss[1], rss[1])))
+    def add(stage: str, seconds: float, rss: float) -> None:
+        before = costs.get(stage, (0.0, 0.0))
+        costs[stage] = (before[0] + seconds, max(before[1], rss))
 
     with tempfile.TemporaryDirectory(prefix=f"m4i-scale-{n}-") as tmp:
         home = Path(tmp)
@@ -132,11 +128,6 @@ def audit(n: int) -> dict[str, tuple[float, tuple[float, float]]]:
     return costs
 
 
-def peak(rss: tuple[float, float]) -> str:
-    """A stage's peak RSS, and its largest batch worker's after a `+` where it had workers."""
-    return f"{rss[0]:,.0f}" + (f" +{rss[1]:,.0f}" if rss[1] else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
@@ -146,7 +137,7 @@ def main() -> None:
     for n in args.sizes:
         start = time.perf_counter()
         results[n] = audit(n)
-        stages = ", ".join(f"{stage} {s:.2f} s {peak(rss)} MiB" for stage, (s, rss) in results[n].items())
+        stages = ", ".join(f"{stage} {s:.2f} s {rss:,.0f} MiB" for stage, (s, rss) in results[n].items())
         print(f"{n:,} candidates: {time.perf_counter() - start:.0f} s in all; {stages}", flush=True)
     stages = list(dict.fromkeys(stage for stage, _, _ in STAGES))
     print(f"\n{'stage':<15}" + "".join(f"{f'{n:,}: s/1k, peak MiB':>26}" for n in args.sizes) + f"{'ratio':>8}")
@@ -155,7 +146,7 @@ def main() -> None:
     for stage in stages:
         per_k = {n: results[n][stage][0] / n * 1000 for n in args.sizes}
         ratios.append(per_k[large] / per_k[small])
-        cells = "".join(f"{f'{per_k[n]:.3f} s, {peak(results[n][stage][1])}':>26}" for n in args.sizes)
+        cells = "".join(f"{f'{per_k[n]:.3f} s, {results[n][stage][1]:,.0f}':>26}" for n in args.sizes)
         print(f"{stage:<15}{cells}{ratios[-1]:>8.2f}")
     print(f"per-record cost ratio: {max(ratios):.2f}")
 
