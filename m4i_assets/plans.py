@@ -28,7 +28,6 @@ import polars as pl
 
 from m4i_assets.data.roles import shadow_split
 from m4i_assets.models.checkpoints import sha256_file
-from m4i_assets.models.training import recipe
 from m4i_assets.storage.home import Home
 
 # Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
@@ -72,6 +71,8 @@ class TrainJob:
     @property
     def fingerprint(self) -> str:
         """sha256 of the recipe and the record ids (which hash image bytes and captions): the reuse key."""
+        from m4i_assets.models.training import recipe
+
         held_out = [] if self.shadow_nonmembers is None else self.shadow_nonmembers["record_id"].to_list()
         # `recipe`: the spec without defense fields left off, so undefended fingerprints predate those fields
         payload = {"spec": recipe(self.spec), "records": self.train["record_id"].to_list()}

@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 import polars as pl
 
-from m4i_assets.attacks import aea, blind, calibrated, clip_loss, csa, rmia, wsa
+from m4i_assets.attacks import aea, calibrated, clip_loss, rmia
 from m4i_assets.defenses.release import RELEASE_DEFENSES, Release, attack_skip_reason, interface_of
 from m4i_assets.families import zero_shot_text_embeddings
 from m4i_assets.metrics.evaluation import evaluate_scores
@@ -165,6 +165,8 @@ def score_rmia(a: Audited) -> Scored:
 
 def wsa_inputs(a: Audited) -> tuple[np.ndarray, np.ndarray]:
     """The WSA features (`settings.wsa_features`) of the candidates and the known non-members."""
+    from m4i_assets.attacks import wsa
+
     kinds = tuple(a.settings.wsa_features)
     return tuple(
         wsa.wsa_features(stack(f["image_embedding"]), stack(f["text_embedding"]), kinds,
@@ -174,6 +176,8 @@ def wsa_inputs(a: Audited) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_wsa(a: Audited) -> Scored:
+    from m4i_assets.attacks import wsa
+
     model = wsa.CrossFittedWsa.from_bytes(a.storage.read_attack_model(a.version, "wsa.safetensors", "wsa_attack_model"))
     X, X_known = wsa_inputs(a)
     return Scored(a.cands["record_id"], model.score(X), a.known["record_id"], model.score_known(X_known))
@@ -214,6 +218,8 @@ def reference_embedding_features(a: Audited, record_ids: pl.Series) -> tuple[np.
 
 def score_blind(a: Audited) -> Scored:
     """Also writes the known-vs-candidate non-member shift check of the same classifier (`shift_checks`)."""
+    from m4i_assets.attacks import blind
+
     recs, known, settings = a.records, a.known_records, a.settings
     features, source = reference_embedding_features(a, pl.concat([recs["record_id"], known["record_id"]]))
     f_c, f_k = (None, None) if features is None else (features[: recs.height], features[recs.height :])
@@ -295,22 +301,22 @@ class Scorer:
 
 REFS = "reference_embeddings"  # the reference CLIPs' embeddings (the CLIP family's helper asset)
 SCORERS = [
-    Scorer(csa.ATTACK_ID, "csa_scores", ["embeddings"], "CSA (Ko et al. 2023, section 3.2): the image-text cosine "
+    Scorer("csa", "csa_scores", ["embeddings"], "CSA (Ko et al. 2023, section 3.2): the image-text cosine "
            "similarity of each candidate (and known non-member).", score_csa),
-    Scorer(aea.ATTACK_ID, "aea_scores", ["augmentation_deltas"], "AEA (Ko et al. 2023, section 3.3): clean CS and the "
+    Scorer("aea", "aea_scores", ["augmentation_deltas"], "AEA (Ko et al. 2023, section 3.3): clean CS and the "
            "augmentation deltas, aggregated on the known non-members' scale (`settings.aea_aggregation`).", score_aea),
-    Scorer(clip_loss.ATTACK_ID, "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the InfoNCE "
+    Scorer("clip_loss", "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the InfoNCE "
            "log-probability of each candidate's matched pair against the known non-members' captions and images, "
            "both directions, at the model's logit scale.", score_clip_loss),
-    Scorer(rmia.ATTACK_ID, "rmia_scores", ["embeddings", REFS], "RMIA (Zarifzadeh et al. 2024), offline: the "
+    Scorer("rmia", "rmia_scores", ["embeddings", REFS], "RMIA (Zarifzadeh et al. 2024), offline: the "
            "`clip_loss` probability's ratio to the reference CLIPs', compared with the same ratio of the known "
            "non-members (the population z).", score_rmia),
-    Scorer(wsa.ATTACK_ID, "wsa_scores", ["wsa_attack_model"], "WSA step 4: P(member) of each candidate (and known "
+    Scorer("wsa", "wsa_scores", ["wsa_attack_model"], "WSA step 4: P(member) of each candidate (and known "
            "non-member) under the fold model that did not train on it.", score_wsa, by_interface=True),
-    Scorer(calibrated.ATTACK_ID, "ref_calibrated_scores", ["embeddings", REFS], "Offline LiRA with one global "
+    Scorer("ref_calibrated", "ref_calibrated_scores", ["embeddings", REFS], "Offline LiRA with one global "
            "variance, i.e. difficulty calibration (Carlini et al. 2022; Watson et al. 2022): the target's CS against "
            "the CS of the same records under reference CLIPs trained without any candidate.", score_ref_calibrated),
-    Scorer(blind.ATTACK_ID, "blind_baseline_scores", ["record_roles", REFS], "Blind baseline (Das et al. 2024): "
+    Scorer("blind_baseline", "blind_baseline_scores", ["record_roles", REFS], "Blind baseline (Das et al. 2024): "
            "cross-validated P(member) from model-free record features (plus a reference CLIP's embeddings where the "
            "audit has one), its folds' models also scoring the known non-members; and the same classifier telling "
            "known non-members from candidate non-members (the shift gate's second test), in `shift_checks`.",

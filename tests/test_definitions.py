@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from dagster import AssetKey, Definitions
 
@@ -39,6 +43,19 @@ def test_definitions_load(tmp_path, monkeypatch):
             assert partitions is None or key == "source_shards", key
     assert not {k for k in keys if k.startswith("captioner/")} & {"captioner/embeddings", "captioner/csa_scores"}
     assert not {"clip/generated_captions", "clip/m4i_mb_scores"} & keys
+
+
+MODEL_LIBRARIES = ("torch", "torchvision", "sklearn", "transformers", "open_clip", "mlflow", "safetensors")
+
+
+def test_definitions_load_without_the_model_libraries(tmp_path):
+    """Every Dagster process (the daemon, each run and each step) loads the definitions; a step imports the
+    model libraries its own work needs, when it runs: a metrics step never waits for torch."""
+    code = ("import sys, definitions; "
+            f"print(sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"M4I_HOME": str(tmp_path), "PATH": ""}, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_helper_dependencies_are_lineage(tmp_path):

@@ -39,6 +39,7 @@ def test_embeddings_are_unit_norm_and_batch_independent(tiny):
 def test_batches_run_in_worker_processes_in_order_and_their_errors_surface(monkeypatch):
     """One worker per torch thread, batches back in order; one thread, or a process that may not fork (a Celery
     pool's), runs them here; a worker's exception reaches the caller; the global generator is left alone."""
+
     def prepare(start, stop):
         if start == 40:
             raise ValueError("record 40 cannot be decoded")

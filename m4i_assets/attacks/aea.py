@@ -19,7 +19,6 @@ candidates, so a score does not depend on which other candidates are scored or o
 import numpy as np
 import polars as pl
 
-ATTACK_ID = "aea"
 AGGREGATIONS = ("mean", "known_zscore", "known_lr")
 
 

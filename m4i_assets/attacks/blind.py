@@ -21,7 +21,6 @@ from sklearn.preprocessing import StandardScaler
 
 from m4i_assets.data.images import read_image_bytes, to_rgb
 
-ATTACK_ID = "blind_baseline"
 IMAGE_STAT_SIZE = 64
 
 

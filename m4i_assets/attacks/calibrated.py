@@ -16,8 +16,6 @@ captioner's negative log-likelihood, is `m4i_loss_ref` (`attacks.caption_loss`).
 
 import numpy as np
 
-ATTACK_ID = "ref_calibrated"
-
 
 def fisher_z(cs: np.ndarray) -> np.ndarray:
     return np.arctanh(np.clip(cs, -0.999999, 0.999999))

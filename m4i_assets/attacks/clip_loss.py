@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-ATTACK_ID = "clip_loss"
 DEFAULT_LOGIT_SCALE = 10.0
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ATTACK_ID = "csa"
-
 
 def cosine_similarity(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of matched image and text embeddings (n x d each)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ATTACK_ID = "rmia"
 DEFAULT_A = 0.3
 
 

@@ -27,7 +27,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from m4i_assets.models.training import EarlyStopping, SeededBatches, train_loop
 
-ATTACK_ID = "wsa"
 TAU_RULES = ("quantile", "gaussian")
 FEATURES = ("concat", "product", "cs", "deltas")
 

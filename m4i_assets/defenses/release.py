@@ -23,7 +23,6 @@ from typing import Literal
 import numpy as np
 
 from m4i_assets.families import FAMILIES
-from m4i_assets.models.captioner import SAMPLED_DECODING_TOP_K
 
 Interface = Literal["embeddings", "similarities", "likelihoods", "captions"]
 INTERFACES: dict[str, str] = {
@@ -115,8 +114,9 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
         strength="temperature",
         off=0.0,
         stronger="larger",
-        description=f"Captions decoded by sampling from softmax(logits / temperature) over the top "
-        f"{SAMPLED_DECODING_TOP_K} tokens instead of greedily; temperature 0 is greedy (`sample_next_token`).",
+        description="Captions decoded by sampling from softmax(logits / temperature) over the top k tokens "
+        "(`models.captioner.SAMPLED_DECODING_TOP_K`) instead of greedily; temperature 0 is greedy "
+        "(`sample_next_token`).",
     ),
 }
 

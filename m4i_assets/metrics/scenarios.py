@@ -3,7 +3,6 @@ spread over shadow seeds (training variance) and the paper's attack success rate
 
 import polars as pl
 
-from m4i_assets.attacks.m4i import SCENARIOS, WHITE_BOX
 from m4i_assets.metrics.evaluation import evaluate_scores
 from m4i_assets.metrics.report import seed_spread
 
@@ -15,6 +14,8 @@ def scenario_rows(scored: pl.DataFrame, n_bootstrap: int, seed: int) -> list[dic
     TPR@1%FPR with bootstrap CIs of the first shadow seed, the mean and standard deviation of both over every
     seed's shadow (training variance), and the attack success rate, the accuracy of the shadow-threshold
     predictions (the paper's headline figure; NULL for the likelihood attacks, which have no shadow threshold)."""
+    from m4i_assets.attacks.m4i import SCENARIOS, WHITE_BOX
+
     rows = []
     for group in scored.sort("shadow_seed").partition_by(list(KEYS), maintain_order=True):
         per_seed = []

@@ -12,7 +12,6 @@ import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, MetadataValue
 
-from m4i_assets.attacks import wsa
 from m4i_assets.defs.assets.data import schema_of
 from m4i_assets.defs.partitions import Step, VersionAsset
 from m4i_assets.defs.resources import Storage
@@ -73,6 +72,8 @@ def label_version(step: Step) -> MaterializeResult:
     """WSA steps 1-2 (Ko et al. 2023, section 3.4): tau from the known non-members' CS alone (their
     (1 - alpha) quantile by default); candidates at or above tau become pseudo-members; each candidate's
     cross-fitting fold. Stores the pseudo-label error rates."""
+    from m4i_assets.attacks import wsa
+
     settings, storage = step.settings, step.storage
     a = Audited(storage, settings, step.version)
     cands, cs_known = a.cands, a.known["cosine_similarity"].to_numpy()
@@ -108,9 +109,11 @@ def fit_wsa(step: Step) -> MaterializeResult:
     """WSA step 3, cross-fitted: per fold, the paper's MLP on the configured features, the other folds'
     pseudo-members vs the other folds' known non-members; saved as one safetensors file with its sha256
     (logged to MLflow with the audit run)."""
+    from m4i_assets.attacks import wsa
+
     settings, storage = step.settings, step.storage
     a = Audited(storage, settings, step.version)
-    if reason := a.interface_skip(wsa.ATTACK_ID):
+    if reason := a.interface_skip("wsa"):
         return MaterializeResult(metadata={"skipped": reason})
     X, X_known = wsa_inputs(a)
     labels = a.repo.of_version("pseudo_labels", a.version).select("record_id", "is_pseudo_member", "fold")

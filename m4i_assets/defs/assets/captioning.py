@@ -24,7 +24,7 @@ from dagster import (
     multi_asset,
 )
 
-from m4i_assets.attacks import caption_loss, m4i
+from m4i_assets.attacks import caption_loss
 from m4i_assets.attacks.adaptive import average_over_queries, image_query_keys
 from m4i_assets.defenses.release import attack_skip_reason, interface_of
 from m4i_assets.defs.assets.attacks import SCORES_CHECK_SPEC, skipped_scores, write_scores
@@ -229,6 +229,8 @@ def train_shadow_attack_models(storage: Storage, settings: AuditSettings, comput
     caption metrics, the multimodal feature extractor (MFE) on a seeded half of its records and the FB
     classifier on |MFE_img - MFE_txt(generated)| of the other half (the MFE never embeds a record the FB
     classifier learns from), each a file with its sha256."""
+    from m4i_assets.attacks import m4i
+
     repo = storage.repository
     info = captioner_info(repo, version)
     if info["role"] not in SHADOW_ROLES:
@@ -255,9 +257,12 @@ def train_shadow_attack_models(storage: Storage, settings: AuditSettings, comput
 
 
 SCORE_ASSETS = {
-    "m4i_mb_scores": (m4i.MB, "MB M^4I (Hu et al. 2022, 3.2): the unrestricted shadow's classifier on caption metrics"),
+    "m4i_mb_scores": (
+        "m4i_mb",
+        "MB M^4I (Hu et al. 2022, 3.2): the unrestricted shadow's classifier on caption metrics",
+    ),
     "m4i_fb_scores": (
-        m4i.FB,
+        "m4i_fb",
         "FB M^4I (Hu et al. 2022, 3.3): the unrestricted shadow's classifier on |MFE_img - MFE_txt|",
     ),
     "m4i_loss_scores": (caption_loss.LOSS, "Teacher-forced NLL of the reference caption under the target (white box)"),
@@ -295,6 +300,8 @@ def captioner_scores(storage: Storage, settings: AuditSettings, version: str, ke
     scenario's per-record scores (and the M^4I shadow-threshold predictions) go to `m4i_scenario_scores`; the
     unrestricted scenario's first-seed MB / FB scores, `m4i_loss` and `m4i_loss_ref` calibrated by every shadow
     are the `membership_scores` rows (one result per asset of `keys`)."""
+    from m4i_assets.attacks import m4i
+
     repo = storage.repository
     info = captioner_info(repo, version)
     cands = features(storage, repo, version, settings.caption_metrics)
