@@ -114,9 +114,9 @@ RELEASE_DEFENSES: dict[str, ReleaseDefense] = {
         strength="temperature",
         off=0.0,
         stronger="larger",
-        description="Captions decoded by sampling from softmax(logits / temperature) over the top k tokens "
-        "(`models.captioner.SAMPLED_DECODING_TOP_K`) instead of greedily; temperature 0 is greedy "
-        "(`sample_next_token`).",
+        description="Captions decoded by sampling from softmax(logits / temperature) over the top 10 tokens "
+        "(`models.captioner.SAMPLED_DECODING_TOP_K`, which a test holds to this text) instead of greedily; "
+        "temperature 0 is greedy (`sample_next_token`).",
     ),
 }
 
