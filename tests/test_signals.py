@@ -1,4 +1,5 @@
 import os
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +62,21 @@ def test_batches_run_in_worker_processes_in_order_and_their_errors_surface(monke
     with pytest.raises(ValueError, match="record 40 cannot be decoded"):
         run(50, 2)
     assert list(map_batches(0, 10, prepare, lambda item: item, "cpu")) == []
+
+
+def test_a_worker_held_up_on_one_batch_leaves_the_rest_to_the_others():
+    """Batches go to the worker that is free, not in turn: while one worker is held up on batch 0, the other does
+    every other batch, and the results still come back in order."""
+
+    def prepare(start, stop):
+        time.sleep(1.0 if start == 0 else 0.01)
+        return start, os.getpid()
+
+    with intra_op_threads(2):
+        out = list(map_batches(60, 10, prepare, lambda item: item, "cpu"))
+    assert [start for start, _ in out] == list(range(0, 60, 10))
+    slow = out[0][1]
+    assert [pid for _, pid in out].count(slow) == 1 and len({pid for _, pid in out}) == 2
 
 
 def test_streamed_embeddings_equal_the_in_memory_path_bit_for_bit(tiny, monkeypatch):
