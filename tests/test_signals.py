@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import time
 
@@ -39,7 +40,8 @@ def test_embeddings_are_unit_norm_and_batch_independent(tiny):
 
 def test_batches_run_in_worker_processes_in_order_and_their_errors_surface(monkeypatch):
     """One worker per torch thread, batches back in order; one thread, or a process that may not fork (a Celery
-    pool's), runs them here; a worker's exception reaches the caller; the global generator is left alone."""
+    pool's), runs them here; a worker's exception reaches the caller, its workers stopped (not left to the garbage
+    collector); the global generator is left alone."""
 
     def prepare(start, stop):
         if start == 40:
@@ -59,8 +61,10 @@ def test_batches_run_in_worker_processes_in_order_and_their_errors_surface(monke
     monkeypatch.setattr(batches, "may_fork", lambda: False)
     assert {pid for _, pid in run(35, 3)} == {os.getpid()}
     monkeypatch.undo()
+    children = set(multiprocessing.active_children())
     with pytest.raises(ValueError, match="record 40 cannot be decoded"):
         run(50, 2)
+    assert set(multiprocessing.active_children()) <= children  # the failed run's workers are gone already
     assert list(map_batches(0, 10, prepare, lambda item: item, "cpu")) == []
 
 

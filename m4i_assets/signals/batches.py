@@ -112,9 +112,16 @@ def map_batches(
     )
     waiting: dict[int, Any] = {}  # batches that finished before an earlier one
     next_index = 0
-    for index, item in loader:
-        waiting[index] = item
-        while next_index in waiting:
-            item = waiting.pop(next_index)
-            next_index += 1
-            yield compute(item) if cuda else item
+    iterator = iter(loader)
+    try:
+        for index, item in iterator:
+            waiting[index] = item
+            while next_index in waiting:
+                item = waiting.pop(next_index)
+                next_index += 1
+                yield compute(item) if cuda else item
+    finally:
+        # Workers stop now, also when a batch failed or the caller stopped early: left to the garbage collector
+        # (the error's traceback holds the iterator), their shutdown ran whenever a later allocation collected
+        # it, waiting 5 s per worker there (torch's worker-status interval).
+        getattr(iterator, "_shutdown_workers", lambda: None)()
