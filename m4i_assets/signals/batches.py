@@ -123,5 +123,6 @@ def map_batches(
     finally:
         # Workers stop now, also when a batch failed or the caller stopped early: left to the garbage collector
         # (the error's traceback holds the iterator), their shutdown ran whenever a later allocation collected
-        # it, waiting 5 s per worker there (torch's worker-status interval).
+        # it, waiting 5 s per worker there (torch's worker-status interval). The multi-process iterator has no
+        # public close; the in-process one has nothing to stop.
         getattr(iterator, "_shutdown_workers", lambda: None)()
