@@ -36,12 +36,12 @@ class Family:
     """One model family. `models`: the training assets (target, null control, helpers), `signals`: what an
     audited version computes before any attack, `helper_asset`: the asset that computes what the attacks read
     from every helper model of the audit (unpartitioned: helpers are not audited), `attacks`: each attack
-    id of the audit registry and its assets, `controlled`: what a controlled audit runs beyond those attacks,
-    `unlabelled`: what an unlabelled audit reports instead of attack metrics, `sharded`: the signals (model
-    forwards, one row per record) an audited version computes per record shard (`data.shards`), `interface`:
-    what an attacker can query of an undefended version (`defenses.release.INTERFACES`), `utility`: its utility
-    measure (a name of `scoring.UTILITIES`), `primary_utility`: the metric of it the privacy-utility tables
-    read."""
+    id of the audit registry and the assets it needs materialized (every output of a multi-asset it writes to,
+    since a backfill runs a multi-asset whole), `unlabelled`: what an unlabelled audit reports instead of
+    attack metrics, `sharded`: the signals (model forwards, one row per record) an audited version computes per
+    record shard (`data.shards`), `interface`: what an attacker can query of an undefended version
+    (`defenses.release.INTERFACES`), `utility`: its utility measure (a name of `scoring.UTILITIES`),
+    `primary_utility`: the metric of it the privacy-utility tables read."""
 
     name: str
     module: str
@@ -51,7 +51,6 @@ class Family:
     signals: tuple[str, ...]
     helper_asset: str
     attacks: dict[str, tuple[str, ...]]
-    controlled: tuple[str, ...]
     unlabelled: tuple[str, ...]
     sharded: tuple[str, ...]
     interface: str
@@ -101,11 +100,10 @@ class Family:
 
     def audit_assets(self, planned: list[str] | None = None, labelled: bool = True) -> list[str]:
         """What one audited version materializes: its signals, the assets of the `planned` attacks (None: a
-        controlled audit, every attack and the controlled extras), then attack metrics, the report (it needs
-        the blind baseline's shift gate) and utility (labelled), or the unlabelled estimates."""
+        controlled audit, every attack), then attack metrics, the report (it needs the blind baseline's shift
+        gate) and utility (labelled), or the unlabelled estimates."""
         attacks = list(self.attacks) if planned is None else planned
         keys = [*self.signals, *(k for attack in attacks for k in self.attacks[attack])]
-        keys += self.controlled if planned is None else ()
         if labelled:
             keys += ["attack_metrics", *(["audit_report"] if "blind_baseline" in attacks else []), "model_utility"]
         else:
@@ -152,6 +150,10 @@ def _captioner_checkpoint(config: dict, folder: Path) -> tuple[str, Path] | None
     return arch, _required(folder / "model.safetensors", folder, "model.safetensors")
 
 
+# The captioner attacks' scores: the outputs of one multi-asset, so an audit requests all of them (an attack its
+# plan skips writes a skipped row).
+CAPTIONER_SCORES = ("m4i_mb_scores", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores")
+
 FAMILIES: dict[str, Family] = {
     "clip": Family(
         name="clip",
@@ -162,9 +164,9 @@ FAMILIES: dict[str, Family] = {
         signals=("model_checkpoint", "embeddings"),
         helper_asset="reference_embeddings",
         attacks={"csa": ("csa_scores",), "aea": ("augmentation_deltas", "aea_scores"),
+                 "clip_loss": ("clip_loss_scores",), "rmia": ("rmia_scores",),
                  "wsa": ("pseudo_labels", "wsa_attack_model", "wsa_scores"),
                  "ref_calibrated": ("ref_calibrated_scores",), "blind_baseline": ("blind_baseline_scores",)},
-        controlled=("augmentation_deltas", "clip_loss_scores", "rmia_scores"),
         unlabelled=("membership_rate",),
         sharded=("embeddings", "augmentation_deltas"),
         interface="embeddings",
@@ -178,11 +180,11 @@ FAMILIES: dict[str, Family] = {
         helper_role="shadow",
         models=("target_captioner", "null_control_captioner", "shadow_captioners"),
         defended="defended_captioners",
-        signals=("model_checkpoint", "generated_captions", "caption_metrics"),
+        signals=("model_checkpoint", "generated_captions", "caption_metrics", "caption_nll"),
         helper_asset="m4i_attack_models",
-        attacks={"m4i_mb": ("m4i_mb_scores", "m4i_scenarios"), "m4i_fb": ("m4i_mb_scores", "m4i_scenarios"),
+        attacks={"m4i_mb": (*CAPTIONER_SCORES, "m4i_scenarios"), "m4i_fb": (*CAPTIONER_SCORES, "m4i_scenarios"),
+                 "m4i_loss": CAPTIONER_SCORES, "m4i_loss_ref": CAPTIONER_SCORES,
                  "blind_baseline": ("blind_baseline_scores",)},
-        controlled=("caption_nll", "m4i_fb_scores", "m4i_loss_scores", "m4i_loss_ref_scores"),
         unlabelled=(),
         sharded=("generated_captions", "caption_nll"),
         interface="likelihoods",

@@ -83,11 +83,12 @@ class Audited:
 
     def references(self) -> list[str]:
         """The reference CLIPs its calibrated attacks calibrate against: those trained with its defense for an
-        adaptive attacker's twin of a training-time defense (`defense_facts.references`), else the audit's
-        `n_reference_models`."""
+        adaptive attacker's twin of a training-time defense (`defense_facts.references`), else the audit's own
+        (`AuditSettings.reference_count`)."""
         stored = json.loads(self.info.get("defense_facts") or "{}").get("references")
-        return sorted(stored) if stored else self.repo.reference_versions(self.info["audit"],
-                                                                          self.settings.n_reference_models)  # fmt: skip
+        if stored:
+            return sorted(stored)
+        return self.repo.reference_versions(self.info["audit"], self.settings.reference_count(self.storage.root))
 
     def interface_skip(self, attack: str) -> str | None:
         """Why `attack` cannot run against this version's release interface (`defenses.release.interface_of`: e.g.

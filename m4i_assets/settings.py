@@ -181,6 +181,12 @@ class AuditSettings(ConfigurableResource):
         """The registry entry of this audit, or None for a controlled audit (no entry of that name)."""
         return next((a for a in load_audits(self.audit_registry_path(home)) if a.name == self.audit), None)
 
+    def reference_count(self, home: Path) -> int:
+        """How many reference models the audit calibrates against: all those an audit of the registry names, a
+        controlled audit's `n_reference_models`."""
+        audit = self.registered_audit(home)
+        return len(audit.references) if audit is not None else self.n_reference_models
+
     def main_dataset(self) -> str:
         """The dataset the audit's roles are drawn from."""
         return self.audit_dataset or self.corpus_spec().name

@@ -159,7 +159,9 @@ def test_labelled_audit_of_a_users_hugging_face_clip(tmp_path):
                               "AND attack = 'csa'").fetchone()  # fmt: skip
     finally:
         conn.close()
-    assert {a for _, a in metrics} == {"csa", "aea", "wsa", "blind_baseline"} and scored == (128, 128)
+    # every attack the audit allows: clip_loss needs only the known non-members, not a platform-trained model
+    assert {a for _, a in metrics} == {"csa", "aea", "clip_loss", "wsa", "blind_baseline"} and scored == (128, 128)
+    assert metrics["target", "clip_loss"][1] > 0.6
     assert metrics["target", "csa"][1] > 0.6  # the CI's lower end above chance
     assert metrics["null_control", "csa"][1] <= 0.5 <= metrics["null_control", "csa"][2]
     assert abs(metrics["target", "csa"][0] - transformers_cosine_auc(target, manifest)) < 0.01
@@ -207,11 +209,12 @@ def test_unlabelled_audit_scores_candidates_and_estimates_a_membership_rate(tmp_
     assert "clip/csa_scores" in selection and "clip/membership_rate" in selection
     materialize_audit(assets, "clip", spec, version, resources, instance)
     plan = dict(storage.read("SELECT attack, status FROM audit_plan WHERE audit = 'acme-unlabelled'").rows())
-    assert plan == {"csa": "run", "aea": "run", "wsa": "run", "ref_calibrated": "skipped", "blind_baseline": "skipped"}
+    assert plan == {"csa": "run", "aea": "run", "clip_loss": "run", "rmia": "skipped", "wsa": "run",
+                    "ref_calibrated": "skipped", "blind_baseline": "skipped"}  # fmt: skip
     query = ("SELECT attack, count(*) AS n, count(is_member) AS labelled, max(exposure_rank) AS worst "
              "FROM scored_records WHERE model_version = ? GROUP BY attack ORDER BY attack")  # fmt: skip
     scores = storage.read(query, [version])
-    assert scores.rows() == [("aea", 64, 0, 64), ("csa", 64, 0, 64), ("wsa", 64, 0, 64)]
+    assert scores.rows() == [("aea", 64, 0, 64), ("clip_loss", 64, 0, 64), ("csa", 64, 0, 64), ("wsa", 64, 0, 64)]
     assert storage.read("SELECT count(*) AS n FROM attack_metrics WHERE model_version = ?", [version])["n"][0] == 0
     (rate,) = storage.read("SELECT * FROM membership_rate WHERE model_version = ?", [version]).to_dicts()
     assert rate["n_candidates"] == 64 and rate["n_known_nonmembers"] == 48 and rate["alpha"] == 0.05

@@ -120,10 +120,13 @@ def test_scenario_scores_and_table_from_two_shadows(tiny_corpus):
     assert scored.height == 40 * (1 + 3 * len(shadows)) and set(scored["scenario"]) == {
         "white_box", "unrestricted", "arch_restricted"}  # fmt: skip
     assert all(n == 40 for n in counts.values())
-    mb = m4i.headline_scores(scored, m4i.MB, "shapes", "lstm")
+    mb = m4i.headline_scores(scored, m4i.MB)
     assert mb.height == 40 and set(mb["shadow_version"]) == {"cap-lstm"}
-    with pytest.raises(LookupError, match="shadow_archs"):
-        m4i.headline_scores(scored.filter(pl.col("scenario") != "unrestricted"), m4i.MB, "shapes", "lstm")
+    # no shadow of the target's arch (a user's captioner the platform cannot build): the arch-restricted shadow
+    restricted = m4i.headline_scores(scored.filter(pl.col("scenario") != "unrestricted"), m4i.MB)
+    assert set(restricted["scenario"]) == {"arch_restricted"} and set(restricted["shadow_version"]) == {"cap-vit"}
+    with pytest.raises(LookupError, match="no shadow captioners"):
+        m4i.headline_scores(scored.filter(pl.col("scenario") == "white_box"), m4i.MB)
     rows = scenario_rows(scored, n_bootstrap=20, seed=0)
     keys = [(r["attack"], r["scenario"]) for r in rows]
     assert keys[:2] == [(m4i.FB, "unrestricted"), (m4i.FB, "arch_restricted")] and keys == sorted(keys, key=lambda k: (

@@ -359,13 +359,14 @@ def scenario_scores(
     return pl.concat(frames)
 
 
-def headline_scores(scored: pl.DataFrame, attack: str, target_dataset: str, target_arch: str) -> pl.DataFrame:
-    """The `membership_scores` rows of MB or FB: the unrestricted scenario's, from its first shadow seed; an error
-    when no shadow shares the target's dataset and architecture."""
-    unrestricted = scored.filter((pl.col("scenario") == "unrestricted") & (pl.col("attack") == attack))
-    if not unrestricted.height:
-        raise LookupError(
-            f"no shadow captioner matches the target's dataset {target_dataset!r} and arch {target_arch!r}; "
-            "add the arch to `shadow_archs`"
-        )
-    return unrestricted.filter(pl.col("shadow_seed") == unrestricted["shadow_seed"].min())
+def headline_scores(scored: pl.DataFrame, attack: str) -> pl.DataFrame:
+    """The `membership_scores` rows of MB or FB: the least restricted scenario's (`SCENARIOS` order: unrestricted
+    where a shadow shares the target's dataset and architecture, e.g. a user's captioner whose architecture the
+    platform cannot build is attacked by the architecture-restricted shadows), from its first shadow seed; an
+    error when there is no shadow at all."""
+    rows = scored.filter(pl.col("attack") == attack)
+    scenario = next((s for s in SCENARIOS if s in set(rows["scenario"])), None)
+    if scenario is None:
+        raise LookupError(f"no shadow captioner scored {attack}: the audit has no shadow captioners")
+    chosen = rows.filter(pl.col("scenario") == scenario)
+    return chosen.filter(pl.col("shadow_seed") == chosen["shadow_seed"].min())

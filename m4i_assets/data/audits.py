@@ -42,16 +42,26 @@ from m4i_assets.data.sources import registry_entries
 
 FAMILIES = ("clip", "captioner")
 ROLE_KEYS = ("member", "nonmember", "known_nonmember", "population", "candidate")
-# Each attack of a family and what an audit must have for it; `labels`: members and non-members.
+# Each attack of a family and what an audit must have for it; `labels`: members and non-members. An attack is
+# planned from what the audit has, never from who trained the model: the captioner's white-box likelihood needs
+# only the checkpoint, the contrastive loss the known non-members as its negatives.
 ATTACK_NEEDS: dict[str, dict[str, tuple[str, ...]]] = {
     "clip": {
         "csa": (),
         "aea": (),
+        "clip_loss": ("known_nonmember",),
+        "rmia": ("known_nonmember", "references"),
         "wsa": ("known_nonmember",),
         "ref_calibrated": ("references",),
         "blind_baseline": ("labels",),
     },
-    "captioner": {"m4i_mb": ("population",), "m4i_fb": ("population",), "blind_baseline": ("labels",)},
+    "captioner": {
+        "m4i_mb": ("population",),
+        "m4i_fb": ("population",),
+        "m4i_loss": (),
+        "m4i_loss_ref": ("population",),
+        "blind_baseline": ("labels",),
+    },
 }
 NEED_REASONS = {
     "known_nonmember": "the audit names no known non-members (roles.known_nonmember)",

@@ -24,6 +24,7 @@ from dagster import (
     multi_asset,
 )
 
+from m4i_assets import plans
 from m4i_assets.attacks import caption_loss
 from m4i_assets.attacks.adaptive import average_over_queries, image_query_keys
 from m4i_assets.defenses.release import attack_skip_reason, interface_of
@@ -33,7 +34,7 @@ from m4i_assets.defs.assets.models import verified_checkpoint
 from m4i_assets.defs.assets.signals import EMBEDDED_ROLES, helper_versions, load_signal, write_signal
 from m4i_assets.defs.partitions import TRAINED, VERSION_PARTITIONS, Step, VersionAsset, dep_keys, version_key
 from m4i_assets.defs.resources import GPU_STEP, Compute, Storage, Tracking
-from m4i_assets.families import FAMILIES, Family
+from m4i_assets.families import CAPTIONER_SCORES, FAMILIES, Family
 from m4i_assets.metrics import report
 from m4i_assets.metrics.scenarios import scenario_metrics, scenario_rows
 from m4i_assets.scoring import release_of
@@ -256,21 +257,13 @@ def train_shadow_attack_models(storage: Storage, settings: AuditSettings, comput
     }  # fmt: skip
 
 
-SCORE_ASSETS = {
-    "m4i_mb_scores": (
-        "m4i_mb",
-        "MB M^4I (Hu et al. 2022, 3.2): the unrestricted shadow's classifier on caption metrics",
-    ),
-    "m4i_fb_scores": (
-        "m4i_fb",
-        "FB M^4I (Hu et al. 2022, 3.3): the unrestricted shadow's classifier on |MFE_img - MFE_txt|",
-    ),
-    "m4i_loss_scores": (caption_loss.LOSS, "Teacher-forced NLL of the reference caption under the target (white box)"),
-    "m4i_loss_ref_scores": (
-        caption_loss.LOSS_REF,
-        "The caption NLL calibrated by the shadow captioners (OUT for every candidate)",
-    ),
-}
+# Each score asset of the captioner attacks' multi-asset (`families.CAPTIONER_SCORES`): its attack and description.
+SCORE_ASSETS = dict(zip(CAPTIONER_SCORES, (
+    ("m4i_mb", "MB M^4I (Hu et al. 2022, 3.2): the least restricted shadow's classifier on caption metrics"),
+    ("m4i_fb", "FB M^4I (Hu et al. 2022, 3.3): the least restricted shadow's classifier on |MFE_img - MFE_txt|"),
+    (caption_loss.LOSS, "Teacher-forced NLL of the reference caption under the target (white box)"),
+    (caption_loss.LOSS_REF, "The caption NLL calibrated by the shadow captioners (OUT for every candidate)"),
+)))  # fmt: skip
 
 
 def m4i_scores(family: Family):
@@ -294,12 +287,30 @@ def m4i_scores(family: Family):
     return _scores
 
 
+def attack_skips(storage: Storage, settings: AuditSettings, info: dict, has_shadows: bool) -> dict[str, str]:
+    """Why each captioner attack does not run on a version, by attack id: its audit's plan skips it (what the
+    audit lacks, or not listed), there are no shadow captioners to learn from, or its release gives captions only
+    (the loss attacks read likelihoods, which a sampled-decoding release does not give)."""
+    audit = settings.registered_audit(storage.root)
+    skips = {r["attack"]: r["reason"] for r in (audit.plan() if audit else []) if r["status"] == "skipped"}
+    if not has_shadows:
+        no_shadows = "the audit has no shadow captioners (no population records to train them on)"
+        learnt = [attack for attack, _ in SCORE_ASSETS.values() if attack != caption_loss.LOSS]
+        skips |= {attack: no_shadows for attack in learnt if attack not in skips}
+    interface = interface_of(info["family"], info.get("defense"))
+    for attack in (caption_loss.LOSS, caption_loss.LOSS_REF):
+        if attack not in skips and (why := attack_skip_reason(attack, interface)):
+            skips[attack] = why
+    return skips
+
+
 def captioner_scores(storage: Storage, settings: AuditSettings, version: str, keys: dict[str, AssetKey]):
-    """The captioner attacks on an audited captioner: both M^4I attacks once per shadow model, i.e. per threat
-    scenario (and per shadow seed), `m4i_loss` (white box) and `m4i_loss_ref` calibrated by each shadow. Every
-    scenario's per-record scores (and the M^4I shadow-threshold predictions) go to `m4i_scenario_scores`; the
-    unrestricted scenario's first-seed MB / FB scores, `m4i_loss` and `m4i_loss_ref` calibrated by every shadow
-    are the `membership_scores` rows (one result per asset of `keys`)."""
+    """The captioner attacks on an audited captioner: `m4i_loss` (white box: the platform holds the checkpoint)
+    and, where the audit has shadow captioners, both M^4I attacks once per shadow model, i.e. per threat scenario
+    (and per shadow seed), and `m4i_loss_ref` calibrated by each shadow. Every scenario's per-record scores (and the
+    M^4I shadow-threshold predictions) go to `m4i_scenario_scores`; the least restricted scenario's first-seed
+    MB / FB scores, `m4i_loss` and `m4i_loss_ref` calibrated by every shadow are the `membership_scores` rows (one
+    result per asset of `keys`; an attack that cannot run gets a skipped result with its reason)."""
     from m4i_assets.attacks import m4i
 
     repo = storage.repository
@@ -311,9 +322,8 @@ def captioner_scores(storage: Storage, settings: AuditSettings, version: str, ke
     # an adaptive attacker's twin learns from the shadows trained with its defense (`defense_facts.references`)
     defended = json.loads(info.get("defense_facts") or "{}").get("references")
     shadows = [m for m in repo.shadow_models(info["audit"], defended)
-               if (m["train_seed"] - settings.seed) // 1000 < settings.shadow_seeds]  # fmt: skip
-    if not shadows:
-        raise LookupError(f"audit {info['audit']!r} has no shadow captioners: materialize shadow_captioners")
+               if (m["train_seed"] - settings.seed) // plans.REPEAT < settings.shadow_seeds]  # fmt: skip
+    skips = attack_skips(storage, settings, info, bool(shadows))
 
     def attacker(shadow: dict) -> m4i.Shadow:
         version_s = shadow["model_version"]
@@ -326,34 +336,28 @@ def captioner_scores(storage: Storage, settings: AuditSettings, version: str, ke
     metrics = cands.select(settings.caption_metrics).to_numpy()
     scored = m4i.scenario_scores(version, info["train_dataset"], info["arch"], cands, metrics, nll, attackers,
                                  query_captions(cands), settings.seed)  # fmt: skip
-    headline = {attack: m4i.headline_scores(scored, attack, info["train_dataset"], info["arch"])
-                for attack in (m4i.MB, m4i.FB)}  # fmt: skip
-    # the loss attacks read likelihoods, which a captions-only release (sampled decoding) does not give
-    loss_attacks = (caption_loss.LOSS, caption_loss.LOSS_REF)
-    interface = interface_of(info["family"], info.get("defense"))
-    skips = {a: why for a in loss_attacks if (why := attack_skip_reason(a, interface))}
     scored = scored.filter(~pl.col("attack").is_in(list(skips)))
     write_signal(storage, "m4i_scenario_scores", version, scored)
-    calibrated = caption_loss.loss_ref_scores(nll, np.stack([a.nll for a in attackers], axis=1))
-    own = {
-        caption_loss.LOSS: (caption_loss.loss_scores(nll), "white box"),
-        caption_loss.LOSS_REF: (calibrated, f"{len(attackers)} shadow captioners"),
-    }
+    n = cands.height
+    own = {caption_loss.LOSS: (caption_loss.loss_scores(nll), "white box")}
+    if attackers:
+        calibrated = caption_loss.loss_ref_scores(nll, np.stack([a.nll for a in attackers], axis=1))
+        own[caption_loss.LOSS_REF] = (calibrated, f"{len(attackers)} shadow captioners")
     for name, (attack, _) in SCORE_ASSETS.items():
         key = keys[name]
         if attack in skips:
             result = skipped_scores(storage, version, attack, skips[attack], asset_key=key)
         elif attack in own:
             values, how = own[attack]
-            n = cands.height
             result = write_scores(storage, info, repo.candidates(version), attack, cands["record_id"], values[:n],
                                   key, (known["record_id"], values[n:]))  # fmt: skip
             result.metadata.update(references=how)
         else:
-            rows = headline[attack]
+            rows = m4i.headline_scores(scored, attack)
             result = write_scores(storage, info, repo.candidates(version), attack, rows["record_id"],
                                   rows["score"].to_numpy(), key)  # fmt: skip
             result.metadata.update(shadow_version=rows["shadow_version"][0], classifier=rows["classifier"][0],
+                                   scenario=rows["scenario"][0],
                                    scenarios=MetadataValue.json(sorted(set(scored["scenario"]))))  # fmt: skip
         yield result
 

@@ -96,9 +96,7 @@ def embed_version(step: Step) -> MaterializeResult:
 def helper_versions(storage: Storage, settings: AuditSettings, family: Family) -> list[str]:
     """The helper versions the settings' audit learns from (`Family.helper_versions`): an audit of the registry's
     own references (all of them), a controlled audit's `n_reference_models`, and those trained with a defense."""
-    audit = settings.registered_audit(storage.root)
-    n = len(audit.references) if audit is not None else settings.n_reference_models
-    return family.helper_versions(storage, settings.audit, n)
+    return family.helper_versions(storage, settings.audit, settings.reference_count(storage.root))
 
 
 def reference_embeddings(family: Family):
