@@ -192,9 +192,12 @@ def _load_image(row: dict, base: Path | None, rules: RowRules) -> tuple[str, str
     """(reason, detail) when the row's image cannot be read, else (None, (image_uri, bytes)).
 
     A row names a local file in `image` (relative to `base`), or carries the bytes already read from a
-    container in `__image_bytes__` with their `__image_uri__` (a WebDataset tar member). A local file is
-    confined to `rules.root` and stat-checked (a regular file of at most `rules.max_bytes`) before it is read."""
+    container in `__image_bytes__` with their `__image_uri__` (a WebDataset tar member, a Hugging Face row),
+    at most `rules.max_bytes` of them. A local file is confined to `rules.root` and stat-checked (a regular file
+    of at most `rules.max_bytes`) before it is read."""
     if "__image_bytes__" in row:
+        if len(row["__image_bytes__"]) > rules.max_bytes:
+            return "file_too_large", f"{row['__image_uri__']}: {len(row['__image_bytes__'])} bytes > {rules.max_bytes}"
         return None, (row["__image_uri__"], row["__image_bytes__"])
     image = row.get("image")
     if not isinstance(image, str) or not image:

@@ -2,10 +2,11 @@
 file that lists a user's sources.
 
 Formats: `manifest` (JSONL / CSV / Parquet files, `manifest.py`), `coco` (captions JSON + image folder,
-`coco.py`), `webdataset` (img2dataset tar shards, `webdataset.py`) and `embedded` (the generated default
-corpus, written as a JSONL manifest and read like any other). Every source is read in shards, one at a
-time: a manifest per file, a WebDataset per tar, COCO in `shards` slices by image, the embedded corpus in
-one. The registry (`datasets.yaml`) looks like:
+`coco.py`), `webdataset` (img2dataset tar shards, `webdataset.py`), `huggingface` (the hub's Parquet files or
+a `Dataset.save_to_disk` folder, images stored in the rows, `huggingface.py`) and `embedded` (the generated
+default corpus, written as a JSONL manifest and read like any other). Every source is read in shards, one at a
+time: a manifest per file, a WebDataset per tar, a Hugging Face dataset per Parquet or Arrow file, COCO in
+`shards` slices by image, the embedded corpus in one. The registry (`datasets.yaml`) looks like:
 
     datasets:
       - name: coco_val2017
@@ -22,6 +23,10 @@ one. The registry (`datasets.yaml`) looks like:
         columns: {image: filepath, caption: title}   # optional: record field -> the file's column
         root: /data/my_pairs                         # optional: images outside it are `outside_root` rejects
         max_bytes: 67108864                          # optional: larger image files are rejected unread
+      - name: hub_pairs
+        format: huggingface
+        path: /data/hub_pairs/train-*.parquet        # or a Dataset.save_to_disk folder
+        columns: {image: image, caption: text, split: split}   # optional (caption: `caption`, else `text`)
 
 Relative paths are relative to the registry file.
 """
@@ -37,10 +42,11 @@ import yaml
 
 from m4i_assets.data import corpus as corpus_gen
 from m4i_assets.data.coco import read_coco
+from m4i_assets.data.huggingface import hf_files, read_huggingface_file
 from m4i_assets.data.manifest import MAX_FILE_BYTES, MAX_PIXELS, Ingested, RowRules, read_manifest
 from m4i_assets.data.webdataset import read_webdataset_shard
 
-FORMATS = ("manifest", "coco", "webdataset", "embedded")
+FORMATS = ("manifest", "coco", "webdataset", "huggingface", "embedded")
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class SourceSpec:
     """One dataset: its `name` in `records.dataset`, its `format` and where it is.
 
     `path`: manifest file(s) (a glob matches several), COCO annotations JSON, tar shards (a glob, or a
-    folder of `*.tar`), or the embedded corpus's folder. `images`: COCO's image folder. `shards`: how
+    folder of `*.tar`), Hugging Face Parquet files (a glob, or a folder of `*.parquet`) or `save_to_disk`
+    folder, or the embedded corpus's folder. `images`: COCO's image folder. `shards`: how
     many slices a COCO file is read in. `max_pixels`, `max_bytes`, `root`, `columns`: the rows' rules
     (`manifest.RowRules`). `corpus`: the embedded generator's spec."""
 
@@ -87,16 +94,22 @@ class SourceSpec:
         return RowRules(self.max_pixels, self.max_bytes, Path(self.root) if self.root else None, self.columns)
 
     def _files(self, pattern: str) -> list[Path]:
-        if os.path.isdir(pattern):
-            pattern = os.path.join(pattern, "*.tar")
-        files = sorted(Path(p) for p in glob.glob(pattern))
+        if self.format == "huggingface":
+            try:
+                files = hf_files(pattern)
+            except ValueError as exc:
+                raise ValueError(f"dataset {self.name!r}: {exc}") from exc
+        else:
+            if os.path.isdir(pattern):
+                pattern = os.path.join(pattern, "*.tar")
+            files = sorted(Path(p) for p in glob.glob(pattern))
         if not files:
             raise FileNotFoundError(f"dataset {self.name!r}: {pattern} matches no file")
         return files
 
     def shard_ids(self) -> list[str]:
         """The shards this source is read in (file names, or `k-of-n` slices)."""
-        if self.format in ("manifest", "webdataset"):
+        if self.format in ("manifest", "webdataset", "huggingface"):
             return [p.name for p in self._files(self.path)]
         if self.format == "coco":
             return [f"{k}-of-{self.shards}" for k in range(self.shards)]
@@ -112,6 +125,9 @@ class SourceSpec:
         if self.format == "webdataset":
             (path,) = [p for p in self._files(self.path) if p.name == shard]
             return read_webdataset_shard(path, self.name, self.rules)
+        if self.format == "huggingface":
+            (path,) = [p for p in self._files(self.path) if p.name == shard]
+            return read_huggingface_file(path, self.name, self.rules)
         if self.format == "coco":
             return read_coco(self.path, self.images, self.name, int(shard.split("-")[0]), self.shards, self.rules)
         manifest = corpus_gen.generate(self.corpus, self.path)  # idempotent: same spec, same bytes
