@@ -105,10 +105,15 @@ def metrics_of_version(step: Step) -> MaterializeResult:
     info = captioner_info(repo, version)
     gen = load_signal(storage, "generated_captions", version).sort("record_id")
     metrics = tuple(settings.caption_metrics)
-    # CIDEr-D's document frequencies: fixed once, on the attacker's population references, for shadow and
-    # target features alike (not on each call's own records)
-    population = repo.audit_records(info["audit"], ("population",))["record_id"].to_list()
-    corpus = cider_corpus(repo.references(population)) if "cider" in metrics else None
+    # CIDEr-D's document frequencies: fixed once, on the attacker's own references (the population's, else the
+    # known non-members'), for shadow and target features alike (not on each call's own records); an audit with
+    # neither scores with the queried records' own frequencies, as plain CIDEr-D does
+    corpus = None
+    for roles in (("population",), ("known_nonmember",)):
+        attacker = repo.audit_records(info["audit"], roles)["record_id"].to_list()
+        if attacker and "cider" in metrics:
+            corpus = cider_corpus(repo.references(attacker))
+            break
     references = repo.references(gen["record_id"].to_list())
     queried = query_captions(gen)
     values = average_over_queries([caption_metric_features(q, references, metrics, corpus) for q in queried])
