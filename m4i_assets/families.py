@@ -20,7 +20,15 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from m4i_assets.data.audits import AuditSpec, Checkpoint
-from m4i_assets.models.checkpoints import WEIGHT_SUFFIXES, hf_clip_arch, hf_weights_file, read_json_object
+from m4i_assets.models.checkpoints import (
+    OPEN_CLIP_HUB_ARCH,
+    OPEN_CLIP_WEIGHTS_FILES,
+    WEIGHT_SUFFIXES,
+    hf_clip_arch,
+    hf_weights_file,
+    open_clip_weights_file,
+    read_json_object,
+)
 
 
 class WatchedCheckpoint(NamedTuple):
@@ -130,24 +138,48 @@ def _required(weights: Path | None, folder: Path, expected: str) -> Path:
 
 
 def _clip_checkpoint(config: dict, folder: Path) -> tuple[str, Path] | None:
-    """An open_clip folder (`model.json` with family and arch) or a Hugging Face CLIP directory."""
+    """An open_clip folder (`model.json` with family and arch), an open_clip hub folder (`open_clip_config.json`
+    with its `model_cfg`: arch `open_clip:hub`, weights `open_clip_model.safetensors` or
+    `open_clip_pytorch_model.bin`) or a Hugging Face dual-encoder directory (`config.json` of a CLIP, SigLIP,
+    SigLIP 2, ...: arch `hf-<model_type>`, or the config name in its `m4i.json`). Whether a config other than a
+    CLIPModel's is a dual encoder is transformers' answer (`hf_clip.dual_encoder_of`, imported only then: a
+    BLIP captioner shares the BLIP dual encoder's model_type, and is not one)."""
     if config.get("family") == "clip" and isinstance(config.get("arch"), str):
         return config["arch"], _single_weights_file(folder)
-    if config.get("model_type") == "clip":
-        weights = _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
-        return hf_clip_arch(folder), weights
-    return None
+    if isinstance(config.get("model_cfg"), dict):  # open_clip_config.json
+        expected = f"{OPEN_CLIP_WEIGHTS_FILES[0]} (nor {', '.join(OPEN_CLIP_WEIGHTS_FILES[1:])})"
+        return OPEN_CLIP_HUB_ARCH, _required(open_clip_weights_file(folder), folder, expected)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return None
+    if not (model_type == "clip" and config.get("architectures", ["CLIPModel"]) == ["CLIPModel"]):
+        from m4i_assets.models.hf_clip import dual_encoder_of  # lazy: torch and transformers
+
+        if dual_encoder_of(config) is None:
+            return None
+    weights = _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
+    return hf_clip_arch(folder, model_type), weights
 
 
 def _captioner_checkpoint(config: dict, folder: Path) -> tuple[str, Path] | None:
-    """This platform's captioner (`config.json` with family and spec) or a Hugging Face VisionEncoderDecoder."""
+    """This platform's captioner (`config.json` with family and spec) or a Hugging Face image-to-text directory
+    (`hf_captioner.is_captioner_config`: a model_type that transformers' AutoModelForImageTextToText loads, saved
+    as that class: VisionEncoderDecoderModel, BlipForConditionalGeneration, GitForCausalLM, ...; transformers is
+    imported only then), its arch the spec's of our `m4i.json`, else `hf-<model_type>`."""
     if config.get("family") == "captioner":
-        arch = config.get("spec", {}).get("arch", "cnn-lstm")
-    elif config.get("model_type") == "vision-encoder-decoder":
-        arch = "vit-gpt2" if (folder / "m4i.json").is_file() else "hf-vision-encoder-decoder"
-    else:
+        weights = _required(folder / "model.safetensors", folder, "model.safetensors")
+        return config.get("spec", {}).get("arch", "cnn-lstm"), weights
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
         return None
-    return arch, _required(folder / "model.safetensors", folder, "model.safetensors")
+    from m4i_assets.models.hf_captioner import is_captioner_config  # lazy: torch and transformers
+
+    if not is_captioner_config(config):
+        return None
+    spec = read_json_object(folder / "m4i.json").get("spec") if (folder / "m4i.json").is_file() else None
+    arch = spec.get("arch") if isinstance(spec, dict) else None
+    arch = arch if isinstance(arch, str) else f"hf-{model_type}"
+    return arch, _required(hf_weights_file(folder), folder, "model.safetensors (nor pytorch_model.bin)")
 
 
 # The captioner attacks' scores: the outputs of one multi-asset, so an audit requests all of them (an attack its
@@ -195,22 +227,36 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
+CHECKPOINT_FILES = ("model.json", "config.json", "open_clip_config.json")
+SUPPORTED = (
+    "clip: an open_clip weights file beside a model.json (family, arch), an open_clip hub folder "
+    "(open_clip_config.json), or a Hugging Face dual encoder (config.json of a CLIPModel, SiglipModel, Siglip2Model, "
+    "...); captioner: this platform's (config.json with family 'captioner') or a Hugging Face image-to-text model "
+    "(config.json of a VisionEncoderDecoderModel, BlipForConditionalGeneration, GitForCausalLM, ...)"
+)
+"""The checkpoint folders the registry recognizes, for refusals."""
+
+
 def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
     """(family, arch, weights file) of a checkpoint folder some family of the registry recognizes from its
-    `model.json` or `config.json`; a ValueError naming the folder or file when none does."""
-    for name in ("model.json", "config.json"):
+    `model.json`, `config.json` or `open_clip_config.json`; a ValueError naming the file, what it says it is (its
+    `model_type` and `architectures`) and the kinds supported when none does."""
+    found = []
+    for name in CHECKPOINT_FILES:
         path = folder / name
         if not path.is_file():
             continue
         config = read_json_object(path)
         for family in FAMILIES.values():
-            found = family.recognize(config, folder)
-            if found is not None:
-                return WatchedCheckpoint(family.name, *found)
-    raise ValueError(
-        f"{folder}: neither model.json (an open_clip CLIP: family, arch) nor config.json (a Hugging Face CLIP, "
-        "or a captioner)"
-    )
+            recognized = family.recognize(config, folder)
+            if recognized is not None:
+                return WatchedCheckpoint(family.name, *recognized)
+        said = {k: config[k] for k in ("family", "model_type", "architectures") if k in config}
+        found.append(f"{path} ({', '.join(f'{k} {v!r}' for k, v in said.items()) or 'no family or model_type'})")
+    if not found:
+        raise ValueError(f"{folder}: none of {', '.join(CHECKPOINT_FILES)}: not a checkpoint folder; supported: "
+                         f"{SUPPORTED}")  # fmt: skip
+    raise ValueError(f"{'; '.join(found)}: not a model M4I audits; supported: {SUPPORTED}")
 
 
 def zero_shot_text_embeddings(bundle: Any, prompts: list[str]) -> Any:
@@ -224,14 +270,16 @@ def zero_shot_text_embeddings(bundle: Any, prompts: list[str]) -> Any:
 
 
 def stage_checkpoint(staging: Path, audit: AuditSpec, checkpoint: Checkpoint) -> tuple[Path, WatchedCheckpoint]:
-    """A checkpoint of the audit registry (PLATFORM.md, audits) as a folder `describe_checkpoint` knows: a directory
-    as it is (an open_clip folder without model.json gets one from `arch:`), a weights file in a new folder under
-    `staging` beside its model.json."""
+    """A checkpoint of the audit registry as a folder `describe_checkpoint` knows: a folder that says what it is
+    (a Hugging Face directory's `config.json`, an open_clip hub folder's `open_clip_config.json`) as it is, also when
+    the registry names a file in it; another directory as it is (an open_clip folder without model.json gets one
+    from `arch:`); a bare weights file in a new folder under `staging` beside its model.json."""
     path = Path(checkpoint.path)
     if not path.exists():
         raise FileNotFoundError(f"audit {audit.name!r}: checkpoint not found: {path}")
     folder = path if path.is_dir() else path.parent
-    if path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file()):
+    self_describing = any((folder / name).is_file() for name in CHECKPOINT_FILES[1:])
+    if not self_describing and (path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file())):
         staged = Path(tempfile.mkdtemp(dir=staging))
         weights = path if path.is_file() else None
         if weights is None:

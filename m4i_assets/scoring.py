@@ -125,15 +125,19 @@ def score_aea(a: Audited) -> Scored:
                   {"aggregation": agg, "transforms": deltas.shape[1]})  # fmt: skip
 
 
-def clip_log_probs(a: Audited, version: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """`clip_loss` log-probabilities of `a`'s candidates and (each against the others) known non-members under a
-    CLIP version's released embeddings (`a`'s own or a reference's), and the logit scale."""
+def clip_log_probs(a: Audited, version: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`clip_loss` log-likelihoods of `a`'s candidates and (each against the others) known non-members under a
+    CLIP version's released embeddings (`a`'s own or a reference's), under that version's own pairing objective
+    (`ClipBundle.objective`: softmax InfoNCE at its logit scale, or the sigmoid pair likelihood at its scale and
+    bias), and that objective (kind, logit scale used: `settings.clip_loss_logit_scale` > 0 replaces the model's,
+    logit bias)."""
     from m4i_assets.models import clip
 
     info = a.info if version == a.version else a.repo.model_info(version)
-    scale = a.settings.clip_loss_logit_scale
-    if scale <= 0:
-        scale = float(clip.load_clip(info["checkpoint_uri"], info["arch"], "cpu").model.logit_scale.detach().exp())
+    objective = clip.load_clip(info["checkpoint_uri"], info["arch"], "cpu").objective
+    scale = a.settings.clip_loss_logit_scale if a.settings.clip_loss_logit_scale > 0 else objective.logit_scale
+    pairing = {"objective": objective.kind, "logit_bias": objective.logit_bias}
+    used = {"objective": objective.kind, "logit_scale": scale, "logit_bias": objective.logit_bias}
     emb = a.embeddings if version == a.version else a.repo.signal("embeddings", version)
     c = a.cands.select("record_id").join(emb, on="record_id", how="left")
     k = a.known.select("record_id").join(emb, on="record_id", how="left")
@@ -141,14 +145,14 @@ def clip_log_probs(a: Audited, version: str) -> tuple[np.ndarray, np.ndarray, fl
         raise ValueError(f"{version} lacks embeddings for some records of its audit: materialize embeddings")
     release = release_of(info, a.settings.seed).similarities
     img, txt, kimg, ktxt = (stack(f[col]) for f in (c, k) for col in ("image_embedding", "text_embedding"))
-    lp = clip_loss.clip_loss_scores(img, txt, kimg, ktxt, scale, release)
-    return lp, clip_loss.self_excluded_log_probs(kimg, ktxt, scale, release), scale
+    lp = clip_loss.clip_loss_scores(img, txt, kimg, ktxt, scale, release, **pairing)
+    return lp, clip_loss.self_excluded_log_probs(kimg, ktxt, scale, release, **pairing), used
 
 
 def score_clip_loss(a: Audited) -> Scored:
-    lp, lp_known, scale = clip_log_probs(a, a.version)
+    lp, lp_known, objective = clip_log_probs(a, a.version)
     return Scored(a.cands["record_id"], lp, a.known["record_id"], lp_known,
-                  {"logit_scale": scale, "n_negatives": a.known.height})  # fmt: skip
+                  {**objective, "n_negatives": a.known.height})  # fmt: skip
 
 
 def score_rmia(a: Audited) -> Scored:
@@ -306,9 +310,10 @@ SCORERS = [
            "similarity of each candidate (and known non-member).", score_csa),
     Scorer("aea", "aea_scores", ["augmentation_deltas"], "AEA (Ko et al. 2023, section 3.3): clean CS and the "
            "augmentation deltas, aggregated on the known non-members' scale (`settings.aea_aggregation`).", score_aea),
-    Scorer("clip_loss", "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the InfoNCE "
-           "log-probability of each candidate's matched pair against the known non-members' captions and images, "
-           "both directions, at the model's logit scale.", score_clip_loss),
+    Scorer("clip_loss", "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the model's own "
+           "pairing objective for each candidate's matched pair against the known non-members' captions and images, "
+           "both directions: the InfoNCE log-probability at the logit scale (CLIP-type), or the sigmoid pair "
+           "log-likelihood at the logit scale and bias (SigLIP-type).", score_clip_loss),
     Scorer("rmia", "rmia_scores", ["embeddings", REFS], "RMIA (Zarifzadeh et al. 2024), offline: the "
            "`clip_loss` probability's ratio to the reference CLIPs', compared with the same ratio of the known "
            "non-members (the population z).", score_rmia),

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -125,47 +124,6 @@ def run_cli(home: Path, *args: str) -> str:
                          text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
-
-
-def test_labelled_audit_of_a_users_hugging_face_clip(tmp_path):
-    """`m4i audit NAME` of a CLIP the test trained with transformers on the member rows of a labelled CSV:
-    CSA above chance for the target, at chance for its untrained twin (the null control), and CSA's AUC is
-    the AUC of cosine similarities computed with transformers alone."""
-    manifest = write_labelled_manifest(tmp_path / "data", {"member": 32, "nonmember": 32, "known_nonmember": 32})
-    target = hf_clip_trained_by_transformers(manifest, tmp_path / "models" / "acme-clip", steps=150)
-    twin = hf_clip_trained_by_transformers(manifest, tmp_path / "models" / "acme-clip-base", steps=0)
-    (tmp_path / "datasets.yaml").write_text(
-        f"datasets:\n  - {{name: acme_pairs, format: manifest, path: {manifest}}}\n"
-    )
-    (tmp_path / "audits.yaml").write_text(f"""audits:
-  - name: acme-clip
-    family: clip
-    dataset: acme_pairs
-    roles: {{column: split, member: member, nonmember: nonmember, known_nonmember: known_nonmember}}
-    targets:
-      - path: {target}
-    null_control: {twin}
-""")
-    stdout = run_cli(tmp_path, "audit", "acme-clip")
-    assert "ref_calibrated  skipped  the audit names no reference models" in stdout
-    conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
-    try:
-        versions = dict(conn.execute("SELECT role, model_version FROM models WHERE audit = 'acme-clip'").fetchall())
-        assert set(versions) == {"target", "null_control"}
-        metrics = {(role, attack): (auc, low, high) for role, attack, auc, low, high in conn.execute(
-            "SELECT m.role, a.attack, a.auc, a.auc_ci_low, a.auc_ci_high FROM attack_metrics a "
-            "JOIN models m USING (model_version) WHERE a.audit = 'acme-clip'").fetchall()}  # fmt: skip
-        scored = conn.execute("SELECT count(*), count(is_member) FROM membership_scores WHERE audit = 'acme-clip' "
-                              "AND attack = 'csa'").fetchone()  # fmt: skip
-    finally:
-        conn.close()
-    # every attack the audit allows: clip_loss needs only the known non-members, not a platform-trained model
-    assert {a for _, a in metrics} == {"csa", "aea", "clip_loss", "wsa", "blind_baseline"} and scored == (128, 128)
-    assert metrics["target", "clip_loss"][1] > 0.6
-    assert metrics["target", "csa"][1] > 0.6  # the CI's lower end above chance
-    assert metrics["null_control", "csa"][1] <= 0.5 <= metrics["null_control", "csa"][2]
-    assert abs(metrics["target", "csa"][0] - transformers_cosine_auc(target, manifest)) < 0.01
-    assert abs(metrics["null_control", "csa"][0] - transformers_cosine_auc(twin, manifest)) < 0.01
 
 
 def registry(home: Path, manifest: Path, audit_yaml: str) -> None:

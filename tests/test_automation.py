@@ -78,11 +78,17 @@ def test_sensor_audits_new_checkpoints_once(tmp_path):
 
 
 def test_describe_checkpoint_names_what_is_wrong(tmp_path):
-    with pytest.raises(ValueError, match="neither model.json"):
+    with pytest.raises(ValueError, match="none of model.json, config.json, open_clip_config.json.*supported: clip"):
         describe_checkpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(ValueError, match="neither model.json"):
+    with pytest.raises(ValueError, match="none of model.json"):
         describe_checkpoint(tmp_path)
+    # a directory of another kind: its model_type, and what is supported, never a KeyError
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"config.json \(model_type 'bert', architectures \['BertModel'\]\): not a "
+                                         r"model M4I audits; supported: clip: .*captioner: "):  # fmt: skip
+        describe_checkpoint(tmp_path)
+    (tmp_path / "config.json").unlink()
     (tmp_path / "model.json").write_text("{broken")
     with pytest.raises(ValueError, match="is not valid JSON"):
         describe_checkpoint(tmp_path)

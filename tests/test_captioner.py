@@ -13,6 +13,7 @@ from m4i_assets.models.captioner import (
     CaptionerSpec,
     Vocabulary,
     build_captioner,
+    caption_nll,
     generate_captions,
     load_captioner,
     load_image_tensor,
@@ -133,7 +134,7 @@ def test_train_and_save_in_a_spawn_worker_gives_the_same_bytes(corpus, tmp_path)
 
 
 def test_vit_gpt2_folder_is_a_plain_hugging_face_directory(corpus, vit_gpt2, tmp_path):
-    uris, _ = corpus
+    uris, captions = corpus
     _, _, generated, folder, _, _ = vit_gpt2
     model = transformers.VisionEncoderDecoderModel.from_pretrained(folder)
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
@@ -141,13 +142,14 @@ def test_vit_gpt2_folder_is_a_plain_hugging_face_directory(corpus, vit_gpt2, tmp
     pixels = processor([Image.open(u).convert("RGB") for u in uris[:4]], return_tensors="pt")["pixel_values"]
     ids = model.generate(pixel_values=pixels, do_sample=False, num_beams=1)
     assert tokenizer.batch_decode(ids, skip_special_tokens=True) == generated[:4]
-    # a user's directory: no m4i-specific file; it generates, but without a vocabulary it cannot be trained
+    # a user's directory: no m4i-specific file; it generates, and its caption NLL is the model's own loss (labels:
+    # the tokenizer's ids, after the decoder start token)
     shutil.copytree(folder, tmp_path / "hf", ignore=shutil.ignore_patterns("m4i.json"))
     user = load_captioner(tmp_path / "hf")
     assert user.vocab is None and user.spec.arch == "vit-gpt2" and user.spec.max_len == VIT_SPEC.max_len
     assert generate_captions(user, uris, device="cpu") == generated
-    with pytest.raises(ValueError, match="vocabulary"):
-        train_captioner(user, uris[:2], ["a", "b"], device="cpu")
+    own = model(pixel_values=pixels[:1], labels=tokenizer(captions[:1], return_tensors="pt")["input_ids"]).loss.item()
+    assert caption_nll(user, uris[:1], captions[:1], device="cpu")[0] == pytest.approx(own, abs=1e-4)
 
 
 def test_bad_hugging_face_directories_are_clear_errors(vit_gpt2, tmp_path):

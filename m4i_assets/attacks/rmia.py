@@ -1,7 +1,9 @@
 """RMIA, the relative membership inference attack (Zarifzadeh, Liu, Lee, Shokri, ICML 2024), offline.
 
 Pr(x | theta) is the target's probability of record x; here the probability of its matched pair under the
-target's InfoNCE (`clip_loss`: exp of the log-probability). The likelihood ratio of x is
+pairing objective each model was trained with (`clip_loss`: exp of its log-likelihood, in (0, 1]; InfoNCE's
+softmax probability for a CLIP, the geometric mean of the sigmoid pair-label probabilities for a SigLIP, each
+model, target or reference, at its own logit scale and bias). The likelihood ratio of x is
 
     LR(x) = Pr(x | theta) / Pr(x),    Pr(x) = mean over reference models of Pr(x | theta_ref),
 

@@ -1,4 +1,5 @@
-"""Image captioner adapter: two target architectures, each trainable on a CPU in minutes.
+"""Image captioner adapter: two target architectures, each trainable on a CPU in minutes, and any Hugging Face
+image-to-text captioner.
 
 `cnn-lstm` is the M^4I paper's captioner (Hu et al., NeurIPS 2022, M^4I, section 4.1): an image encoder
 mapped linearly to 256 dimensions and a one-layer LSTM decoder (embedding 256, hidden 512) with greedy
@@ -9,13 +10,22 @@ tokens; the embedded corpus's captions are longer, so `max_len` is a config valu
 `vit-gpt2` is ours, a second architecture for the architecture-restricted scenario: a small `transformers`
 VisionEncoderDecoderModel (ViT encoder, GPT-2 decoder with cross-attention) built from configs, with the
 vocabulary as a `tokenizers` WordLevel tokenizer and a ViTImageProcessor that also prepares the training
-pixels. It is saved as a standard Hugging Face directory, and `load_captioner` loads any Hugging Face
-VisionEncoderDecoder captioner directory (a user's model) as well as this module's folders.
+pixels. It is saved as a standard Hugging Face directory.
+
+`load_captioner` loads this module's folders and any Hugging Face image-to-text directory, whatever saved it: a
+VisionEncoderDecoder, BLIP (BlipForConditionalGeneration + BlipProcessor), GIT (GitForCausalLM + GitProcessor)
+or another model type that AutoModelForImageTextToText loads, with its tokenizer and image processor
+(`models.hf_captioner`). Such a directory generates by its own `generate` and is teacher-forced on its own
+tokenizer's ids, as its own loss reads them, so that `caption_nll` is the model's own loss on each caption. An
+arch `hf-<model_type>` with `extra["config_dir"]` (a directory of that model type, e.g. an audited target) is a
+randomly initialised model of that directory's config with its tokenizer and image processor, trained by the
+same loop: a shadow captioner of the target's own architecture (M^4I's unrestricted scenario).
 
 The vocabulary is built offline from the training captions (word level, after the same normalisation the
-caption metrics use). Both architectures share one teacher-forced training loop and greedy decoding. The
-sha256 of `model.safetensors` (written without varying metadata) names the model version, as for CLIPs;
-the bytes are reproducible for the same spec, data and torch thread count.
+caption metrics use); a Hugging Face directory not built here brings its own tokenizer. All architectures share
+one teacher-forced training loop and greedy decoding. The sha256 of `model.safetensors` (written without varying
+metadata) names the model version, as for CLIPs; the bytes are reproducible for the same spec, data and torch
+thread count.
 
 Training-time defenses (`spec.defense`, `models.training`, `models.dp`) run in the same loop: DP-SGD with Opacus for
 cnn-lstm (built with group norm instead of batch norm, `CaptionerSpec.norm`; its LSTM trained as
@@ -33,8 +43,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +57,20 @@ from torch import nn
 
 from m4i_assets.data.images import load_image_tensor, open_rgb
 from m4i_assets.data.text import normalise_caption
-from m4i_assets.models.checkpoints import M4I_FILE, image_processor_file, read_json_object, sha256_file
+from m4i_assets.models.checkpoints import HF_ARCH_PREFIX, M4I_FILE, read_json_object, sha256_file
 from m4i_assets.models.device import device_for
+from m4i_assets.models.hf_captioner import (
+    IGNORE,
+    SUPPORTED,
+    caption_tokens,
+    check_captioner_config,
+    image_size,
+    load_model,
+    load_tokenizer_and_processor,
+    teacher_forced_logits,
+    text_positions,
+    untrained_twin,
+)
 from m4i_assets.models.training import (
     FamilyTraining,
     TrainingDefense,
@@ -106,7 +128,9 @@ class CaptionerSpec(TrainingDefense):
     defense fields, all off by default, are inherited from `TrainingDefense`.
 
     cnn-lstm reads `feature_dim`, `embed_dim`, `hidden_dim` and `norm`; vit-gpt2 reads `width`, `layers`,
-    `heads` (for the encoder and the decoder alike, MLPs 4 x width) and `patch_size`."""
+    `heads` (for the encoder and the decoder alike, MLPs 4 x width) and `patch_size`. `hf-<model_type>` reads
+    `extra["config_dir"]`, a Hugging Face directory of that model type whose config, tokenizer and image
+    processor it copies (its weights are not read); `image_size` and the sizes are the directory's then."""
 
     arch: str = "cnn-lstm"
     image_size: int = 32
@@ -225,28 +249,27 @@ class CnnLstmCaptioner(nn.Module):
         return torch.cat(out, dim=1)
 
 
-class VisionEncoderDecoderCaptioner(nn.Module):
-    """A `transformers` VisionEncoderDecoderModel behind the captioners' forward/greedy interface."""
+class HuggingFaceCaptioner(nn.Module):
+    """A `transformers` image-to-text model (VisionEncoderDecoder, BLIP, GIT, ...) behind the captioners'
+    forward/greedy interface. `pad` follows each caption's end in the tokens it is given: PAD in a vocabulary's
+    encoding, IGNORE in its tokenizer's (`CaptionerBundle.encode`)."""
 
-    def __init__(self, hf: transformers.VisionEncoderDecoderModel) -> None:
+    def __init__(self, hf: transformers.PreTrainedModel, pad: int) -> None:
         super().__init__()
-        self.hf = hf
+        self.hf, self.pad = hf, pad
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits for tokens[:, 1:] given tokens[:, :-1] (tokens[:, 0] is the start token)."""
-        inputs = tokens[:, :-1]
-        return self.hf(
-            pixel_values=pixels, decoder_input_ids=inputs, decoder_attention_mask=inputs != PAD, use_cache=False
-        ).logits
+        return teacher_forced_logits(self.hf, pixels, tokens, tokens != self.pad)
 
     @torch.no_grad()
     def generate(
         self, pixels: torch.Tensor, max_len: int, temperature: float = 0.0, draws: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Greedy (`temperature` 0) or top-k sampled decoding by `transformers`' `generate`: ids of shape (batch,
-        at most max_len + 2), the start token first. Sampling is `sample_next_token` on each step's logits with
-        row i's draw draws[i, t] (a logits processor that leaves only the sampled token, which greedy search
-        then takes), so both archs sample one way."""
+        """Greedy (`temperature` 0) or top-k sampled decoding by the model's own `generate` (from the image alone):
+        ids of shape (batch, at most max_len + 2), the start token first. Sampling is `sample_next_token` on each
+        step's logits with row i's draw draws[i, t] (a logits processor that leaves only the sampled token, which
+        greedy search then takes), so all archs sample one way."""
         processors = transformers.LogitsProcessorList()
         if temperature > 0:
             processors.append(_DrawnToken(temperature, draws))
@@ -270,9 +293,9 @@ class _DrawnToken(transformers.LogitsProcessor):
 @dataclass
 class CaptionerBundle:
     """A captioner with its input and output conversions. Hugging Face archs carry their image processor and
-    tokenizer; `vocab` is None for a Hugging Face directory saved elsewhere (it can generate, not train)."""
+    tokenizer; `vocab` is None for a Hugging Face directory not built here (its tokenizer encodes the captions)."""
 
-    model: CnnLstmCaptioner | VisionEncoderDecoderCaptioner
+    model: CnnLstmCaptioner | HuggingFaceCaptioner
     vocab: Vocabulary | None
     spec: CaptionerSpec
     image_processor: transformers.BaseImageProcessor | None = None
@@ -284,6 +307,26 @@ class CaptionerBundle:
             return load_image_tensor(image_uris, self.spec.image_size)
         images = [open_rgb(uri) for uri in image_uris]
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    @property
+    def image_size(self) -> int:
+        """The side of the model's input images: its vision config's for a Hugging Face model, else the spec's."""
+        if isinstance(self.model, HuggingFaceCaptioner):
+            return image_size(self.model.hf.config) or self.spec.image_size
+        return self.spec.image_size
+
+    @property
+    def pad(self) -> int:
+        """What follows a caption's end in `encode`'s rows: PAD with a vocabulary, else IGNORE."""
+        return PAD if self.vocab is not None else IGNORE
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Teacher-forced token rows of captions: the start token, the tokens to predict, then `pad`; by the
+        vocabulary (BOS, words cut at `max_len`, EOS) or by the model's own tokenizer and conventions
+        (`hf_captioner.caption_tokens`)."""
+        if self.vocab is not None:
+            return torch.tensor([self.vocab.encode(c, self.spec.max_len) for c in captions], dtype=torch.long)
+        return caption_tokens(self.model.hf, self.tokenizer, captions, self.spec.max_len)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Captions for generated ids, normalised as the caption metrics normalise."""
@@ -334,7 +377,7 @@ def _build_vit_gpt2(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    return CaptionerBundle(VisionEncoderDecoderCaptioner(hf), vocab, spec, processor, vocab.tokenizer())
+    return CaptionerBundle(HuggingFaceCaptioner(hf, PAD), vocab, spec, processor, vocab.tokenizer())
 
 
 ARCHS: dict[str, Callable[[Vocabulary, CaptionerSpec], CaptionerBundle]] = {
@@ -344,11 +387,32 @@ ARCHS: dict[str, Callable[[Vocabulary, CaptionerSpec], CaptionerBundle]] = {
 
 
 def build_captioner(vocab: Vocabulary, spec: CaptionerSpec) -> CaptionerBundle:
-    """An untrained captioner of a registered architecture, initialised from `spec.seed`."""
+    """An untrained captioner of a registered architecture, or of an `hf-<model_type>` directory's config (whose
+    tokenizer replaces `vocab`), initialised from `spec.seed`."""
+    if spec.arch.startswith(HF_ARCH_PREFIX):
+        return _build_from_config(spec)
     if spec.arch not in ARCHS:
-        raise ValueError(f"unknown captioner architecture {spec.arch!r}; registered: {sorted(ARCHS)}")
+        raise ValueError(
+            f"unknown captioner architecture {spec.arch!r}; registered: {sorted(ARCHS)}, or {HF_ARCH_PREFIX}"
+            '<model_type> with extra["config_dir"]'
+        )
     torch.manual_seed(spec.seed)
     return ARCHS[spec.arch](vocab, spec)
+
+
+def _build_from_config(spec: CaptionerSpec) -> CaptionerBundle:
+    """A model of `extra["config_dir"]`'s config (`hf_captioner.untrained_twin`), which must be of the spec's model
+    type; its captions cut at the model's text positions (`max_len` at most those less the start and end)."""
+    folder = spec.extra.get("config_dir")
+    if not isinstance(folder, str):
+        raise ValueError(f'captioner arch {spec.arch!r} needs extra["config_dir"], a Hugging Face directory')
+    hf, tokenizer, processor = untrained_twin(Path(folder), spec.seed)
+    if HF_ARCH_PREFIX + hf.config.model_type != spec.arch:
+        raise ValueError(f"{folder} holds a {hf.config.model_type} model, not the spec's arch {spec.arch!r}")
+    positions = text_positions(hf.config)
+    if positions is not None and spec.max_len + 2 > positions:
+        spec = replace(spec, max_len=positions - 2)
+    return CaptionerBundle(HuggingFaceCaptioner(hf, IGNORE), None, spec, processor, tokenizer)
 
 
 def train_captioner(
@@ -362,20 +426,20 @@ def train_captioner(
     """Teacher-forced cross-entropy training in place, with `bundle.spec.defense` switched on; returns the
     mean loss of each epoch. What the defense did (pairs trained on and held out, epochs, best epoch, DP's
     sampling, steps and epsilon) is written into `facts` when given. `validation` (image uris, captions) are
-    held-out pairs for early stopping, instead of a `validation_fraction` of the training pairs."""
-    if bundle.vocab is None:
-        raise ValueError("this captioner was loaded without its vocabulary (no m4i.json), so it cannot be trained")
+    held-out pairs for early stopping, instead of a `validation_fraction` of the training pairs. The captions are
+    encoded by `bundle.encode` (a Hugging Face directory's own tokenizer where there is no vocabulary) and the
+    loss ignores what follows each caption's end."""
     spec = bundle.spec
     defense = spec.defense
     dev = device_for(device)
     image_uris, captions, train_idx, val_idx = split_pairs(image_uris, captions, validation, spec)
     if defense.augment > 0:  # keep [0, 1] pixels: augment them per batch, then apply the model's normalisation
-        images = load_image_tensor(image_uris, spec.image_size)
+        images = load_image_tensor(image_uris, bundle.image_size)
         augment = augmenter(defense.augment, spec.seed)
         normalise = _pixel_normalisation(bundle)
     else:
         images, augment, normalise = bundle.pixels(image_uris), None, None
-    tokens = torch.tensor([bundle.vocab.encode(c, spec.max_len) for c in captions])
+    tokens, pad = bundle.encode(captions), bundle.pad
     model = bundle.model.to(dev).train()
     if defense.dp and not isinstance(model, CnnLstmCaptioner):
         raise ValueError(f"DP-SGD is implemented for the cnn-lstm captioner, not {spec.arch}")
@@ -383,35 +447,40 @@ def train_captioner(
 
     def batch_loss(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         tok = tokens[idx].to(dev)
-        return _caption_loss(net(inputs(idx, True), tok), tok, per_caption=defense.dp)
+        return _caption_loss(net(inputs(idx, True), tok), tok, per_caption=defense.dp, pad=pad)
 
     history, stopping, restored, private = fit_pairs(
         model, spec, train_idx, val_idx, dev,
         lambda params: torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay),
-        batch_loss, lambda net: _validation_loss(net, inputs, tokens, val_idx, spec, dev), coupled=False,
+        batch_loss, lambda net: _validation_loss(net, inputs, tokens, val_idx, spec, dev, pad), coupled=False,
     )  # fmt: skip
     if facts is not None:
         facts.update(training_facts(history, train_idx, val_idx, validation, stopping, restored, private))
     return history
 
 
-def _caption_loss(logits: torch.Tensor, tok: torch.Tensor, per_caption: bool) -> torch.Tensor:
-    """Cross-entropy of the next tokens: the mean over the batch's tokens, or (`per_caption`, for DP-SGD) the
-    mean over captions of each caption's mean, so that no caption's loss depends on another's length."""
+def _caption_loss(logits: torch.Tensor, tok: torch.Tensor, per_caption: bool, pad: int = PAD) -> torch.Tensor:
+    """Cross-entropy of the next tokens (`pad` ignored): the mean over the batch's tokens, or (`per_caption`, for
+    DP-SGD) the mean over captions of each caption's mean, so that no caption's loss depends on another's length."""
     if not per_caption:
         return nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), ignore_index=PAD
+            logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), ignore_index=pad
         )
+    return _token_nll(logits, tok, pad).mean()
+
+
+def _token_nll(logits: torch.Tensor, tok: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each caption's mean over its tokens (those before `pad`) of -log p(token | image, previous tokens)."""
     target = tok[:, 1:]
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="none")
-    real = (target != PAD).float()
-    return ((token_loss * real).sum(1) / real.sum(1).clamp(min=1)).mean()
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=pad, reduction="none")
+    real = (target != pad).float()
+    return (token_loss * real).sum(1) / real.sum(1).clamp(min=1)
 
 
 @torch.no_grad()
 def _validation_loss(
     net: nn.Module, inputs: Callable, tokens: torch.Tensor, val_idx: torch.Tensor, spec: CaptionerSpec,
-    dev: torch.device,
+    dev: torch.device, pad: int,
 ) -> float:  # fmt: skip
     """The mean token cross-entropy on the held-out pairs."""
     net.eval()
@@ -421,9 +490,9 @@ def _validation_loss(
         tok = tokens[idx].to(dev)
         logits = net(inputs(idx, False), tok)
         target = tok[:, 1:].reshape(-1)
-        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=PAD,
+        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=pad,
                                              reduction="sum").item()  # fmt: skip
-        count += int((target != PAD).sum())
+        count += int((target != pad).sum())
     net.train()
     return total / max(count, 1)
 
@@ -477,24 +546,40 @@ def caption_nll(
     device: str | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Teacher-forced negative log-likelihood of each caption given its image: the mean over the caption's
-    tokens (its words, cut at `max_len`, and EOS) of -log p(token | image, previous tokens), the loss training
-    minimises. Needs the captioner's vocabulary (this platform's captioners, or a directory with `m4i.json`)."""
-    if bundle.vocab is None:
-        raise ValueError("this captioner was loaded without its vocabulary (no m4i.json): no caption likelihood")
+    predicted tokens (`CaptionerBundle.encode`: its words, cut at `max_len`, and EOS; for a Hugging Face directory
+    not built here, its tokenizer's ids as the model's own loss reads them) of -log p(token | image, previous
+    tokens), the loss training minimises (and a Hugging Face model's own `labels=` loss on that caption)."""
+    out = [_token_nll(logits, tok, bundle.pad).cpu().numpy()
+           for logits, tok in _teacher_forced(bundle, image_uris, captions, batch_size, device)]  # fmt: skip
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def caption_token_logprobs(
+    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], batch_size: int = 256,
+    device: str | None = None,
+) -> list[np.ndarray]:  # fmt: skip
+    """Each caption's log p(token | image, previous tokens) of its predicted tokens, in order (float64; the
+    tokens `caption_nll` averages: its value is minus each array's mean)."""
+    out = []
+    for logits, tok in _teacher_forced(bundle, image_uris, captions, batch_size, device):
+        target = tok[:, 1:]
+        logp = -nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=bundle.pad, reduction="none")
+        out += [row[real].cpu().numpy().astype(np.float64) for row, real in zip(logp, target != bundle.pad)]
+    return out
+
+
+def _teacher_forced(
+    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], batch_size: int, device: str | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float logits, token rows) of each batch of (image, caption) pairs, the model in eval mode."""
     if len(image_uris) != len(captions):
         raise ValueError(f"{len(image_uris)} images but {len(captions)} captions")
     dev = device_for(device)
     model = bundle.model.to(dev).eval()
-    out = []
     for start in range(0, len(image_uris), batch_size):
-        tok = torch.tensor([bundle.vocab.encode(c, bundle.spec.max_len)
-                            for c in captions[start : start + batch_size]], device=dev)  # fmt: skip
-        logits = model(bundle.pixels(image_uris[start : start + batch_size]).to(dev), tok).float()
-        target = tok[:, 1:]
-        token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="none")
-        real = (target != PAD).float()
-        out.append(((token_nll * real).sum(1) / real.sum(1).clamp(min=1)).cpu().numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+        tok = bundle.encode(captions[start : start + batch_size]).to(dev)
+        yield model(bundle.pixels(image_uris[start : start + batch_size]).to(dev), tok).float(), tok
 
 
 def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: dict[str, Any]) -> tuple[Path, str]:
@@ -506,7 +591,7 @@ def save_captioner(bundle: CaptionerBundle, out_dir: str | os.PathLike, info: di
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "model.safetensors"
     config = {"family": FAMILY, "spec": asdict(bundle.spec), **info}
-    if isinstance(bundle.model, VisionEncoderDecoderCaptioner):
+    if isinstance(bundle.model, HuggingFaceCaptioner):
         bundle.model.hf.save_pretrained(out)  # safetensors metadata {"format": "pt"} only: same weights, same bytes
         bundle.tokenizer.save_pretrained(out)
         bundle.image_processor.save_pretrained(out)
@@ -538,57 +623,48 @@ def _load_cnn_lstm(folder: Path, config: dict[str, Any]) -> CaptionerBundle:
     return bundle
 
 
-def _load_hugging_face(folder: Path) -> CaptionerBundle:
-    """Any VisionEncoderDecoder directory; with our `m4i.json` the spec and vocabulary come back as well."""
-    processor_file = image_processor_file(folder, "captioner checkpoint")
-    if not (folder / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"captioner checkpoint incomplete: {folder / 'tokenizer_config.json'} not found")
-    weights = folder / "model.safetensors"
-    try:
-        hf = transformers.VisionEncoderDecoderModel.from_pretrained(folder)
-    except OSError as exc:
-        if not weights.is_file():
-            raise FileNotFoundError(f"captioner checkpoint incomplete: {weights} not found ({exc})") from exc
-        raise ValueError(f"{weights} is not a readable checkpoint: {exc}") from exc
-    except Exception as exc:  # safetensors header errors, shape mismatches
-        first_line = str(exc).splitlines()[0]
-        raise ValueError(f"{weights} does not load into the model of {folder / 'config.json'}: {first_line}") from exc
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"the tokenizer files in {folder} (tokenizer_config.json, ...) do not load: {exc}") from exc
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"{processor_file} does not give an image processor: {exc}") from exc
+def _load_hugging_face(folder: Path, model_type: str) -> CaptionerBundle:
+    """Any Hugging Face image-to-text directory (`models.hf_captioner`); with our `m4i.json` the spec comes back as
+    well, and the vocabulary of a vit-gpt2."""
+    tokenizer, processor = load_tokenizer_and_processor(folder)
+    hf = load_model(folder, model_type)
+    vocab = None
     if (folder / M4I_FILE).is_file():
         try:
             spec = CaptionerSpec(**_read_json(folder / M4I_FILE)["spec"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{folder / M4I_FILE} is not a captioner spec: {exc!r}") from exc
-        words = tokenizer.get_vocab()
-        vocab = Vocabulary(words=tuple(sorted(words, key=words.__getitem__)))
+        if spec.arch in ARCHS:
+            words = tokenizer.get_vocab()
+            vocab = Vocabulary(words=tuple(sorted(words, key=words.__getitem__)))
     else:
-        enc, dec = hf.config.encoder, hf.config.decoder
+        config = hf.config
         spec = CaptionerSpec(
-            arch=f"{enc.model_type}-{dec.model_type}",
-            image_size=getattr(enc, "image_size", CaptionerSpec.image_size),
-            max_len=max_length - 2 if (max_length := hf.generation_config.max_length) else CaptionerSpec.max_len,
-        )
-        vocab = None
-    return CaptionerBundle(VisionEncoderDecoderCaptioner(hf), vocab, spec, processor, tokenizer)
+            arch=(f"{config.encoder.model_type}-{config.decoder.model_type}"
+                  if model_type == "vision-encoder-decoder" else HF_ARCH_PREFIX + model_type),
+            image_size=image_size(config) or CaptionerSpec.image_size,
+            max_len=min(hf.generation_config.max_length or CaptionerSpec.max_len + 2,
+                        text_positions(config) or CaptionerSpec.max_len + 2) - 2,
+        )  # fmt: skip
+    model = HuggingFaceCaptioner(hf, IGNORE if vocab is None else PAD)
+    return CaptionerBundle(model, vocab, spec, processor, tokenizer)
 
 
 def load_captioner(checkpoint_dir: str | os.PathLike, device: str | None = None) -> CaptionerBundle:
-    """Load a captioner folder: ours (either arch) or any Hugging Face VisionEncoderDecoder directory.
+    """Load a captioner folder: ours (any arch) or any Hugging Face image-to-text directory (VisionEncoderDecoder,
+    BLIP, GIT, ...; `models.hf_captioner`).
 
-    A missing or corrupt file is a clear error naming it (FileNotFoundError, ValueError)."""
+    A missing or corrupt file, or a config.json of no captioner, is a clear error naming it (FileNotFoundError,
+    ValueError)."""
     folder = Path(checkpoint_dir)
-    config = _read_json(folder / "config.json")
-    if config.get("model_type") == "vision-encoder-decoder":
-        bundle = _load_hugging_face(folder)
-    else:
+    config_path = folder / "config.json"
+    config = _read_json(config_path)
+    if "model_type" in config:
+        bundle = _load_hugging_face(folder, check_captioner_config(config_path, config))
+    elif config.get("family") == FAMILY:
         bundle = _load_cnn_lstm(folder, config)
+    else:
+        raise ValueError(f'{config_path} names neither a model_type nor family "captioner"; supported: {SUPPORTED}')
     bundle.model.to(torch.device(device or "cpu")).eval()
     return bundle
 
@@ -613,4 +689,11 @@ train_and_save = functools.partial(train_family_and_save, TRAINING)
 """`train_and_save(spec, image_uris, captions, out_dir, info, device=None, threads=None, validation=None)`: build
 the vocabulary from the training captions alone, then build, train (`train_captioner`) and save one captioner;
 returns (sha256, loss per epoch, parameter count, facts), the facts saved beside the spec (as "defense") for a
-defended spec. `models.training.train_and_save`."""
+defended spec. `models.training.train_and_save`.
+
+A shadow of a Hugging Face target's own architecture: `train_and_save(CaptionerSpec(arch="hf-<model_type>",
+extra={"config_dir": "<the target's directory>"}, epochs=..., batch_size=..., lr=..., max_len=..., seed=...),
+...)` trains a randomly initialised model of the directory's config on the directory's tokenizer (its weights are
+not read; the vocabulary built from the captions is not used) and saves it as a Hugging Face directory (model,
+tokenizer, image processor, `m4i.json` with the spec), which `load_captioner` loads and `families` recognises as
+arch `hf-<model_type>`, the target's own."""

@@ -30,7 +30,16 @@ HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face 
 # Processor saved by transformers 5, the image processor nested under "image_processor").
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 M4I_FILE = "m4i.json"  # the project's arch and info beside a Hugging Face directory's own files
+HF_ARCH_PREFIX = "hf-"
+"""`hf-<model_type>`: a Hugging Face directory's arch; as a captioner spec's arch, a model of `extra["config_dir"]`'s
+config (a shadow of a user's captioner's own architecture)."""
 HF_CLIP_ARCH = "hf-clip"  # the arch of a Hugging Face CLIP directory without our m4i.json
+# open_clip's hub layout (every LAION / DataComp checkpoint, and what `open_clip.push_to_hf_hub.save_for_hf` writes):
+# `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) beside the weights, in open_clip's order.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # fmt: skip
+OPEN_CLIP_HUB_ARCH = "open_clip:hub"  # the arch of an open_clip hub folder (its model_cfg names no model)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -80,13 +89,20 @@ def image_processor_file(folder: str | os.PathLike, what: str) -> Path:
     return found
 
 
-def hf_clip_arch(folder: str | os.PathLike) -> str:
-    """The arch of a Hugging Face CLIP directory: the config name in our `m4i.json`, else "hf-clip"."""
+def open_clip_weights_file(folder: str | os.PathLike) -> Path | None:
+    """The weights file of an open_clip hub folder (the first of `OPEN_CLIP_WEIGHTS_FILES` present), or None."""
+    return next((Path(folder) / n for n in OPEN_CLIP_WEIGHTS_FILES if (Path(folder) / n).is_file()), None)
+
+
+def hf_clip_arch(folder: str | os.PathLike, model_type: str = "clip") -> str:
+    """The arch of a Hugging Face dual-encoder directory: the config name in our `m4i.json`, else
+    `hf-<model_type>` ("hf-clip", "hf-siglip", "hf-siglip2", ...)."""
+    default = f"hf-{model_type}"  # HF_CLIP_ARCH for a CLIP
     try:
         arch = json.loads((Path(folder) / M4I_FILE).read_text()).get("arch")
     except (OSError, ValueError, AttributeError):
-        return HF_CLIP_ARCH
-    return arch if isinstance(arch, str) else HF_CLIP_ARCH
+        return default
+    return arch if isinstance(arch, str) else default
 
 
 def _first_line(exc: BaseException) -> str:
