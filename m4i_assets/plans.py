@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from m4i_assets.data.roles import shadow_split
-from m4i_assets.models.checkpoints import sha256_file
+from m4i_assets.models.checkpoints import HF_ARCH_PREFIX, sha256_file
 from m4i_assets.storage.home import Home
 
 # Offsets from the audit's seed. A model's recipe seed and its data draw share the offset of its model, except
@@ -99,19 +99,31 @@ def reference_jobs(settings: Any, population: pl.DataFrame) -> list[TrainJob]:
             for r in range(settings.n_reference_models)]  # fmt: skip
 
 
-def shadow_jobs(settings: Any, pools: list[pl.DataFrame]) -> list[TrainJob]:
+def shadow_jobs(settings: Any, pools: list[pl.DataFrame], targets: dict[str, str] | None = None) -> list[TrainJob]:
     """Shadow captioners: per population dataset (`pools`, in order), arch of `shadow_archs` and training
     repeat, the arch's recipe on a seeded half of the dataset's population, the other half its known
-    non-members."""
+    non-members. `targets` (arch -> directory) adds the architectures of audited targets that are built from their
+    config (a user's Hugging Face captioner, `hf-<model_type>`: random init, the target's tokenizer), so that a
+    user's captioner has an unrestricted scenario too."""
+    own = {arch: {"config_dir": d} for arch, d in sorted((targets or {}).items()) if arch not in settings.shadow_archs}
+    archs = [*((arch, None) for arch in settings.shadow_archs), *own.items()]
     jobs = []
     for d, pool in enumerate(pools):
         members, nonmembers = shadow_split(pool["record_id"].to_list(), settings.seed + seed_offset("shadow_split", d))
-        for a, arch in enumerate(settings.shadow_archs):
+        for a, (arch, extra) in enumerate(archs):
             for repeat in range(settings.shadow_seeds):  # training variance: same data, another seed
                 jobs.append(TrainJob("shadow", pool.filter(pl.col("record_id").is_in(members)),
-                                     settings.captioner_spec(arch, seed_offset("shadow", d, a, repeat)),
+                                     settings.captioner_spec(arch, seed_offset("shadow", d, a, repeat), extra),
                                      shadow_nonmembers=pool.filter(pl.col("record_id").is_in(nonmembers))))  # fmt: skip
     return jobs
+
+
+def config_built_targets(storage: Home, audit: str, n: int) -> dict[str, str]:
+    """arch -> checkpoint folder of the audit's `n` newest captioner targets whose architecture is built from
+    their config (`hf-<model_type>`), for `shadow_jobs`."""
+    repo = storage.repository
+    infos = [repo.model_info(v) for v in repo.latest_versions(audit, "target", n, family="captioner")]
+    return {i["arch"]: str(Path(i["checkpoint_uri"]).parent) for i in infos if i["arch"].startswith(HF_ARCH_PREFIX)}
 
 
 def controlled_plan(family: Any, settings: Any, records: Callable[..., pl.DataFrame]) -> dict[str, list[TrainJob]]:

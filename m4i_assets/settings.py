@@ -205,11 +205,14 @@ class AuditSettings(ConfigurableResource):
             seed=self.seed + seed_offset,
         )
 
-    def captioner_spec(self, arch: str, seed_offset: int = 0) -> CaptionerSpec:
+    def captioner_spec(self, arch: str, seed_offset: int = 0, extra: dict | None = None) -> CaptionerSpec:
+        """The audit's captioner recipe for `arch` (`extra`: what the arch reads beyond it, e.g. the `config_dir` of
+        an `hf-<model_type>` shadow)."""
         from m4i_assets.models.captioner import CaptionerSpec
 
         return CaptionerSpec(
             arch=arch,
+            extra=extra or {},
             image_size=self.captioner_image_size,
             max_len=self.captioner_max_len,
             epochs=self.captioner_epochs,

@@ -5,16 +5,10 @@ runs through its queue in lineage order: a schedule cannot ask for a backfill, s
 sensor that fires once per week, at its cron time.
 
 The watched folder is `$M4I_HOME/watched_models/`; each subfolder holds one checkpoint in a layout a
-family of the registry recognizes (`m4i_assets.families.describe_checkpoint`):
-
-- an open_clip CLIP: `model.json` with `{"family": "clip", "arch": <open_clip architecture>}` and exactly one
-  weights file, `model.safetensors` (as the platform saves them) or a torch file `*.pt`, `*.pth`, `*.bin`
-  (as open_clip's training writes them);
-- a Hugging Face CLIP directory: `config.json` with model_type "clip", `model.safetensors` or
-  `pytorch_model.bin`, tokenizer files and `preprocessor_config.json` or `processor_config.json` (arch:
-  our `m4i.json`'s, else "hf-clip");
-- a captioner: `model.safetensors` + `config.json`, this platform's CNN+LSTM or any Hugging Face
-  VisionEncoderDecoder directory.
+family of the registry recognizes (`m4i_assets.families.describe_checkpoint`, whose `SUPPORTED` lists them):
+an open_clip weights file beside a `model.json` naming its arch, an open_clip hub folder, a Hugging Face dual
+encoder (CLIP, SigLIP, ...), this platform's captioner or a Hugging Face image-to-text model (VisionEncoderDecoder,
+BLIP, GIT, ...).
 
 A new or changed checkpoint is copied under `models/`, registered as a `target` of the audit (its
 `checkpoint_uri` the weights file, whose sha256 names the model version), added as a model-version

@@ -88,7 +88,8 @@ def training_asset(family: Family):
             trained = selected & {family.models[2]} if family.helper_role == "shadow" else set()
             if selected - trained:
                 yield from register_audit_models(context, storage, audit, family, selected - trained)
-            plan = {key: plans.shadow_jobs(settings, [records(("population",), dataset=audit.dataset)])
+            own = plans.config_built_targets(storage, audit.name, len(audit.targets))
+            plan = {key: plans.shadow_jobs(settings, [records(("population",), dataset=audit.dataset)], own)
                     for key in trained}  # fmt: skip
         arch = {"arch": family.base_spec(settings).arch}
         yield from materialize_plan(context, settings, storage, compute, family.models_module(), plan, arch)
