@@ -475,6 +475,7 @@ def test_labelled_audit_of_users_encoders_through_the_daemon(data, siglip_tokeni
     and so is `clip_loss` (each model's own objective: InfoNCE or the sigmoid pair likelihood) for the trained."""
     manifest = Path(data["member"]["uri"][0]).parents[1] / "pairs.csv"
     models = tmp_path / "models"
+    models.mkdir()
     hub = {
         kind: open_clip_hub_export(kind, data, siglip_tokenizer_dir, models / f"hub-{kind}", STEPS)
         for kind in ("clip", "siglip")
