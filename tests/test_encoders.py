@@ -520,6 +520,7 @@ def test_labelled_audit_of_users_encoders_through_the_daemon(data, siglip_tokeni
     }
     twin_version = version_of["twin"][0]
     assert metrics[twin_version, "csa"][1] <= 0.5 <= metrics[twin_version, "csa"][2]
+    assert metrics[twin_version, "csa"][0] == pytest.approx(transformers_cosine_auc(twin, manifest), abs=0.01)
     library = {
         "hf-clip": lambda folder: transformers_cosine_auc(folder, manifest),
         "hf-siglip": lambda folder: transformers_auc(folder, data),

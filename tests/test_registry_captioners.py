@@ -120,6 +120,8 @@ def test_labelled_audit_of_users_captioners_completes_through_the_daemon(tmp_pat
     assert {attack for _, attack in metrics} == {"m4i_mb", "m4i_fb", "m4i_loss", "m4i_loss_ref", "blind_baseline"}
     twin_version = version_of["ved-base"]
     assert metrics[twin_version, "m4i_loss"][1] <= 0.5 <= metrics[twin_version, "m4i_loss"][2]
+    # the trained models' AUCs saturate at 1: the untrained twin's is where equality with transformers tells
+    assert abs(metrics[twin_version, "m4i_loss"][0] - transformers_loss_auc(twin, manifest)) < 0.01
     rows = pl.read_csv(manifest).filter(pl.col("split").is_in(["member", "nonmember"]))
     for name, folder in targets.items():
         version = version_of[name]
