@@ -66,11 +66,11 @@ from m4i_assets.models.hf_captioner import (
     check_captioner_config,
     image_size,
     load_model,
-    load_tokenizer_and_processor,
     teacher_forced_logits,
     text_positions,
     untrained_twin,
 )
+from m4i_assets.models.hf_files import tokenizer_and_image_processor
 from m4i_assets.models.training import (
     FamilyTraining,
     TrainingDefense,
@@ -626,7 +626,7 @@ def _load_cnn_lstm(folder: Path, config: dict[str, Any]) -> CaptionerBundle:
 def _load_hugging_face(folder: Path, model_type: str) -> CaptionerBundle:
     """Any Hugging Face image-to-text directory (`models.hf_captioner`); with our `m4i.json` the spec comes back as
     well, and the vocabulary of a vit-gpt2."""
-    tokenizer, processor = load_tokenizer_and_processor(folder)
+    tokenizer, processor = tokenizer_and_image_processor(folder, "captioner checkpoint")
     hf = load_model(folder, model_type)
     vocab = None
     if (folder / M4I_FILE).is_file():

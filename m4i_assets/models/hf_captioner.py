@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from m4i_assets.models.checkpoints import hf_weights_file, image_processor_file, read_json_object
+from m4i_assets.models.checkpoints import hf_weights_file, read_json_object
+from m4i_assets.models.hf_files import tokenizer_and_image_processor
 
 IGNORE = -100
 """What follows a caption's end in `caption_tokens` (the ignored label of Hugging Face losses)."""
@@ -144,24 +145,6 @@ def text_positions(config: transformers.PretrainedConfig) -> int | None:
     return positions if isinstance(positions, int) else None
 
 
-def load_tokenizer_and_processor(
-    folder: Path,
-) -> tuple[transformers.PreTrainedTokenizerBase, transformers.BaseImageProcessor]:
-    """A directory's tokenizer and image processor; FileNotFoundError or ValueError naming the file otherwise."""
-    processor_file = image_processor_file(folder, "captioner checkpoint")
-    if not (folder / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"captioner checkpoint incomplete: {folder / 'tokenizer_config.json'} not found")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"the tokenizer files in {folder} (tokenizer_config.json, ...) do not load: {exc}") from exc
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"{processor_file} does not give an image processor: {exc}") from exc
-    return tokenizer, processor
-
-
 def load_model(folder: Path, model_type: str) -> transformers.PreTrainedModel:
     """A directory's image-to-text model (weights `model.safetensors` or `pytorch_model.bin`); FileNotFoundError
     or ValueError naming the file otherwise."""
@@ -185,7 +168,7 @@ def untrained_twin(
     config_path = folder / "config.json"
     auto = auto_model_class(check_captioner_config(config_path, read_json_object(config_path, "not found")))
     config = transformers.AutoConfig.from_pretrained(folder)
-    tokenizer, processor = load_tokenizer_and_processor(folder)
+    tokenizer, processor = tokenizer_and_image_processor(folder, "captioner checkpoint")
     torch.manual_seed(seed)
     hf = auto.from_config(config)
     if (folder / "generation_config.json").is_file():

@@ -51,6 +51,7 @@ from m4i_assets.models.checkpoints import (
     load_weights,
     read_json_object,
 )
+from m4i_assets.models.hf_files import tokenizer_and_image_processor
 from m4i_assets.models.vocabulary import caption_words, word_level_tokenizer
 
 # A fast tokenizer's file, a CLIP BPE vocabulary, a sentencepiece model (SigLIP's, Gemma's, XLM-R's), a WordPiece one.
@@ -324,27 +325,6 @@ def is_clip_dir(folder: Path) -> bool:
     return True
 
 
-def _tokenizer_and_processor(folder: Path, processor_file: Path) -> tuple[Any, Any]:
-    """The tokenizer and image processor of a directory, as `AutoProcessor` gives them (else, or when it fails,
-    `AutoTokenizer` and `AutoImageProcessor`); a ValueError naming the files that do not load."""
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(folder)
-        tokenizer, image_processor = processor.tokenizer, processor.image_processor
-        if tokenizer is not None and image_processor is not None:
-            return tokenizer, image_processor
-    except Exception:  # the separate loaders below name the file that fails
-        pass
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"the tokenizer files in {folder} (tokenizer_config.json, ...) do not load: {exc}") from exc
-    try:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    except Exception as exc:
-        raise ValueError(f"{processor_file} does not give an image processor: {exc}") from exc
-    return tokenizer, image_processor
-
-
 def load(folder: Path, weights: Path | None = None) -> Parts:
     """Load a Hugging Face dual-encoder directory (its `weights` file, by default the one `from_pretrained`
     reads); FileNotFoundError or ValueError naming the missing or faulty file."""
@@ -355,8 +335,6 @@ def load(folder: Path, weights: Path | None = None) -> Parts:
         raise FileNotFoundError(
             f"CLIP checkpoint incomplete: {folder / HF_WEIGHTS_FILES[0]} not found (nor {HF_WEIGHTS_FILES[1]})"
         )
-    if not (folder / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / 'tokenizer_config.json'} not found")
     processor_file = image_processor_file(folder, "CLIP checkpoint")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / TOKENIZER_FILES[0]} not found")
@@ -366,7 +344,7 @@ def load(folder: Path, weights: Path | None = None) -> Parts:
     except Exception as exc:
         raise ValueError(f"{config_path} does not give a {cls.__name__}: {exc}") from exc
     load_weights(hf, weights, f"the {cls.__name__} of {config_path}")
-    tokenizer, processor = _tokenizer_and_processor(folder, processor_file)
+    tokenizer, processor = tokenizer_and_image_processor(folder, "CLIP checkpoint")
     text = getattr(config, "text_config", None)
     vocab_size = getattr(text, "vocab_size", None)
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
