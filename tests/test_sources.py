@@ -146,7 +146,8 @@ def test_webdataset_shard_streams_keys_and_rejects_unreadable_members(tmp_path):
     members += [("000000100.jpg", None), ("000000100.txt", b"a link, not an image")]  # unreadable member
     members += [("000000101.png", _encode("RGB", (5, 5, 5))), ("000000101.txt", b"caf\xe9 latin-1")]  # not UTF-8
     members += [("000000102.png", _encode("RGB", (6, 6, 6))), ("000000102.json", b'{"caption": "from json"}')]
-    shard = _tar(tmp_path / "00000.tar", members)
+    (tmp_path / "my shards%20").mkdir()  # a path the URI must quote, and its reader unquote
+    shard = _tar(tmp_path / "my shards%20" / "00000.tar", members)
     out = read_webdataset_shard(shard, "wds", RULES)
     # A missing file in a shard is a key without an image member: malformed, not missing_file.
     expected = _expected({"unreadable_tar_member": 1, "not_utf8": 1, "malformed_row": 1})

@@ -140,11 +140,12 @@ def read_image_bytes(uri: str) -> bytes:
     parsed = urlparse(uri)
     query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
     offset, size = int(query["offset"]), int(query["size"])
-    with open(parsed.path, "rb") as handle:
+    path = unquote(parsed.path)  # `tar_member_uri` quotes it
+    with open(path, "rb") as handle:
         handle.seek(offset)
         data = handle.read(size)
     if len(data) != size:
-        raise OSError(f"{parsed.path}: member {query.get('member')} is truncated ({len(data)} of {size} bytes)")
+        raise OSError(f"{path}: member {query.get('member')} is truncated ({len(data)} of {size} bytes)")
     return data
 
 
