@@ -159,6 +159,30 @@ def test_webdataset_shard_streams_keys_and_rejects_unreadable_members(tmp_path):
     assert deep.startswith("tar://") and np.asarray(open_rgb(deep))[0, 0].tolist() == [156, 156, 156]
 
 
+def test_webdataset_members_over_max_bytes_are_never_read(tmp_path, monkeypatch):
+    """A member larger than `max_bytes` is a `file_too_large` reject whose data the reader never holds (its key's
+    neighbours are records), whatever the member's size: the image, or a caption file."""
+    small, big = _encode("RGB", (1, 2, 3), size=(4, 4)), _encode("RGB", (9, 9, 9), size=(64, 64), fmt="BMP")
+    shard = _tar(tmp_path / "00000.tar", [("a.png", small), ("a.txt", b"a small one"), ("b.bmp", big),
+                                          ("b.txt", b"a big one"), ("c.png", _encode("RGB", (4, 5, 6), size=(4, 4))),
+                                          ("c.txt", b"x" * 1000)])  # fmt: skip
+    read_sizes = []
+    original = tarfile.ExFileObject.read
+
+    def counting_read(self, *args):
+        data = original(self, *args)
+        read_sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(tarfile.ExFileObject, "read", counting_read)
+    limit = 500
+    out = read_webdataset_shard(shard, "wds", RowRules(max_pixels=MAX_PIXELS, max_bytes=limit))
+    assert out.rows_in == 3 and out.records["caption"].to_list() == ["a small one"]
+    assert _reasons(out.rejects) == {"file_too_large": 2}
+    assert all("bytes > 500" in d for d in out.rejects["detail"]) and len(big) > limit
+    assert max(read_sizes) <= limit  # the large members were skipped in the stream, not read and dropped
+
+
 def test_truncated_and_compressed_shards(tmp_path):
     shard = _tar(tmp_path / "full.tar", _wds_members(zoo()[:3]))
     data = shard.read_bytes()

@@ -229,6 +229,8 @@ def check_row(row: dict, base: Path | None, rules: RowRules = DEFAULT_RULES) -> 
         return "unreadable_tar_member", row["__unreadable__"]
     if "__unreadable_shard__" in row:
         return "unreadable_shard", row["__unreadable_shard__"]
+    if "__too_large__" in row:
+        return "file_too_large", f"{row['__too_large__']} > {rules.max_bytes}"
     caption = row.get("caption")
     if "__image_bytes__" not in row and not isinstance(row.get("image"), str):
         return "malformed_row", "missing 'image' field"

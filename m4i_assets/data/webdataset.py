@@ -7,8 +7,10 @@ member's byte range (`images.tar_member_uri`), so shards must be uncompressed `.
 img2dataset writes them. A member that cannot be read (truncated shard, link instead of data) makes its
 key a reject (`unreadable_tar_member`); a corrupt header ends the shard with one reject for the rest; a
 file that is not a tar at all (or is cut inside its first header) is one `unreadable_shard` reject naming
-the shard. A registry's `columns: {caption: <key>}` names the `<key>.json` field a caption is read from
-when there is no `<key>.txt`.
+the shard. A member larger than the source's `max_bytes` (by its tar header) is never read and its key is a
+`file_too_large` reject: a worker holds at most `max_bytes` of any member, whatever the shard holds. A
+registry's `columns: {caption: <key>}` names the `<key>.json` field a caption is read from when there is no
+`<key>.txt`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ def _split(name: str) -> tuple[str, str]:
     return str(path.parent / stem) if str(path.parent) != "." else stem, ext.lower()
 
 
-def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str]], caption_key: str) -> dict:
-    """One key's members (extension -> (info, bytes, or an error message)) as a row for `check_row`."""
+def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str | None]], caption_key: str) -> dict:
+    """One key's members (extension -> (info, bytes, an error message, or None: larger than `max_bytes`, not
+    read)) as a row for `check_row`."""
     errors = [f"{info.name}: {data}" for info, data in members.values() if isinstance(data, str)]
     if errors:
         return {"__unreadable__": "; ".join(errors)}
+    too_large = [f"{info.name}: {info.size} bytes" for info, data in members.values() if data is None]
+    if too_large:
+        return {"__too_large__": "; ".join(too_large)}
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
     if not images:
         return {"__malformed__": f"no image member (found {', '.join(sorted(members))})"}
@@ -60,8 +66,9 @@ def _row(shard: Path, members: dict[str, tuple[tarfile.TarInfo, bytes | str]], c
     return row
 
 
-def shard_rows(shard: Path, caption_key: str = "caption") -> Iterator[tuple[str, dict]]:
-    """(locator, row) per key of one tar shard, streamed."""
+def shard_rows(shard: Path, caption_key: str = "caption", max_bytes: int | None = None) -> Iterator[tuple[str, dict]]:
+    """(locator, row) per key of one tar shard, streamed; a member larger than `max_bytes` (its header says) is
+    skipped unread, and its key is a `file_too_large` reject."""
     if not shard.is_file():
         raise FileNotFoundError(f"WebDataset shard not found: {shard}")
     with open(shard, "rb") as handle:
@@ -86,6 +93,9 @@ def shard_rows(shard: Path, caption_key: str = "caption") -> Iterator[tuple[str,
                 if not info.isfile():
                     members[ext] = (info, "a link or special file, not data")
                     continue
+                if max_bytes is not None and info.size > max_bytes:
+                    members[ext] = (info, None)  # the stream skips its data unread
+                    continue
                 try:
                     members[ext] = (info, tar.extractfile(info).read())
                 except (tarfile.TarError, OSError) as exc:
@@ -102,5 +112,5 @@ def shard_rows(shard: Path, caption_key: str = "caption") -> Iterator[tuple[str,
 
 def read_webdataset_shard(shard: str | os.PathLike, dataset: str, rules: RowRules = DEFAULT_RULES) -> Ingested:
     """Records and rejects of one tar shard (rows in = keys = records + rejects)."""
-    rows = shard_rows(Path(shard), rules.columns.get("caption", "caption"))
+    rows = shard_rows(Path(shard), rules.columns.get("caption", "caption"), rules.max_bytes)
     return ingest_rows(rows, dataset, None, RowRules(rules.max_pixels, rules.max_bytes, rules.root))
