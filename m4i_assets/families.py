@@ -24,6 +24,7 @@ from m4i_assets.models.checkpoints import (
     OPEN_CLIP_HUB_ARCH,
     OPEN_CLIP_WEIGHTS_FILES,
     WEIGHT_SUFFIXES,
+    checkpoint_tensor_count,
     hf_clip_arch,
     hf_weights_file,
     open_clip_weights_file,
@@ -273,27 +274,40 @@ def stage_checkpoint(staging: Path, audit: AuditSpec, checkpoint: Checkpoint) ->
     """A checkpoint of the audit registry as a folder `describe_checkpoint` knows: a folder that says what it is
     (a Hugging Face directory's `config.json`, an open_clip hub folder's `open_clip_config.json`) as it is, also when
     the registry names a file in it; another directory as it is (an open_clip folder without model.json gets one
-    from `arch:`); a bare weights file in a new folder under `staging` beside its model.json."""
+    from `arch:`); a bare weights file in a new folder under `staging` beside its model.json. Its weights file is
+    read before anything is registered (a safetensors header parsed, a torch file loaded weights-only), so a file
+    that is no checkpoint, or pickles objects, is refused here, naming it; nothing staged outlives a refusal."""
     path = Path(checkpoint.path)
     if not path.exists():
         raise FileNotFoundError(f"audit {audit.name!r}: checkpoint not found: {path}")
     folder = path if path.is_dir() else path.parent
     self_describing = any((folder / name).is_file() for name in CHECKPOINT_FILES[1:])
     if not self_describing and (path.is_file() or (checkpoint.arch and not (folder / "model.json").is_file())):
-        staged = Path(tempfile.mkdtemp(dir=staging))
         weights = path if path.is_file() else None
         if weights is None:
             found = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
             if len(found) != 1:
                 raise ValueError(f"audit {audit.name!r}: {folder} needs exactly one weights file, found {len(found)}")
             weights = found[0]
+        if weights.suffix not in WEIGHT_SUFFIXES:
+            suffixes = ", ".join(WEIGHT_SUFFIXES)
+            raise ValueError(
+                f"audit {audit.name!r}: {weights} is not a checkpoint: give a weights file ({suffixes}) or a "
+                f"checkpoint folder; supported: {SUPPORTED}"
+            )
         arch = checkpoint.arch or read_json_object(weights.parent / "model.json").get("arch")
         if not isinstance(arch, str) or not arch:
             raise ValueError(f"audit {audit.name!r}: {path} needs `arch:` (an open_clip architecture) in the registry")
-        shutil.copy(weights, staged / weights.name)
-        (staged / "model.json").write_text(json.dumps({"family": audit.family, "arch": arch}))
-        folder = staged
-    described = describe_checkpoint(folder)
-    if described.family != audit.family:
-        raise ValueError(f"audit {audit.name!r} audits {audit.family} models, but {path} is a {described.family}")
+        folder = Path(tempfile.mkdtemp(dir=staging))
+        shutil.copy(weights, folder / weights.name)
+        (folder / "model.json").write_text(json.dumps({"family": audit.family, "arch": arch}))
+    try:
+        described = describe_checkpoint(folder)
+        if described.family != audit.family:
+            raise ValueError(f"audit {audit.name!r} audits {audit.family} models, but {path} is a {described.family}")
+        checkpoint_tensor_count(described.weights)
+    except (OSError, ValueError):
+        if folder.parent == staging:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder, described

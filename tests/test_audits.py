@@ -262,3 +262,30 @@ def test_rematerializing_the_plan_keeps_the_skips_of_defended_versions(tmp_path)
     assert rows.rows() == [("csa", "run", ""), ("wsa", "skipped", "v+round")]
     replace_plan_rows(storage, "acme", skip.head(0), ["v+round"])
     assert storage.read("SELECT count(*) AS n FROM audit_plan WHERE audit = 'acme'")["n"][0] == 1
+
+
+def test_checkpoints_are_read_before_they_are_registered(tmp_path):
+    """A registry target that is no checkpoint (a CSV), a torch file that pickles an object, or a safetensors
+    file with a broken header is refused when it is staged, naming the file, and leaves nothing staged behind."""
+    from m4i_assets.data.audits import AuditSpec, Checkpoint
+    from m4i_assets.families import stage_checkpoint
+    from m4i_assets.models import clip
+
+    staging = tmp_path / "home"
+    staging.mkdir()
+    audit = AuditSpec("acme", "clip", "d", "split", {"member": ("m",), "nonmember": ("n",)}, ())
+    (tmp_path / "pairs.csv").write_text("image,caption\n")
+    with pytest.raises(ValueError, match=r"pairs.csv is not a checkpoint: give a weights file .*supported: clip"):
+        stage_checkpoint(staging, audit, Checkpoint(str(tmp_path / "pairs.csv"), "m4i-tiny-vit"))
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "optimizer": Path("x")}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"pickled.pt is not a readable weights-only torch checkpoint: it pickles"):
+        stage_checkpoint(staging, audit, Checkpoint(str(tmp_path / "pickled.pt"), "m4i-tiny-vit"))
+    folder = tmp_path / "broken"
+    clip.save_clip(clip.build_clip("m4i-tiny-vit"), folder, {})
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # a header length no file has
+    with pytest.raises(ValueError, match=r"broken/model.safetensors is not a readable safetensors checkpoint"):
+        stage_checkpoint(staging, audit, Checkpoint(str(folder)))
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors checkpoint"):
+        stage_checkpoint(staging, audit, Checkpoint(str(weights), "m4i-tiny-vit"))  # a staged copy, then removed
+    assert list(staging.iterdir()) == []
