@@ -207,6 +207,12 @@ def test_registry_errors_name_the_file(tmp_path):
         ("datasets: [{name: a, format: manifest, path: x, colour: red}]", "unknown keys \\['colour'\\]"),
         ("datasets: [{name: a, format: manifest, path: x}, {name: a, format: manifest, path: y}]", "unique"),
         ("datasets: [{format: manifest, path: x}]", "needs name, format and path"),
+        # field types and ranges, before anything is read
+        ("datasets: [{name: a, format: manifest, path: x, max_bytes: -5}]", "max_bytes must be a positive integer"),
+        ("datasets: [{name: a, format: manifest, path: x, max_pixels: lots}]", "max_pixels must be a positive int"),
+        ("datasets: [{name: a, format: manifest, path: x, root: 42}]", "root must be a string, not 42"),
+        ("datasets: [{name: a, format: coco, path: x, images: [a]}]", "images must be a string"),
+        ("datasets: [{name: a, format: manifest, path: x, shards: 0}]", "shards must be a positive integer"),
     ]:
         registry.write_text(text)
         with pytest.raises(ValueError, match=message) as info:

@@ -71,6 +71,13 @@ class SourceSpec:
     corpus: corpus_gen.CorpusSpec | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("name", "format", "path", "images", "root"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"dataset {self.name!r}: {name} must be a string, not {getattr(self, name)!r}")
+        for name in ("shards", "max_pixels", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"dataset {self.name!r}: {name} must be a positive integer, not {value!r}")
         if self.format not in FORMATS:
             raise ValueError(f"dataset {self.name!r}: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         if not self.name or "/" in self.name:
@@ -79,8 +86,6 @@ class SourceSpec:
             raise ValueError(f"dataset {self.name!r}: a coco source needs 'images' (the image folder)")
         if self.format == "embedded" and self.corpus is None:
             raise ValueError(f"dataset {self.name!r}: an embedded source needs its corpus spec")
-        if self.shards < 1:
-            raise ValueError(f"dataset {self.name!r}: shards must be >= 1")
         if not isinstance(self.columns, dict):
             raise ValueError(f"dataset {self.name!r}: columns must be a mapping (record field: column name)")
         try:
@@ -162,7 +167,8 @@ def load_registry(path: str | os.PathLike) -> list[SourceSpec]:
         unknown = sorted(set(entry) - REGISTRY_KEYS)
         if unknown or entry["format"] == "embedded":
             raise ValueError(f"{path}: datasets[{i}]: unknown keys {unknown} or format 'embedded' (set by the audit)")
-        resolved = {k: str(path.parent / v) if k in ("path", "images", "root") else v for k, v in entry.items()}
+        resolved = {k: str(path.parent / v) if k in ("path", "images", "root") and isinstance(v, str) else v
+                    for k, v in entry.items()}  # fmt: skip
         try:
             sources.append(SourceSpec(**resolved))
         except (TypeError, ValueError) as exc:
