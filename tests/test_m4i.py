@@ -83,6 +83,14 @@ def test_mfe_aligns_images_with_their_captions(tiny_corpus):
     assert twin.to_bytes() == mfe.to_bytes()  # seeded: same data, same bytes
     # words the MFE never saw are dropped, not an error; an all-unknown caption is the zero bag
     assert mfe.bag_of_words(["zebra quokka"]).sum() == 0
+    # its retrieval quality: recall@k against chance k / n, kept in its bytes (here on its own training pairs)
+    quality = m4i.retrieval_quality(mfe, uris, captions)
+    assert quality["n_pairs"] == 40 and quality["chance@1"] == 1 / 40 and quality["chance@5"] == 5 / 40
+    assert quality["recall@5"] >= quality["recall@1"] > 5 * quality["chance@1"]
+    shuffled_quality = m4i.retrieval_quality(mfe, uris, captions[1:] + captions[:1])
+    assert shuffled_quality["recall@1"] < quality["recall@1"]
+    mfe.quality = quality
+    assert m4i.Mfe.from_bytes(mfe.to_bytes()).quality == quality
 
 
 def test_attacker_split_gives_the_mfe_and_the_fb_classifier_disjoint_halves():
@@ -110,6 +118,7 @@ def test_scenario_scores_and_table_from_two_shadows(tiny_corpus):
         fitted = m4i.train_attack_models(metrics, uris, captions, captions, y, m4i.ShadowClassifier(("logreg",)),
                                          m4i.ShadowClassifier(("logreg",)), spec, seed, "cpu")  # fmt: skip
         assert not (fitted.mfe_part & fitted.fb_part).any() and fitted.mb.kind_ == fitted.fb.kind_ == "logreg"
+        assert fitted.mfe.quality["n_pairs"] == fitted.fb_part.sum()  # measured on the half it never saw
         nll = rng.normal(2, 0.1, 50)
         shadows.append(m4i.Shadow(f"cap-{arch}", "shapes", arch, seed, fitted.mb, fitted.mfe, fitted.fb, nll))
     cands = pl.DataFrame({"record_id": [f"r{i:02d}" for i in range(40)], "image_uri": uris,

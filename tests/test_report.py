@@ -60,3 +60,12 @@ def test_null_control_verdict_names_the_attacks_off_chance():
     assert not passed and len(off) == 1 and off[0].startswith("aea") and "excludes 0.5" in message
     assert report.null_control_verdict("null_control", rows[:1])[0]
     assert report.null_control_verdict("target", rows) == (True, "applies to null controls only; this is a target", [])
+
+
+def test_extractor_quality_is_a_table_beside_the_scenarios():
+    from m4i_assets.metrics.report import extractors_markdown
+
+    measured = {"n_pairs": 48, "recall@1": 0.0625, "chance@1": 1 / 48, "recall@5": 0.25, "chance@5": 5 / 48}
+    text = extractors_markdown({"captioner-a@x": measured, "captioner-b@x": {}})
+    assert "| captioner-a@x | 48 | 0.062 (0.021) | 0.250 (0.104) |" in text
+    assert "| captioner-b@x | n/a | NULL (NULL) | NULL (NULL) |" in text

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import polars as pl
@@ -178,9 +178,13 @@ class MultimodalFeatureExtractor(nn.Module):
 
 @dataclass
 class Mfe:
+    """A trained MFE with its vocabulary and recipe; `quality` is its image-to-text retrieval on held-out pairs
+    (`retrieval_quality`), kept with it so that a weak extractor is visible wherever FB is reported."""
+
     model: MultimodalFeatureExtractor
     words: tuple[str, ...]
     spec: MfeSpec
+    quality: dict = field(default_factory=dict)
 
     def bag_of_words(self, captions: list[str]) -> torch.Tensor:
         """Word counts over the MFE's vocabulary (words it never saw are dropped), L1-normalised."""
@@ -194,7 +198,7 @@ class Mfe:
 
     def to_bytes(self) -> bytes:
         # One metadata key: safetensors writes a map's keys in varying order, and the bytes must not vary.
-        meta = {"mfe": json.dumps({"spec": asdict(self.spec), "words": list(self.words)})}
+        meta = {"mfe": json.dumps({"spec": asdict(self.spec), "words": list(self.words), "quality": self.quality})}
         return save({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, metadata=meta)
 
     @classmethod
@@ -203,7 +207,7 @@ class Mfe:
         spec, words = MfeSpec(**meta["spec"]), tuple(meta["words"])
         model = MultimodalFeatureExtractor(len(words), spec)
         model.load_state_dict(load(data), strict=True)
-        return cls(model.eval(), words, spec)
+        return cls(model.eval(), words, spec, meta.get("quality", {}))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -243,6 +247,24 @@ def fb_features(mfe: Mfe, image_uris: list[str], generated: list[str], batch_siz
         bows = mfe.bag_of_words(generated[start : start + batch_size])
         out.append((mfe.model.image(images) - mfe.model.text(bows)).abs().numpy())
     return np.concatenate(out) if out else np.zeros((0, mfe.spec.dim))
+
+
+@torch.no_grad()
+def retrieval_quality(mfe: Mfe, image_uris: list[str], captions: list[str], ks: tuple[int, ...] = (1, 5)) -> dict:
+    """How well the MFE tells whether a caption describes an image, on pairs it was not fit on: image-to-text
+    recall@k (each image's own reference caption among the k most similar of all the pairs' captions) and its
+    chance level k / n. An extractor near chance cannot give FB a signal (M^4I section 3.3 assumes a strong one)."""
+    n = len(image_uris)
+    if n < 2:
+        return {}
+    images = load_image_tensor(image_uris, mfe.spec.image_size)
+    similarity = mfe.model.image(images) @ mfe.model.text(mfe.bag_of_words(captions)).T
+    rank = (similarity > similarity.diagonal()[:, None]).sum(dim=1)  # captions scored above the image's own
+    quality = {"n_pairs": n}
+    for k in ks:
+        quality[f"recall@{k}"] = float((rank < k).float().mean())
+        quality[f"chance@{k}"] = min(k, n) / n
+    return quality
 
 
 def attacker_split(is_member: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,12 +307,14 @@ def train_attack_models(
     """Fit the attacker's models on one shadow captioner's records (its caption `metrics`, images, reference and
     `generated` captions, ground truth): `mb` on every record's caption metrics; the MFE on a seeded half
     (`attacker_split`) and `fb` on |MFE_img - MFE_txt(generated)| of the other half, so the FB classifier never
-    learns from a record the MFE was fit on."""
+    learns from a record the MFE was fit on; the MFE's retrieval quality is measured on that other half (with its
+    reference captions), which it never saw."""
     y = np.asarray(is_member, dtype=bool)
     mb.fit(metrics, y)
     mfe_part, fb_part = attacker_split(y, seed)
     mfe_rows, fb_rows = np.flatnonzero(mfe_part), np.flatnonzero(fb_part)
     mfe = train_mfe([image_uris[i] for i in mfe_rows], [captions[i] for i in mfe_rows], mfe_spec, device)
+    mfe.quality = retrieval_quality(mfe, [image_uris[i] for i in fb_rows], [captions[i] for i in fb_rows])
     fb.fit(fb_features(mfe, [image_uris[i] for i in fb_rows], [generated[i] for i in fb_rows]), y[fb_part])
     return AttackModels(mb, mfe, fb, mfe_part, fb_part)
 

@@ -211,6 +211,17 @@ def scenarios_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def extractors_markdown(extractors: dict[str, dict]) -> str:
+    """Each shadow's MFE retrieval quality on its held-out pairs (`attacks.m4i.retrieval_quality`) as markdown:
+    an FB attack is only as good as the extractor whose features it classifies."""
+    header = "| shadow | held-out pairs | MFE image-to-text recall@1 (chance) | recall@5 (chance) |"
+    lines = [header, "|---|---|---|---|"]
+    for shadow, q in extractors.items():
+        cells = [f"{_num(q.get(f'recall@{k}'))} ({_num(q.get(f'chance@{k}'))})" for k in (1, 5)]
+        lines.append(f"| {shadow} | {q.get('n_pairs', 'n/a')} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def seed_spread(values: list[float | None]) -> tuple[float | None, float | None]:
     """(mean, standard deviation) of one figure over training seeds: the mean is None if any seed's figure is
     NULL, the standard deviation also with a single seed (the spread is unmeasured)."""
