@@ -3,7 +3,7 @@ shadow captioners, defended versions' validation data), each model with its trai
 all seeds derived here from the audit's seed (`seed_offset`), the fingerprint that decides reuse, and how a
 plan's jobs train (in worker processes) and register (`train_and_register`).
 
-The null control gets the target's recipe and budget on population records only (ATTACKS.md section 4);
+The null control gets the target's recipe and budget on population records only (README, Rules of evidence);
 each reference CLIP the target's recipe on a seeded half of the population (LiRA, Carlini et al. 2022); each
 shadow captioner a seeded half of one population dataset, the other half its known non-members (M^4I,
 Hu et al. 2022, section 3).

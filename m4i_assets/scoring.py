@@ -1,7 +1,8 @@
 """How each attack scores one audited model version: the facts of the version read once (`Audited`), one scorer
 per attack turning its stored signals into scores of the candidates and the known non-members (`Scored`), and
 the registry of attacks (`SCORERS`) the Dagster layer generates one asset from each. The science is in
-`m4i_assets.attacks`; this module only aligns signals by record id and calls it (ATTACKS.md sections 1-6)."""
+`m4i_assets.attacks`; this module only aligns signals by record id and calls it (the README's attack tables name
+each one's source)."""
 
 from __future__ import annotations
 
@@ -310,7 +311,7 @@ SCORERS = [
            "similarity of each candidate (and known non-member).", score_csa),
     Scorer("aea", "aea_scores", ["augmentation_deltas"], "AEA (Ko et al. 2023, section 3.3): clean CS and the "
            "augmentation deltas, aggregated on the known non-members' scale (`settings.aea_aggregation`).", score_aea),
-    Scorer("clip_loss", "clip_loss_scores", ["embeddings"], "`clip_loss` (ATTACKS.md section 6): the model's own "
+    Scorer("clip_loss", "clip_loss_scores", ["embeddings"], "`clip_loss` (ours, beyond both papers): the model's own "
            "pairing objective for each candidate's matched pair against the known non-members' captions and images, "
            "both directions: the InfoNCE log-probability at the logit scale (CLIP-type), or the sigmoid pair "
            "log-likelihood at the logit scale and bias (SigLIP-type).", score_clip_loss),

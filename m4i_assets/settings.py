@@ -50,7 +50,7 @@ class AuditSettings(ConfigurableResource):
     audit_registry: str = ""
     # Roles
     n_members: int = 500
-    # 1000 non-members, so that TPR at 1% FPR rests on ten possible false positives (ATTACKS.md section 5)
+    # 1000 non-members, so that TPR at 1% FPR rests on ten possible false positives (README, Rules of evidence)
     n_nonmembers: int = 1000
     n_known_nonmembers: int = 500
     # CLIP training (target and null control share it; the null control trains on an equally large
@@ -77,7 +77,7 @@ class AuditSettings(ConfigurableResource):
     fb_classifiers: list[str] = ["logreg", "mlp"]  # chosen on a shadow validation split
     mfe_dim: int = 256
     mfe_epochs: int = 20
-    # Defenses (ATTACKS.md section 3): strengths per defense for the defended versions of each family's
+    # Defenses (README, Defenses): strengths per defense for the defended versions of each family's
     # target (`m4i_assets.defenses.grid`); DP-SGD's clipping norm and delta; early stopping's validation
     # records, drawn from the population (never a candidate).
     clip_defenses: dict[str, list[float]] = {
@@ -96,7 +96,7 @@ class AuditSettings(ConfigurableResource):
     dp_delta: float = 1e-5
     n_validation: int = 100
     # Attacks
-    # No default below was chosen by looking at the candidates' labels (ATTACKS.md section 5): each is a
+    # No default below was chosen by looking at the candidates' labels (README, Rules of evidence): each is a
     # paper's value or a rule fixed on the known non-members (README, "Choices where the papers are silent").
     n_reference_models: int = 4  # reference CLIPs for the calibrated attacks, each on half the population
     aea_aggregation: str = "known_zscore"  # mean | known_zscore | known_lr (`attacks.aea`)
@@ -231,7 +231,7 @@ PROFILES: dict[str, dict] = {
     "default": {},  # the demo: 500 members, 1000 non-members, 500 known non-members, 1000 population records
     # `make demo-defenses`: both families' defenses on 2 cores: an 1800-record corpus of its own (its own
     # audit too, beside a home's default one), 200 members and known non-members, 1000 non-members (so that
-    # TPR@1%FPR rests on ten possible false positives, ATTACKS.md section 5: the training sets, and so the
+    # TPR@1%FPR rests on ten possible false positives, the rules of evidence: the training sets, and so the
     # training time, stay those of 200 members and a 400-record population), two reference CLIPs, one shadow
     # captioner (unrestricted scenario), and a reduced grid: no clipping-only DP-SGD (noise 0: no privacy, epsilon
     # infinite) and no embedding noise at 0.02 (a naive TPR of 0.845 against 0.870 undefended, the previous table),

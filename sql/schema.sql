@@ -1,4 +1,4 @@
--- The warehouse's tables (the storage contract of PLATFORM.md). Created idempotently by the
+-- The warehouse's tables (README, Storage contract). Created idempotently by the
 -- platform before every write; column names are a contract that the views and users rely on.
 
 CREATE TABLE IF NOT EXISTS records (
@@ -133,7 +133,7 @@ CREATE TABLE IF NOT EXISTS attack_metrics (
     computed_at                TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack)
 );
--- Honest low-FPR figures (ATTACKS.md section 5): a TPR at x FPR is NULL unless n_nonmembers * x >= 10, with
+-- Honest low-FPR figures (README, Rules of evidence): a TPR at x FPR is NULL unless n_nonmembers * x >= 10, with
 -- the reason; the raw figure stays beside it for the privacy-utility curves. Beside them, the threshold at the
 -- known non-members' (1 - x) quantile and, at it, the candidates' TPR and realised FPR with Clopper-Pearson CIs.
 ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_null_reason VARCHAR;
@@ -156,7 +156,7 @@ ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct D
 ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct_ci_low DOUBLE;
 ALTER TABLE attack_metrics ADD COLUMN IF NOT EXISTS known_threshold_fpr_0_1pct_ci_high DOUBLE;
 
-CREATE TABLE IF NOT EXISTS attack_comparisons (  -- paired bootstrap differences (ATTACKS.md section 5)
+CREATE TABLE IF NOT EXISTS attack_comparisons (  -- paired bootstrap differences (README, Rules of evidence)
     model_version VARCHAR NOT NULL,
     audit         VARCHAR NOT NULL,
     attack        VARCHAR NOT NULL,
@@ -240,7 +240,7 @@ CREATE TABLE IF NOT EXISTS model_utility (      -- what a model version is good 
     PRIMARY KEY (model_version, metric)
 );
 
-CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each defended version (ATTACKS.md 3)
+CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each defended version (README, Defenses)
     audit                    VARCHAR NOT NULL,
     family                   VARCHAR NOT NULL,    -- clip | captioner
     defense                  VARCHAR NOT NULL,    -- 'none' for the undefended target, the curves' reference
@@ -268,7 +268,7 @@ CREATE TABLE IF NOT EXISTS defense_evaluations (  -- privacy vs utility of each 
     computed_at              TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model_version, attack)
 );
--- ATTACKS.md section 5: tpr_at_1pct_fpr is NULL below 1000 non-members (the reason beside it); the curves read
+-- the rules of evidence: tpr_at_1pct_fpr is NULL below 1000 non-members (the reason beside it); the curves read
 -- the TPR at the known non-members' 1% threshold and the realised FPR on the candidates, Clopper-Pearson CIs.
 ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS tpr_at_1pct_fpr_null_reason VARCHAR;
 ALTER TABLE defense_evaluations ADD COLUMN IF NOT EXISTS known_threshold_tpr_1pct DOUBLE;

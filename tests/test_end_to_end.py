@@ -219,7 +219,7 @@ def test_defended_versions_are_audited_and_set_against_utility(demo_home):
         figures = db.execute("SELECT tpr_at_1pct_fpr, tpr_at_1pct_fpr_null_reason, known_threshold_tpr_1pct, "
                              "known_threshold_tpr_1pct_ci_low, known_threshold_tpr_1pct_ci_high FROM "
                              "defense_evaluations WHERE attack = 'csa'").fetchall()  # fmt: skip
-        # 48 non-members: no TPR@1%FPR (ATTACKS.md section 5), the known-threshold TPR with its CI instead
+        # 48 non-members: no TPR@1%FPR (the rules of evidence), the known-threshold TPR with its CI instead
         assert all(r[0] is None and "false positives" in r[1] and r[3] <= r[2] <= r[4] for r in figures)
         assert all(r[3] is not None and r[3] >= 0 and r[4] == chance for r in judged)
     finally:

@@ -31,7 +31,7 @@ def _tables():
         "defense_facts": [None, json.dumps({"dp": {"epsilon": 30.0}}), json.dumps({"dp": {"epsilon": 2.0}}), None],
     })  # fmt: skip
     tpr = {"t": (0.5, 0.2), "dp1": (0.3, 0.1), "dp2": (0.05, 0.02), "noise": (0.2, 0.25)}  # (csa, aea)
-    # 200 non-members: TPR@1%FPR is NULL (ATTACKS.md section 5), the known-threshold TPR is what the curves read
+    # 200 non-members: TPR@1%FPR is NULL (the rules of evidence), the known-threshold TPR is what the curves read
     metrics = pl.DataFrame([
         {"model_version": v, "attack": a, "auc": 0.5 + t, "auc_ci_low": 0.4, "auc_ci_high": 0.9,
          "tpr_at_1pct_fpr": None, "tpr_at_1pct_fpr_ci_low": None, "tpr_at_1pct_fpr_ci_high": None,

@@ -1,7 +1,7 @@
 """AEA, the augmentation-enhanced attack (Ko et al., ICCV 2023, section 3.3).
 
 delta_k = CS(x, t) - CS(T_k(x), t): a memorised pair loses more similarity under augmentation than an
-unseen one. The released code has no AEA, so the aggregation is ours (ATTACKS.md section 1). Every
+unseen one. The released code has no AEA, so the aggregation is ours (Ko et al. 2023). Every
 aggregation but the paper-shaped `mean` is fixed on the *known non-members* alone (never on the
 candidates, so a score does not depend on which other candidates are scored or on their member share):
 

@@ -5,7 +5,7 @@ It sees only model-free features of each record: caption text (word and bigram T
 statistics), image statistics (per-channel mean and spread, brightness, edge energy, size, file
 bytes). Scores are out-of-fold P(member) from repeated stratified k-fold cross-validation with a
 seeded logistic regression. If this baseline is well above chance, member and non-member sets differ in
-distribution and any attack's AUC measures that shift, not membership (ATTACKS.md section 4).
+distribution and any attack's AUC measures that shift, not membership (README, Rules of evidence).
 """
 
 import io

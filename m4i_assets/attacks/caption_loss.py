@@ -1,4 +1,4 @@
-"""Likelihood attacks on image captioners (ATTACKS.md section 6, "captioner likelihood").
+"""Likelihood attacks on image captioners (README, Choices where the papers are silent).
 
 `m4i_loss`: the teacher-forced negative log-likelihood of the record's reference caption given its image
 under the target (mean over the caption's tokens); training minimises exactly this on the members, so

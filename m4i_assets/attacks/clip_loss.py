@@ -1,4 +1,4 @@
-"""`clip_loss`: the model's own pairing loss of the matched pair (ATTACKS.md section 6).
+"""`clip_loss`: the model's own pairing loss of the matched pair (README, Choices where the papers are silent).
 
 A dual encoder is trained to score each matched (image, caption) pair above the other pairs of its batch, so
 a member keeps a high score of its own caption against *any* negatives. The score of a record is its pair's

@@ -1,4 +1,4 @@
-"""M^4I, membership inference against image captioners (Hu et al., NeurIPS 2022; ATTACKS.md section 2).
+"""M^4I, membership inference against image captioners (Hu et al., NeurIPS 2022).
 
 Both attacks learn on a *shadow* captioner whose members and non-members the attacker knows, then
 classify the target's outputs:

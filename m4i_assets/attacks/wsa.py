@@ -8,7 +8,7 @@
 3. An MLP learns pseudo-members (1) vs known non-members (0), class-balanced (the larger class is
    subsampled to the smaller), paper architecture d -> 512 -> 256 -> 128 -> 2, ReLU, Adam lr 1e-3, batch 32,
    at most 15 epochs, early stopping with patience 3 on a 10% validation split. Score = P(member).
-Never score a record with a model fit on it (ATTACKS.md section 5): the candidates are split into K seeded
+Never score a record with a model fit on it (README, Rules of evidence): the candidates are split into K seeded
 folds; fold k's scores come from an MLP trained on the pseudo-members of the other folds
 (`CrossFittedWsa`). Features are configurable (`wsa_features`): the paper's concat[f_img, f_txt], the
 element-wise product f_img * f_txt (whose sum is CS), and CS and the augmentation deltas.

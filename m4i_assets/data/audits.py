@@ -18,7 +18,7 @@
         references: [models/ref-0, models/ref-1] # optional
         attacks: [csa, aea, wsa, blind_baseline] # optional; default: every attack the audit can run
 
-Kinds (ATTACKS.md section 5): *labelled* (members and non-members given: every metric), *unlabelled*
+Kinds (README, Rules of evidence): *labelled* (members and non-members given: every metric), *unlabelled*
 (`candidate` and `known_nonmember` only: scores, exposure ranks and an estimated membership rate, no AUC)
 and *controlled* (no registry entry: the platform draws the roles and trains every model).
 

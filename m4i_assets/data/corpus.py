@@ -8,7 +8,7 @@ varied phrasing. Captions are unique across the corpus. Same `CorpusSpec`, same 
 The corpus is written as image files plus a JSONL manifest and is ingested through the same manifest
 reader as users' data (`m4i_assets.data.manifest`), so it is one source among others, not a special
 path. `style="shifted"` renders a deliberately different distribution (muted palette, terse caption
-style), used to show the blind-baseline shift gate firing (ATTACKS.md section 4).
+style), used to show the blind-baseline shift gate firing (README, Rules of evidence).
 
 `style="sketch"` is a second caption domain, a different dataset over the same scene sampler, for the
 data-restricted scenario (shadow model trained on another dataset than the target's; Hu et al. 2022):

@@ -2,7 +2,7 @@
 
 A manifest row names a local image (`image`, relative to the manifest's folder or absolute) and its
 `caption`, with optional `record_id`, `split` and `metadata`. Every row ends up in exactly one of the
-two outputs: rows in = records + rejects (PLATFORM.md, storage contract).
+two outputs: rows in = records + rejects (README, Storage contract).
 
 `record_id` is a content hash of the image bytes and the caption, so re-ingesting is idempotent and
 an exact duplicate is detected (and rejected with reason `duplicate`).

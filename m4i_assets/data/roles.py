@@ -3,7 +3,7 @@
 - `member`: the target model's training data.
 - `nonmember`: held out from the same distribution; with the members, the *candidates* every attack
   scores (is_member is exact ground truth).
-- `known_nonmember`: non-members the attacker is allowed to know (WSA, ATTACKS.md section 1).
+- `known_nonmember`: non-members the attacker is allowed to know (WSA, Ko et al. 2023).
 - `population`: data no candidate overlaps, for null-control and reference models (section 4) and
   the attacker's shadow models (section 2). A second dataset's records are all population.
 """
@@ -78,7 +78,7 @@ def controlled_roles(
 
 def shadow_split(population_ids: list[str], seed: int) -> tuple[list[str], list[str]]:
     """A shadow model's known members and non-members: a seeded half of the population and the rest
-    (M^4I's attacker data, disjoint from every candidate; ATTACKS.md section 2), both sorted."""
+    (M^4I's attacker data, disjoint from every candidate; Hu et al. 2022), both sorted."""
     ids = np.array(sorted(population_ids))
     members = np.zeros(len(ids), dtype=bool)
     members[np.random.default_rng(seed).permutation(len(ids))[: len(ids) // 2]] = True

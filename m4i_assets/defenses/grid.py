@@ -1,5 +1,5 @@
 """The defense grid: every defense the platform evaluates, what its strength means, and how a
-training-time defense switches on in a model's training recipe (ATTACKS.md section 3).
+training-time defense switches on in a model's training recipe (README, Defenses).
 
 Training-time defenses retrain the target with the same training code and one spec field changed;
 release-time defenses (`release.RELEASE_DEFENSES`) keep the target's checkpoint and perturb what it

@@ -1,5 +1,5 @@
 """Honest evaluation of membership scores (Carlini et al., S&P 2022, "MIAs From First Principles"; the
-rules of evidence, ATTACKS.md section 5).
+the README's rules of evidence).
 
 Every attack outputs one real score per record, higher = more likely member; thresholds exist only
 here. Reported per attack: ROC AUC, balanced accuracy (best threshold, as in Carlini et al. table 1: an
@@ -311,7 +311,7 @@ def metric_rows(
     baselines: tuple[str, ...],
 ) -> tuple[list[dict], list[dict]]:
     """The `attack_metrics` rows of one version (`evaluate_attacks`' point metrics and paired bootstrap CIs, and
-    the known non-members' thresholds, ATTACKS.md section 5) and its `attack_comparisons` rows."""
+    the known non-members' thresholds, the rules of evidence) and its `attack_comparisons` rows."""
     ev = evaluate_attacks(labels, scores, n_bootstrap=n_bootstrap, seed=seed, baselines=baselines)
     rows = [{"attack": a, **e.as_row(), **known_threshold(labels, scores[a], known.get(a))}
             for a, e in ev.attacks.items()]  # fmt: skip

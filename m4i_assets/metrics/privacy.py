@@ -1,4 +1,4 @@
-"""Empirical privacy: a lower bound on a model's epsilon from what an attack achieves (ATTACKS.md section 5).
+"""Empirical privacy: a lower bound on a model's epsilon from what an attack achieves (README, Rules of evidence).
 
 An (epsilon, delta)-DP training algorithm bounds every membership test's error rates (Kairouz et al. 2015;
 Jagielski et al., NeurIPS 2020; Nasr et al., S&P 2021): for any threshold, with FPR and FNR = 1 - TPR,

@@ -1,4 +1,4 @@
-"""Privacy-utility evaluation of defenses (ATTACKS.md section 3): every defended version's attack results
+"""Privacy-utility evaluation of defenses (README, Defenses): every defended version's attack results
 beside its utility on held-out data, relative to the undefended target it defends.
 
 Privacy is read at low FPR (Carlini et al. 2022): a defense's point on the curve is the strongest attack's
@@ -21,7 +21,7 @@ NOT_AN_ATTACK = ("blind_baseline",)  # never queries the model: it measures the 
 UNDEFENDED = "none"
 NAIVE = "naive"  # the attacker who does not know the defense; `adaptive` knows it (defense_facts["attacker"])
 PRIVACY = "privacy_tpr"
-"""The privacy read of the curves, one rule (ATTACKS.md section 5): TPR@1%FPR with its bootstrap CI where it is
+"""The privacy read of the curves, one rule (README, Rules of evidence): TPR@1%FPR with its bootstrap CI where it is
 reported (from 1000 non-members up), else the TPR at the threshold the known non-members' 99% score quantile
 fixes, with its Clopper-Pearson CI (`metrics.evaluation.known_threshold`); `privacy_figure` names which. Never
 the raw TPR@1%FPR below ten possible false positives."""

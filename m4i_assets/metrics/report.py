@@ -1,5 +1,5 @@
 """The audit's comparison report: every attack with CIs, the paired comparisons with CSA and with the blind
-baseline, and the verdicts that keep an audit honest (ATTACKS.md section 5): no distribution shift between
+baseline, and the verdicts that keep an audit honest (README, Rules of evidence): no distribution shift between
 members and non-members (the blind baseline at chance, known non-members like candidate non-members), which
 attacks beat the blind baseline (Das et al. 2024) and CSA by paired CIs, and the label-permutation test."""
 
@@ -127,8 +127,8 @@ def beats_blind_verdict(rows: list[dict], comparisons: list[dict]) -> tuple[bool
 
 
 def null_control_verdict(role: str, rows: list[dict]) -> tuple[bool, str, list[str]]:
-    """(passed, message, attacks off chance): on a null control, which never saw a candidate (ATTACKS.md
-    section 4), every attack's AUC CI must contain 0.5; other roles pass."""
+    """(passed, message, attacks off chance): on a null control, which never saw a candidate (the rules
+    of evidence), every attack's AUC CI must contain 0.5; other roles pass."""
     if role != "null_control":
         return True, f"applies to null controls only; this is a {role}", []
     off = [f"{r['attack']} {ci_text(r, 'auc')}" for r in rows if not r["auc_ci_low"] <= 0.5 <= r["auc_ci_high"]]
@@ -232,7 +232,7 @@ def seed_spread(values: list[float | None]) -> tuple[float | None, float | None]
 
 
 def target_seed_spread(rows: list[dict]) -> list[dict]:
-    """Training variance of the headline (ATTACKS.md section 5): per attack, the mean and standard deviation
+    """Training variance of the headline (README, Rules of evidence): per attack, the mean and standard deviation
     of AUC and TPR@1%FPR over the `attack_metrics` rows of targets trained on the same members with other
     seeds (`target_seeds`); the standard deviations are None with one seed (unmeasured)."""
     by_attack: dict[str, list[dict]] = {}

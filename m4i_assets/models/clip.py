@@ -32,7 +32,7 @@ InfoNCE at the learned logit scale) or "sigmoid" (SigLIP's pair likelihood at th
 model with a `logit_bias`). The attacks that score pairs use it (`attacks.clip_loss`), and so does training:
 open_clip's symmetric InfoNCE (`ClipLoss`) or its `SigLipLoss` (with bias), on the eval-preprocessed images,
 with no augmentation by default: the embedded default deliberately trains a target that memorises its
-members, so membership ground truth produces a measurable signal (ATTACKS.md section 1).
+members, so membership ground truth produces a measurable signal (Ko et al. 2023).
 
 Training-time defenses (`spec.defense`, `models.training`, `models.dp`): DP-SGD with Opacus (open_clip ViT archs; what
 the reported epsilon does and does not cover for the contrastive loss is in `models.dp`), training-time

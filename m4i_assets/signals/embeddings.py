@@ -3,7 +3,7 @@
 Records stream through in batches (`signals.batches.map_batches`: forked workers decode, preprocess, tokenise and
 encode whole batches on the CPU; decode workers feed the device on CUDA), and nothing of a record outlives its
 batch but its two embeddings. Runs on CUDA with autocast when present, else on the CPU. Computed once per
-(model version, record) and shared by every attack (PLATFORM.md, asset graph).
+(model version, record) and shared by every attack (README, What the demo does).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Everything the platform keeps lives under one folder, `$M4I_HOME` (PLATFORM.md, storage contract): the
+"""Everything the platform keeps lives under one folder, `$M4I_HOME` (README, Storage contract): the
 warehouse (`storage.warehouse`), checkpoints, trained attack models, corpora and signals. `Home` holds the paths,
 the warehouse connection and every write; reads of the audit's facts go through `storage.repository`."""
 

@@ -1,4 +1,4 @@
-"""The audit's facts as the assets read them (PLATFORM.md, storage contract): a version's `models` row, its
+"""The audit's facts as the assets read them (README, Storage contract): a version's `models` row, its
 audit's records by role, reference captions, the models of a role. One `Repository` per asset (`Home.repository`)
 reads each fact once and hands it on; the queries longer than a line are in `sql/repository/`."""
 

@@ -1,4 +1,4 @@
-"""The MLflow side of an audit (PLATFORM.md, ecosystem conventions): one finished run per audited model version,
+"""The MLflow side of an audit (README, Layout): one finished run per audited model version,
 metrics and artifacts added to it later, every writer serialised by a file lock beside the store."""
 
 import json

@@ -1,7 +1,7 @@
--- Privacy vs utility of every defense (ATTACKS.md section 3): per family, the undefended target
+-- Privacy vs utility of every defense (README, Defenses): per family, the undefended target
 -- (defense 'none', the reference point) and each defended version, naive and adaptive attacker apart, with
 -- the strongest attack's privacy read (privacy_tpr: TPR@1%FPR where reported, from 1000 non-members up, else the
--- TPR at the known non-members' 1% threshold, ATTACKS.md section 5; privacy_figure says which), epsilon for
+-- TPR at the known non-members' 1% threshold, the rules of evidence; privacy_figure says which), epsilon for
 -- DP-SGD (the accountant's, epsilon_is_guarantee false for CLIP, and the empirical lower bound), and the
 -- utility it keeps beside its chance level.
 SELECT family, defense, strength, attacker,

@@ -7,7 +7,7 @@ SELECT
     n_nonmembers,
     printf('%.3f [%.3f, %.3f]', auc, auc_ci_low, auc_ci_high) AS auc_95ci,
     round(balanced_accuracy, 3) AS balanced_accuracy,
-    -- NULL (with a reason in attack_metrics) below ten possible false positives (ATTACKS.md section 5)
+    -- NULL (with a reason in attack_metrics) below ten possible false positives (README, Rules of evidence)
     coalesce(printf('%.3f [%.3f, %.3f]', tpr_at_1pct_fpr, tpr_at_1pct_fpr_ci_low, tpr_at_1pct_fpr_ci_high), 'NULL')
         AS tpr_at_1pct_fpr_95ci,
     coalesce(printf('%.3f [%.3f, %.3f]', tpr_at_0_1pct_fpr, tpr_at_0_1pct_fpr_ci_low, tpr_at_0_1pct_fpr_ci_high),

@@ -34,7 +34,7 @@ def replace_plan_rows(storage: Storage, audit: str, frame: pl.DataFrame, version
 @asset(group_name="data", deps=[record_roles], kinds={"duckdb", "mlflow"})
 def audit_plan(context: AssetExecutionContext, settings: AuditSettings, storage: Storage, tracking: Tracking):
     """Every attack of the audit's family: run, or skipped with what the audit lacks (references, labels,
-    population, ...). Attacks are skipped, never faked (ATTACKS.md section 5)."""
+    population, ...). Attacks are skipped, never faked (README, Rules of evidence)."""
     audit = settings.registered_audit(storage.root)
     if audit is None:
         raise ValueError(f"audit {settings.audit!r} is not in {settings.audit_registry_path(storage.root)}: a "

@@ -1,4 +1,4 @@
-"""Defense assets (ATTACKS.md section 3): defended versions of each family's target, every version's
+"""Defense assets (README, Defenses): defended versions of each family's target, every version's
 utility on held-out records, and the privacy-utility evaluation that sets them beside the target.
 
 A defended version is an ordinary model version (role `defended`, its defense and strength in `models`):
@@ -287,7 +287,7 @@ def defense_evaluations(
         repo = storage.repository
         models = repo.defense_models(target)
         ids = models["model_version"].to_list()
-        # TPR@1%FPR as attack_metrics reports it (NULL below 1000 non-members, ATTACKS.md section 5); the curves
+        # TPR@1%FPR as attack_metrics reports it (NULL below 1000 non-members, the rules of evidence); the curves
         # read the TPR at the known non-members' 1% threshold with its Clopper-Pearson CI (`pu.PRIVACY`).
         metrics, utility = repo.of_versions("attack_metrics", ids), repo.of_versions("model_utility", ids)
         facts = {v: json.loads(f or "{}") for v, f in zip(ids, models["defense_facts"])}

@@ -77,7 +77,7 @@ def evaluate_version(step: Step) -> MaterializeResult:
     """AUC, balanced accuracy and TPR at 1% / 0.1% FPR (NULL below ten possible false positives) with paired
     bootstrap CIs for every attack of a model version, TPR and realised FPR at the known non-members'
     thresholds with Clopper-Pearson CIs, the paired differences from CSA and the blind baseline
-    (`attack_comparisons`), a log-log ROC plot, and one MLflow run (Carlini et al. 2022; ATTACKS.md 5)."""
+    (`attack_comparisons`), a log-log ROC plot, and one MLflow run (Carlini et al. 2022; the rules of evidence)."""
     version, settings, storage, tracking = step.version, step.settings, step.storage, step.tracking
     repo = storage.repository
     info = repo.model_info(version)

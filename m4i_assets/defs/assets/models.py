@@ -53,8 +53,8 @@ def train_and_register(
 
 DESCRIPTIONS = {
     "target": "The audited model, trained on the members (or registered from the audit registry).",
-    "null_control": "Same recipe and budget on population records only: it never sees a candidate (ATTACKS.md "
-    "section 4), so every attack on it must be at chance.",
+    "null_control": "Same recipe and budget on population records only: it never sees a candidate (the rules of "
+    "evidence), so every attack on it must be at chance.",
     "reference": "Reference CLIPs for the calibrated attacks (LiRA, Carlini et al. 2022), each with the target's "
     "recipe on a seeded random half of the population.",
     "shadow": "The attacker's shadow captioners (M^4I section 3): one per (population dataset, shadow "
