@@ -255,8 +255,9 @@ def describe_checkpoint(folder: Path) -> WatchedCheckpoint:
         said = {k: config[k] for k in ("family", "model_type", "architectures") if k in config}
         found.append(f"{path} ({', '.join(f'{k} {v!r}' for k, v in said.items()) or 'no family or model_type'})")
     if not found:
-        raise ValueError(f"{folder}: none of {', '.join(CHECKPOINT_FILES)}: not a checkpoint folder; supported: "
-                         f"{SUPPORTED}")  # fmt: skip
+        raise ValueError(
+            f"{folder}: none of {', '.join(CHECKPOINT_FILES)}: not a checkpoint folder; supported: {SUPPORTED}"
+        )
     raise ValueError(f"{'; '.join(found)}: not a model M4I audits; supported: {SUPPORTED}")
 
 

@@ -152,8 +152,9 @@ def clip_log_probs(a: Audited, version: str) -> tuple[np.ndarray, np.ndarray, di
 
 def score_clip_loss(a: Audited) -> Scored:
     lp, lp_known, objective = clip_log_probs(a, a.version)
-    return Scored(a.cands["record_id"], lp, a.known["record_id"], lp_known,
-                  {**objective, "n_negatives": a.known.height})  # fmt: skip
+    return Scored(
+        a.cands["record_id"], lp, a.known["record_id"], lp_known, {**objective, "n_negatives": a.known.height}
+    )
 
 
 def score_rmia(a: Audited) -> Scored:

@@ -167,8 +167,15 @@ def test_unlabelled_audit_scores_candidates_and_estimates_a_membership_rate(tmp_
     assert "clip/csa_scores" in selection and "clip/membership_rate" in selection
     materialize_audit(assets, "clip", spec, version, resources, instance)
     plan = dict(storage.read("SELECT attack, status FROM audit_plan WHERE audit = 'acme-unlabelled'").rows())
-    assert plan == {"csa": "run", "aea": "run", "clip_loss": "run", "rmia": "skipped", "wsa": "run",
-                    "ref_calibrated": "skipped", "blind_baseline": "skipped"}  # fmt: skip
+    assert plan == {
+        "csa": "run",
+        "aea": "run",
+        "clip_loss": "run",
+        "rmia": "skipped",
+        "wsa": "run",
+        "ref_calibrated": "skipped",
+        "blind_baseline": "skipped",
+    }
     query = ("SELECT attack, count(*) AS n, count(is_member) AS labelled, max(exposure_rank) AS worst "
              "FROM scored_records WHERE model_version = ? GROUP BY attack ORDER BY attack")  # fmt: skip
     scores = storage.read(query, [version])

@@ -85,8 +85,11 @@ def test_describe_checkpoint_names_what_is_wrong(tmp_path):
         describe_checkpoint(tmp_path)
     # a directory of another kind: its model_type, and what is supported, never a KeyError
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(ValueError, match=r"config.json \(model_type 'bert', architectures \['BertModel'\]\): not a "
-                                         r"model M4I audits; supported: clip: .*captioner: "):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"config.json \(model_type 'bert', architectures \['BertModel'\]\): not a "
+        r"model M4I audits; supported: clip: .*captioner: ",
+    ):
         describe_checkpoint(tmp_path)
     (tmp_path / "config.json").unlink()
     (tmp_path / "model.json").write_text("{broken")

@@ -53,10 +53,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """32 members, 32 non-members, 32 known non-members (noise images, random six-word captions)."""
-    manifest = write_labelled_manifest(tmp_path_factory.mktemp("data"), {"member": 32, "nonmember": 32,
-                                                                         "known_nonmember": 32})  # fmt: skip
-    rows = pl.read_csv(manifest).with_columns(uri=pl.col("image").map_elements(lambda p: str(manifest.parent / p),
-                                                                               return_dtype=pl.String))  # fmt: skip
+    manifest = write_labelled_manifest(
+        tmp_path_factory.mktemp("data"), {"member": 32, "nonmember": 32, "known_nonmember": 32}
+    )
+    rows = pl.read_csv(manifest).with_columns(
+        uri=pl.col("image").map_elements(lambda p: str(manifest.parent / p), return_dtype=pl.String)
+    )
     return {role: rows.filter(pl.col("split") == role) for role in ("member", "nonmember", "known_nonmember")}
 
 
@@ -73,8 +75,9 @@ def is_member(frame: pl.DataFrame) -> np.ndarray:
 
 
 def cosine(img: torch.Tensor | np.ndarray, txt: torch.Tensor | np.ndarray) -> np.ndarray:
-    img, txt = (torch.nn.functional.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=-1)
-                for x in (img, txt))  # fmt: skip
+    img, txt = (
+        torch.nn.functional.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=-1) for x in (img, txt)
+    )
     return (img * txt).sum(-1).numpy()
 
 
@@ -91,8 +94,14 @@ def platform_auc(bundle: clip.ClipBundle, data) -> float:
 def sentencepiece_model(captions: list[str], **kwargs) -> bytes:
     """A tiny sentencepiece model trained on the captions (vocabulary about 100)."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=model, vocab_size=100,
-                                   hard_vocab_limit=False, minloglevel=2, **kwargs)  # fmt: skip
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions),
+        model_writer=model,
+        vocab_size=100,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        **kwargs,
+    )
     return model.getvalue()
 
 
@@ -123,9 +132,14 @@ def clip_bpe_tokenizer() -> transformers.PreTrainedTokenizerBase:
     """open_clip's CLIP BPE as a transformers CLIPTokenizer (what a LAION folder ships beside its weights)."""
     bpe = open_clip.SimpleTokenizer()
     merges = [tuple(m) for m in sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)]
-    return transformers.CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token="<start_of_text>",
-                                      eos_token="<end_of_text>", pad_token="<end_of_text>",
-                                      unk_token="<end_of_text>")  # fmt: skip
+    return transformers.CLIPTokenizer(
+        vocab=dict(bpe.encoder),
+        merges=merges,
+        bos_token="<start_of_text>",
+        eos_token="<end_of_text>",
+        pad_token="<end_of_text>",
+        unk_token="<end_of_text>",
+    )
 
 
 def hub_configs(siglip_tokenizer_dir: Path) -> dict[str, tuple[dict, object]]:
@@ -136,16 +150,32 @@ def hub_configs(siglip_tokenizer_dir: Path) -> dict[str, tuple[dict, object]]:
     vision = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8}
     text = {"context_length": CONTEXT, "width": 64, "heads": 2, "layers": 2}
     siglip_tok = open_clip.tokenizer.HFTokenizer(str(siglip_tokenizer_dir), CONTEXT, clean="canonicalize")
-    siglip_text = {**text, "vocab_size": len(siglip_tok.tokenizer), "hf_tokenizer_name": "acme/tiny-siglip",
-                   "tokenizer_kwargs": {"clean": "canonicalize"}, "no_causal_mask": True, "pool_type": "last",
-                   "proj_bias": True}  # fmt: skip
+    siglip_text = {
+        **text,
+        "vocab_size": len(siglip_tok.tokenizer),
+        "hf_tokenizer_name": "acme/tiny-siglip",
+        "tokenizer_kwargs": {"clean": "canonicalize"},
+        "no_causal_mask": True,
+        "pool_type": "last",
+        "proj_bias": True,
+    }
     return {
-        "clip": ({"embed_dim": 64, "vision_cfg": vision, "text_cfg": {**text, "vocab_size": 49408}},
-                 open_clip.SimpleTokenizer(context_length=CONTEXT)),
-        "siglip": ({"embed_dim": 64, "init_logit_bias": -10, "init_logit_scale": math.log(10), "custom_text": True,
-                    "vision_cfg": {**vision, "pool_type": "avg"}, "text_cfg": siglip_text},
-                   siglip_tok),
-    }  # fmt: skip
+        "clip": (
+            {"embed_dim": 64, "vision_cfg": vision, "text_cfg": {**text, "vocab_size": 49408}},
+            open_clip.SimpleTokenizer(context_length=CONTEXT),
+        ),
+        "siglip": (
+            {
+                "embed_dim": 64,
+                "init_logit_bias": -10,
+                "init_logit_scale": math.log(10),
+                "custom_text": True,
+                "vision_cfg": {**vision, "pool_type": "avg"},
+                "text_cfg": siglip_text,
+            },
+            siglip_tok,
+        ),
+    }
 
 
 def open_clip_hub_export(kind: str, data, siglip_tokenizer_dir: Path, out: Path, steps: int) -> Path:
@@ -197,7 +227,8 @@ def test_open_clip_hub_folder_loads_with_its_own_objective(kind, data, siglip_to
     trained = open_clip_hub_export(kind, data, siglip_tokenizer_dir, tmp_path / "hub", steps=STEPS)
     twin = open_clip_hub_export(kind, data, siglip_tokenizer_dir, tmp_path / "twin", steps=0)
     assert {"open_clip_config.json", "open_clip_model.safetensors", "tokenizer_config.json"} <= {
-        p.name for p in trained.iterdir()}  # fmt: skip
+        p.name for p in trained.iterdir()
+    }
     weights = trained / "open_clip_model.safetensors"
     assert describe_checkpoint(trained) == ("clip", "open_clip:hub", weights)
     bundle = clip.load_clip(trained, device="cpu")
@@ -233,23 +264,44 @@ def test_open_clip_hub_folder_with_timm_and_hugging_face_towers(data, tmp_path):
     tower = tmp_path / "stage" / "text_tower"
     tokenizer = word_level_tokenizer(("<pad>", "<unk>", "<bos>", "<eos>", *WORDS), "<pad>", "<bos>", "<eos>", "<unk>")
     tokenizer.save_pretrained(tower)
-    bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=CONTEXT,
-                                   pad_token_id=0)  # fmt: skip
+    bert = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+        pad_token_id=0,
+    )
     bert.save_pretrained(tower)
-    config = {"embed_dim": 32, "custom_text": True,
-              "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "avg",
-                             "timm_proj": "linear", "image_size": 160},
-              "text_cfg": {"hf_model_name": str(tower), "hf_tokenizer_name": str(tower), "hf_proj_type": "linear",
-                           "hf_pooler_type": "mean_pooler", "context_length": CONTEXT}}  # fmt: skip
+    config = {
+        "embed_dim": 32,
+        "custom_text": True,
+        "vision_cfg": {
+            "timm_model_name": "test_vit",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": 160,
+        },
+        "text_cfg": {
+            "hf_model_name": str(tower),
+            "hf_tokenizer_name": str(tower),
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": CONTEXT,
+        },
+    }
     (tmp_path / "stage" / "test-encoders-towers.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "stage" / "test-encoders-towers.json")
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("test-encoders-towers", pretrained_text=False)
     model.eval()
     folder = tmp_path / "hub"
-    exported = {**config, "text_cfg": {**config["text_cfg"], "hf_model_name": "text_tower",
-                                       "hf_tokenizer_name": "text_tower"}}  # fmt: skip
+    exported = {
+        **config,
+        "text_cfg": {**config["text_cfg"], "hf_model_name": "text_tower", "hf_tokenizer_name": "text_tower"},
+    }
     save_for_hf(model, tokenizer, exported, folder, safe_serialization=False)
     shutil.copytree(tower, folder / "text_tower")
     assert describe_checkpoint(folder) == ("clip", "open_clip:hub", folder / "open_clip_pytorch_model.bin")
@@ -277,10 +329,16 @@ def siglip_trained_by_transformers(data, tokenizer_dir: Path, out: Path, steps: 
     bias start at SigLIP's log 10 and -10 (Zhai et al. 2023)."""
     tokenizer = transformers.SiglipTokenizer.from_pretrained(tokenizer_dir)
     config = transformers.SiglipConfig(
-        text_config={**TOWER, "vocab_size": len(tokenizer), "max_position_embeddings": CONTEXT, "pad_token_id": 1,
-                     "eos_token_id": 1, "bos_token_id": None},
+        text_config={
+            **TOWER,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": CONTEXT,
+            "pad_token_id": 1,
+            "eos_token_id": 1,
+            "bos_token_id": None,
+        },
         vision_config={**TOWER, "image_size": 32, "patch_size": 8},
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.SiglipModel(config)
     with torch.no_grad():
@@ -290,8 +348,9 @@ def siglip_trained_by_transformers(data, tokenizer_dir: Path, out: Path, steps: 
         image_processor=transformers.SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
     )
     members = data["member"]
-    batch = processor(text=members["caption"].to_list(), images=images(members), padding="max_length",
-                      return_tensors="pt")  # fmt: skip
+    batch = processor(
+        text=members["caption"].to_list(), images=images(members), padding="max_length", return_tensors="pt"
+    )
     model.train()
     train_steps(lambda: model(**batch, return_loss=True).loss, model.parameters(), steps, lr=2e-3)
     model.save_pretrained(out)
@@ -324,8 +383,9 @@ def test_hugging_face_siglip_loads_with_its_tokenizer_and_sigmoid_objective(data
     assert objective.logit_bias == pytest.approx(float(hf.logit_bias.detach()))
     # padded to the text tower's 16 positions, as SigLIP reads its last one; its own ids where the mask keeps them
     tokens = bundle.tokenizer(["red square", "blue " * 40])
-    own = bundle.tokenizer.tokenizer(["red square", "blue " * 40], padding="max_length", truncation=True,
-                                     max_length=CONTEXT, return_tensors="pt")  # fmt: skip
+    own = bundle.tokenizer.tokenizer(
+        ["red square", "blue " * 40], padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt"
+    )
     assert tokens.shape == (2, CONTEXT)
     assert torch.equal(torch.where(tokens >= 0, tokens, -1 - tokens), own["input_ids"])
     assert torch.equal((tokens >= 0).long(), own["attention_mask"])
@@ -347,12 +407,24 @@ def test_hugging_face_siglip_loads_with_its_tokenizer_and_sigmoid_objective(data
 
 def gemma_tokenizer(captions: list[str]) -> transformers.GemmaTokenizer:
     """A Gemma tokenizer (SigLIP 2's) of a tiny sentencepiece BPE model trained on the captions."""
-    proto = sentencepiece_model(captions, model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-                                eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")  # fmt: skip
+    proto = sentencepiece_model(
+        captions,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+    )
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    merges = sorted(((p[:i], p[i:]) for p in vocab for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab),
-                    key=lambda ab: (vocab[ab[0] + ab[1]], vocab[ab[0]], vocab[ab[1]]))  # fmt: skip
+    merges = sorted(
+        ((p[:i], p[i:]) for p in vocab for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab),
+        key=lambda ab: (vocab[ab[0] + ab[1]], vocab[ab[0]], vocab[ab[1]]),
+    )
     return transformers.GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT)
 
 
@@ -381,8 +453,15 @@ def test_hugging_face_siglip2_naflex_embeds_as_transformers(data, tmp_path):
     frame = data["member"].head(6)
     ours = platform_embeddings(bundle, frame)
     # (the processor's class defaults, patches of 16 and 256 of them, would override its image processor's own)
-    batch = processor(text=frame["caption"].to_list(), images=images(frame), padding="max_length",
-                      max_length=CONTEXT, patch_size=8, max_num_patches=16, return_tensors="pt")  # fmt: skip
+    batch = processor(
+        text=frame["caption"].to_list(),
+        images=images(frame),
+        padding="max_length",
+        max_length=CONTEXT,
+        patch_size=8,
+        max_num_patches=16,
+        return_tensors="pt",
+    )
     assert batch["pixel_values"].shape == (6, 16, 8 * 8 * 3) and batch["input_ids"].shape == (6, CONTEXT)
     with torch.no_grad():
         out = transformers.AutoModel.from_pretrained(tmp_path / "siglip2").eval()(**batch)
@@ -392,8 +471,9 @@ def test_hugging_face_siglip2_naflex_embeds_as_transformers(data, tmp_path):
 
 def test_a_config_that_is_no_dual_encoder_is_refused(tmp_path):
     folder = tmp_path / "bert"
-    transformers.BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                            intermediate_size=8).save_pretrained(folder)  # fmt: skip
+    transformers.BertConfig(
+        vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    ).save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError) as refused:
         clip.load_clip(folder)
@@ -432,14 +512,18 @@ def test_sigmoid_log_probs_is_the_formula_of_the_docstring():
     assert (got < 0).all()
     # leaving a negative out is scoring against the others
     left_out = clip_loss.sigmoid_log_probs(img[:1], txt[:1], neg_img, neg_txt, s, b, exclude=np.array([2]))
-    np.testing.assert_allclose(left_out, clip_loss.sigmoid_log_probs(img[:1], txt[:1], neg_img[[0, 1, 3, 4]],
-                                                                     neg_txt[[0, 1, 3, 4]], s, b))  # fmt: skip
+    np.testing.assert_allclose(
+        left_out, clip_loss.sigmoid_log_probs(img[:1], txt[:1], neg_img[[0, 1, 3, 4]], neg_txt[[0, 1, 3, 4]], s, b)
+    )
     population = clip_loss.self_excluded_log_probs(neg_img, neg_txt, s, objective="sigmoid", logit_bias=b)
-    np.testing.assert_allclose(population[0], clip_loss.sigmoid_log_probs(neg_img[:1], neg_txt[:1], neg_img[1:],
-                                                                           neg_txt[1:], s, b)[0])  # fmt: skip
+    np.testing.assert_allclose(
+        population[0], clip_loss.sigmoid_log_probs(neg_img[:1], neg_txt[:1], neg_img[1:], neg_txt[1:], s, b)[0]
+    )
     # softmax is InfoNCE, whatever the bias
-    np.testing.assert_allclose(clip_loss.clip_loss_scores(img, txt, neg_img, neg_txt, s, logit_bias=b),
-                               clip_loss.infonce_log_probs(img, txt, neg_img, neg_txt, s))  # fmt: skip
+    np.testing.assert_allclose(
+        clip_loss.clip_loss_scores(img, txt, neg_img, neg_txt, s, logit_bias=b),
+        clip_loss.infonce_log_probs(img, txt, neg_img, neg_txt, s),
+    )
     with pytest.raises(ValueError, match="unknown pairing objective"):
         clip_loss.clip_loss_scores(img, txt, neg_img, neg_txt, s, objective="hinge")
 
@@ -501,12 +585,17 @@ def test_labelled_audit_of_users_encoders_through_the_daemon(data, siglip_tokeni
     assert "ref_calibrated  skipped  the audit names no reference models" in stdout
     conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
     try:
-        rows = conn.execute("SELECT train_config, model_version, arch FROM models "
-                                     "WHERE audit = 'acme-encoders'").fetchall()  # fmt: skip
+        rows = conn.execute(
+            "SELECT train_config, model_version, arch FROM models WHERE audit = 'acme-encoders'"
+        ).fetchall()
         version_of = {Path(json.loads(config)["source"]).name: (version, arch) for config, version, arch in rows}
-        metrics = {(version, attack): (auc, low, high) for version, attack, auc, low, high in conn.execute(
-            "SELECT model_version, attack, auc, auc_ci_low, auc_ci_high FROM attack_metrics "
-            "WHERE audit = 'acme-encoders'").fetchall()}  # fmt: skip
+        metrics = {
+            (version, attack): (auc, low, high)
+            for version, attack, auc, low, high in conn.execute(
+                "SELECT model_version, attack, auc, auc_ci_low, auc_ci_high FROM attack_metrics "
+                "WHERE audit = 'acme-encoders'"
+            ).fetchall()
+        }
     finally:
         conn.close()
     assert {a for _, a in metrics} == {"csa", "aea", "clip_loss", "wsa", "blind_baseline"}

@@ -40,9 +40,15 @@ def bert_tokenizer(folder: Path, bos: str | None = None) -> transformers.PreTrai
 
 def blip(folder: Path) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
     tokenizer = bert_tokenizer(folder / "vocab", bos="[DEC]")
-    text = {**SMALL, "vocab_size": len(tokenizer), "max_position_embeddings": 32, "pad_token_id": 0,
-            "bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id}  # fmt: skip
+    text = {
+        **SMALL,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 32,
+        "pad_token_id": 0,
+        "bos_token_id": tokenizer.bos_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
     model = transformers.BlipForConditionalGeneration(transformers.BlipConfig(text_config=text, vision_config=VISION))
     image_processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
     return model, transformers.BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -50,9 +56,15 @@ def blip(folder: Path) -> tuple[transformers.PreTrainedModel, transformers.Proce
 
 def git(folder: Path) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
     tokenizer = bert_tokenizer(folder / "vocab")
-    config = transformers.GitConfig(vision_config=VISION, vocab_size=len(tokenizer), max_position_embeddings=32,
-                                    bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, **SMALL)  # fmt: skip
+    config = transformers.GitConfig(
+        vision_config=VISION,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=32,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SMALL,
+    )
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return transformers.GitForCausalLM(config), transformers.GitProcessor(image_processor, tokenizer)
 
@@ -95,8 +107,12 @@ def library_losses(kind: str, folder: Path, uris: list[str], captions: list[str]
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = transformers.AutoProcessor.from_pretrained(folder)
     with torch.no_grad():
-        return np.array([float(model(**library_inputs(kind, model, processor, [Image.open(u).convert("RGB")],
-                                                      [c])).loss) for u, c in zip(uris, captions)])  # fmt: skip
+        return np.array(
+            [
+                float(model(**library_inputs(kind, model, processor, [Image.open(u).convert("RGB")], [c])).loss)
+                for u, c in zip(uris, captions)
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +167,12 @@ def test_shadow_of_a_targets_architecture_trains_saves_and_reloads(records, targ
     trained by the platform's loop on the tokenizer's ids and saved as a Hugging Face directory."""
     _, uris, captions, _ = records
     kind, trained, _ = target
-    spec = CaptionerSpec(arch=f"hf-{kind}", extra={"config_dir": str(trained)}, epochs=6, batch_size=16, lr=3e-3,
-                         max_len=10)  # fmt: skip
-    sha, history, n_params, _ = train_and_save(spec, uris[32:], captions[32:], tmp_path / "shadow", {"role": "s"},
-                                               device="cpu")  # fmt: skip
+    spec = CaptionerSpec(
+        arch=f"hf-{kind}", extra={"config_dir": str(trained)}, epochs=6, batch_size=16, lr=3e-3, max_len=10
+    )
+    sha, history, n_params, _ = train_and_save(
+        spec, uris[32:], captions[32:], tmp_path / "shadow", {"role": "s"}, device="cpu"
+    )
     target_parameters = transformers.AutoModelForImageTextToText.from_pretrained(trained).num_parameters()
     assert history[-1] < history[0] and n_params == target_parameters
     assert describe_checkpoint(tmp_path / "shadow")[:2] == ("captioner", f"hf-{kind}")
@@ -167,8 +185,14 @@ def test_shadow_of_a_targets_architecture_trains_saves_and_reloads(records, targ
     assert all(isinstance(c, str) for c in generate_captions(shadow, uris[:4], device="cpu"))
     assert train_and_save(spec, uris[32:], captions[32:], tmp_path / "again", {"role": "s"}, device="cpu")[0] == sha
     with pytest.raises(ValueError, match="holds a"):
-        train_and_save(CaptionerSpec(arch="hf-git" if kind == "blip" else "hf-blip", extra=spec.extra, epochs=1),
-                       uris[:4], captions[:4], tmp_path / "wrong", {}, device="cpu")  # fmt: skip
+        train_and_save(
+            CaptionerSpec(arch="hf-git" if kind == "blip" else "hf-blip", extra=spec.extra, epochs=1),
+            uris[:4],
+            captions[:4],
+            tmp_path / "wrong",
+            {},
+            device="cpu",
+        )
 
 
 def test_directories_of_no_captioner_are_refused(target, tmp_path):

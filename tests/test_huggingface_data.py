@@ -42,10 +42,15 @@ def hf_dataset() -> tuple[datasets.Dataset, dict[str, int]]:
     """N_GOOD noise images with unique captions, a role in `split`, a ClassLabel and a URL; then a duplicate of
     row 0 (row 1), garbage bytes, an empty and a blank caption and a row without an image. Returns the dataset
     and the reject reasons it must give."""
-    features = datasets.Features({
-        "image": datasets.Image(), "text": datasets.Value("string"), "split": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["cat", "dog"]), "url": datasets.Value("string"),
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "split": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["cat", "dog"]),
+            "url": datasets.Value("string"),
+        }
+    )
     rows = [(Image.fromarray(_pixels(i)), f"noise picture number {i}", ROLES[i % 3], i % 2) for i in range(N_GOOD)]
     rows.insert(1, rows[0])  # same bytes, same caption: `duplicate`
     rows += [
@@ -55,9 +60,12 @@ def hf_dataset() -> tuple[datasets.Dataset, dict[str, int]]:
         (None, "a row without an image", "member", 0),  # malformed_row
     ]
     columns = {
-        "image": [r[0] for r in rows], "text": [r[1] for r in rows], "split": [r[2] for r in rows],
-        "label": [r[3] for r in rows], "url": [f"https://example.org/{i}.png" for i in range(len(rows))],
-    }  # fmt: skip
+        "image": [r[0] for r in rows],
+        "text": [r[1] for r in rows],
+        "split": [r[2] for r in rows],
+        "label": [r[3] for r in rows],
+        "url": [f"https://example.org/{i}.png" for i in range(len(rows))],
+    }
     expected = {"duplicate": 1, "undecodable_image": 1, "empty_caption": 2, "malformed_row": 1}
     return datasets.Dataset.from_dict(columns, features=features), expected
 
@@ -150,12 +158,17 @@ def test_plain_bytes_file_paths_limits_and_files_that_are_not_datasets(tmp_path)
     folder.mkdir()
     small, big = _png(_pixels(1)), _png(np.zeros((400, 300, 3), np.uint8))  # big: 120k pixels
     huge = _png(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))  # > 12 kB
-    pq.write_table(pa.table({"image": [small, big, huge, b"garbage"], "caption": ["a", "b", "c", "d"]}),
-                   folder / "a-binary.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"image": [small, big, huge, b"garbage"], "caption": ["a", "b", "c", "d"]}),
+        folder / "a-binary.parquet",
+    )
     (folder / "pictures").mkdir()
     (folder / "pictures" / "on-disk.png").write_bytes(_png(_pixels(2)))
-    cells = [{"bytes": None, "path": "pictures/on-disk.png"}, {"bytes": None, "path": "pictures/none.png"},
-             {"bytes": _png(_pixels(3)), "path": "ignored.png"}]  # fmt: skip
+    cells = [
+        {"bytes": None, "path": "pictures/on-disk.png"},
+        {"bytes": None, "path": "pictures/none.png"},
+        {"bytes": _png(_pixels(3)), "path": "ignored.png"},
+    ]
     pq.write_table(_struct_table(cells, ["on disk", "missing", "stored"]), folder / "b-paths.parquet")
     (folder / "c-junk.parquet").write_text("this is not a parquet file\n")
     source = SourceSpec("hub", "huggingface", str(folder / "*.parquet"), max_pixels=100_000, max_bytes=12_000)
@@ -163,9 +176,10 @@ def test_plain_bytes_file_paths_limits_and_files_that_are_not_datasets(tmp_path)
     binary = source.read("a-binary.parquet")
     assert binary.rows_in == 4 and binary.records["caption"].to_list() == ["a"]
     assert dict(zip(binary.rejects["locator"], binary.rejects["reason"])) == {
-        "a-binary.parquet:1": "image_too_large", "a-binary.parquet:2": "file_too_large",
+        "a-binary.parquet:1": "image_too_large",
+        "a-binary.parquet:2": "file_too_large",
         "a-binary.parquet:3": "undecodable_image",
-    }  # fmt: skip
+    }
     assert np.array_equal(np.asarray(open_rgb(binary.records["image_uri"][0])), _pixels(1))
     paths = source.read("b-paths.parquet")
     assert paths.rows_in == 3 and paths.records["caption"].to_list() == ["on disk", "stored"]
@@ -195,8 +209,10 @@ def test_a_truncated_arrow_file_keeps_its_readable_rows(tmp_path):
     out = SourceSpec("saved", "huggingface", str(tmp_path / "saved")).read(arrow.name)
     read = out.rows_in - 1  # whole record batches of 8 rows, then one reject for the rest
     assert read >= 16 and read % 8 == 0 and out.records.height == read - 1  # row 1 is a duplicate
-    assert out.rejects.select("locator", "reason").rows() == [(f"{arrow.name}:1", "duplicate"),
-                                                              (f"{arrow.name}:{read}", "unreadable_shard")]  # fmt: skip
+    assert out.rejects.select("locator", "reason").rows() == [
+        (f"{arrow.name}:1", "duplicate"),
+        (f"{arrow.name}:{read}", "unreadable_shard"),
+    ]
     assert "the rest of the file" in out.rejects["detail"][1]
     assert all(open_rgb(u).size == (16, 16) for u in out.records["image_uri"])
     (tmp_path / "dict").mkdir()

@@ -26,18 +26,29 @@ def vision_encoder_decoder(manifest: Path, out: Path, steps: int) -> Path:
     torch.manual_seed(0)
     small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
     encoder = transformers.ViTConfig(image_size=32, patch_size=8, **small)
-    decoder = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=64, n_layer=2, n_head=2,
-                                      add_cross_attention=True, is_decoder=True, bos_token_id=1, eos_token_id=2,
-                                      pad_token_id=0)  # fmt: skip
+    decoder = transformers.GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        add_cross_attention=True,
+        is_decoder=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
     model = transformers.VisionEncoderDecoderModel(config=config)
-    model.generation_config = transformers.GenerationConfig(decoder_start_token_id=1, bos_token_id=1, eos_token_id=2,
-                                                            pad_token_id=0, max_length=12)  # fmt: skip
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_length=12
+    )
     processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     members = pl.read_csv(manifest).filter(pl.col("split") == "member")
-    pixels = processor([Image.open(manifest.parent / p).convert("RGB") for p in members["image"]],
-                       return_tensors="pt")["pixel_values"]  # fmt: skip
+    pixels = processor([Image.open(manifest.parent / p).convert("RGB") for p in members["image"]], return_tensors="pt")[
+        "pixel_values"
+    ]
     labels = caption_labels(tokenizer, members["caption"].to_list())
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -104,16 +115,29 @@ def test_labelled_audit_of_users_captioners_completes_through_the_daemon(tmp_pat
     assert "skipped" not in stdout.split("Plan (audit_plan):")[1]
     conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
     try:
-        rows = conn.execute("SELECT train_config, model_version, arch FROM models WHERE audit = 'acme-captioners' "
-                            "AND role IN ('target', 'null_control')").fetchall()  # fmt: skip
+        rows = conn.execute(
+            "SELECT train_config, model_version, arch FROM models WHERE audit = 'acme-captioners' "
+            "AND role IN ('target', 'null_control')"
+        ).fetchall()
         version_of = {Path(json.loads(config)["source"]).name: version for config, version, _ in rows}
-        shadow_archs = {a for (a,) in conn.execute("SELECT arch FROM models WHERE audit = 'acme-captioners' "
-                                                   "AND role = 'shadow'").fetchall()}  # fmt: skip
-        metrics = {(version, attack): (auc, low, high) for version, attack, auc, low, high in conn.execute(
-            "SELECT model_version, attack, auc, auc_ci_low, auc_ci_high FROM attack_metrics "
-            "WHERE audit = 'acme-captioners'").fetchall()}  # fmt: skip
-        scenarios = set(conn.execute("SELECT DISTINCT model_version, attack, scenario FROM m4i_scenarios "
-                                     "WHERE audit = 'acme-captioners'").fetchall())  # fmt: skip
+        shadow_archs = {
+            a
+            for (a,) in conn.execute(
+                "SELECT arch FROM models WHERE audit = 'acme-captioners' AND role = 'shadow'"
+            ).fetchall()
+        }
+        metrics = {
+            (version, attack): (auc, low, high)
+            for version, attack, auc, low, high in conn.execute(
+                "SELECT model_version, attack, auc, auc_ci_low, auc_ci_high FROM attack_metrics "
+                "WHERE audit = 'acme-captioners'"
+            ).fetchall()
+        }
+        scenarios = set(
+            conn.execute(
+                "SELECT DISTINCT model_version, attack, scenario FROM m4i_scenarios WHERE audit = 'acme-captioners'"
+            ).fetchall()
+        )
     finally:
         conn.close()
     assert shadow_archs == {"cnn-lstm", "hf-vision-encoder-decoder", "hf-blip", "hf-git"}
@@ -130,8 +154,9 @@ def test_labelled_audit_of_users_captioners_completes_through_the_daemon(tmp_pat
         if name == "ved":
             library = transformers_loss_auc(folder, manifest)
         else:
-            losses = library_losses(name, folder, [str(manifest.parent / p) for p in rows["image"]],
-                                    rows["caption"].to_list())  # fmt: skip
+            losses = library_losses(
+                name, folder, [str(manifest.parent / p) for p in rows["image"]], rows["caption"].to_list()
+            )
             library = roc_auc_score(rows["split"].to_numpy() == "member", -losses)
         assert abs(auc - library) < 0.01, name
         assert {(version, "m4i_mb", "unrestricted"), (version, "m4i_fb", "unrestricted")} <= scenarios, name

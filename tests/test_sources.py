@@ -163,9 +163,17 @@ def test_webdataset_members_over_max_bytes_are_never_read(tmp_path, monkeypatch)
     """A member larger than `max_bytes` is a `file_too_large` reject whose data the reader never holds (its key's
     neighbours are records), whatever the member's size: the image, or a caption file."""
     small, big = _encode("RGB", (1, 2, 3), size=(4, 4)), _encode("RGB", (9, 9, 9), size=(64, 64), fmt="BMP")
-    shard = _tar(tmp_path / "00000.tar", [("a.png", small), ("a.txt", b"a small one"), ("b.bmp", big),
-                                          ("b.txt", b"a big one"), ("c.png", _encode("RGB", (4, 5, 6), size=(4, 4))),
-                                          ("c.txt", b"x" * 1000)])  # fmt: skip
+    shard = _tar(
+        tmp_path / "00000.tar",
+        [
+            ("a.png", small),
+            ("a.txt", b"a small one"),
+            ("b.bmp", big),
+            ("b.txt", b"a big one"),
+            ("c.png", _encode("RGB", (4, 5, 6), size=(4, 4))),
+            ("c.txt", b"x" * 1000),
+        ],
+    )
     read_sizes = []
     original = tarfile.ExFileObject.read
 

@@ -129,11 +129,13 @@ def pair_log_probs(
     """The matched pair's log-likelihood under the model's `objective`: `infonce_log_probs` (softmax; a bias
     cancels in it) or `sigmoid_log_probs` (sigmoid, with `logit_bias`)."""
     if objective == "softmax":
-        return infonce_log_probs(image_emb, text_emb, negative_image_emb, negative_text_emb, logit_scale, exclude,
-                                 similarities)  # fmt: skip
+        return infonce_log_probs(
+            image_emb, text_emb, negative_image_emb, negative_text_emb, logit_scale, exclude, similarities
+        )
     if objective == "sigmoid":
-        return sigmoid_log_probs(image_emb, text_emb, negative_image_emb, negative_text_emb, logit_scale, logit_bias,
-                                 exclude, similarities)  # fmt: skip
+        return sigmoid_log_probs(
+            image_emb, text_emb, negative_image_emb, negative_text_emb, logit_scale, logit_bias, exclude, similarities
+        )
     raise ValueError(f"unknown pairing objective {objective!r}; expected one of {OBJECTIVES}")
 
 
@@ -150,8 +152,16 @@ def clip_loss_scores(
 ) -> np.ndarray:
     """Membership score of each candidate: its matched pair's log-likelihood under the model's objective
     (InfoNCE log-probability for softmax, `sigmoid_log_probs` for sigmoid; higher = member)."""
-    return pair_log_probs(image_emb, text_emb, negative_image_emb, negative_text_emb, logit_scale,
-                          similarities=similarities, objective=objective, logit_bias=logit_bias)  # fmt: skip
+    return pair_log_probs(
+        image_emb,
+        text_emb,
+        negative_image_emb,
+        negative_text_emb,
+        logit_scale,
+        similarities=similarities,
+        objective=objective,
+        logit_bias=logit_bias,
+    )
 
 
 def self_excluded_log_probs(
@@ -164,5 +174,14 @@ def self_excluded_log_probs(
     logit_bias: float = 0.0,
 ) -> np.ndarray:
     """The same log-likelihood for the negatives themselves, each against all the others (RMIA's population)."""
-    return pair_log_probs(image_emb, text_emb, image_emb, text_emb, logit_scale, np.arange(len(image_emb)),
-                          similarities, objective=objective, logit_bias=logit_bias)  # fmt: skip
+    return pair_log_probs(
+        image_emb,
+        text_emb,
+        image_emb,
+        text_emb,
+        logit_scale,
+        np.arange(len(image_emb)),
+        similarities,
+        objective=objective,
+        logit_bias=logit_bias,
+    )

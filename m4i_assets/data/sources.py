@@ -167,8 +167,10 @@ def load_registry(path: str | os.PathLike) -> list[SourceSpec]:
         unknown = sorted(set(entry) - REGISTRY_KEYS)
         if unknown or entry["format"] == "embedded":
             raise ValueError(f"{path}: datasets[{i}]: unknown keys {unknown} or format 'embedded' (set by the audit)")
-        resolved = {k: str(path.parent / v) if k in ("path", "images", "root") and isinstance(v, str) else v
-                    for k, v in entry.items()}  # fmt: skip
+        resolved = {
+            k: str(path.parent / v) if k in ("path", "images", "root") and isinstance(v, str) else v
+            for k, v in entry.items()
+        }
         try:
             sources.append(SourceSpec(**resolved))
         except (TypeError, ValueError) as exc:

@@ -549,16 +549,21 @@ def caption_nll(
     predicted tokens (`CaptionerBundle.encode`: its words, cut at `max_len`, and EOS; for a Hugging Face directory
     not built here, its tokenizer's ids as the model's own loss reads them) of -log p(token | image, previous
     tokens), the loss training minimises (and a Hugging Face model's own `labels=` loss on that caption)."""
-    out = [_token_nll(logits, tok, bundle.pad).cpu().numpy()
-           for logits, tok in _teacher_forced(bundle, image_uris, captions, batch_size, device)]  # fmt: skip
+    out = [
+        _token_nll(logits, tok, bundle.pad).cpu().numpy()
+        for logits, tok in _teacher_forced(bundle, image_uris, captions, batch_size, device)
+    ]
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 @torch.no_grad()
 def caption_token_logprobs(
-    bundle: CaptionerBundle, image_uris: list[str], captions: list[str], batch_size: int = 256,
+    bundle: CaptionerBundle,
+    image_uris: list[str],
+    captions: list[str],
+    batch_size: int = 256,
     device: str | None = None,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """Each caption's log p(token | image, previous tokens) of its predicted tokens, in order (float64; the
     tokens `caption_nll` averages: its value is minus each array's mean)."""
     out = []
@@ -640,12 +645,18 @@ def _load_hugging_face(folder: Path, model_type: str) -> CaptionerBundle:
     else:
         config = hf.config
         spec = CaptionerSpec(
-            arch=(f"{config.encoder.model_type}-{config.decoder.model_type}"
-                  if model_type == "vision-encoder-decoder" else HF_ARCH_PREFIX + model_type),
+            arch=(
+                f"{config.encoder.model_type}-{config.decoder.model_type}"
+                if model_type == "vision-encoder-decoder"
+                else HF_ARCH_PREFIX + model_type
+            ),
             image_size=image_size(config) or CaptionerSpec.image_size,
-            max_len=min(hf.generation_config.max_length or CaptionerSpec.max_len + 2,
-                        text_positions(config) or CaptionerSpec.max_len + 2) - 2,
-        )  # fmt: skip
+            max_len=min(
+                hf.generation_config.max_length or CaptionerSpec.max_len + 2,
+                text_positions(config) or CaptionerSpec.max_len + 2,
+            )
+            - 2,
+        )
     model = HuggingFaceCaptioner(hf, IGNORE if vocab is None else PAD)
     return CaptionerBundle(model, vocab, spec, processor, tokenizer)
 

@@ -37,8 +37,12 @@ HF_CLIP_ARCH = "hf-clip"  # the arch of a Hugging Face CLIP directory without ou
 # open_clip's hub layout (every LAION / DataComp checkpoint, and what `open_clip.push_to_hf_hub.save_for_hf` writes):
 # `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) beside the weights, in open_clip's order.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # fmt: skip
+OPEN_CLIP_WEIGHTS_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
 OPEN_CLIP_HUB_ARCH = "open_clip:hub"  # the arch of an open_clip hub folder (its model_cfg names no model)
 
 

@@ -177,8 +177,9 @@ def build_clip(arch: str, seed: int = 0, captions: Sequence[str] | None = None) 
         )
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    return ClipBundle(model=model, preprocess=preprocess, tokenizer=_registered_tokenizer(arch), arch=arch,
-                      embed_dim=embed_dim(arch))  # fmt: skip
+    return ClipBundle(
+        model=model, preprocess=preprocess, tokenizer=_registered_tokenizer(arch), arch=arch, embed_dim=embed_dim(arch)
+    )
 
 
 def _registered_tokenizer(arch: str) -> Callable[[list[str]], torch.Tensor]:
@@ -329,8 +330,10 @@ def save_clip(
         (out / M4I_FILE).write_text(sidecar)
         return ckpt, sha256_file(ckpt)
     if bundle.arch not in open_clip.list_models():
-        raise ValueError(f"{bundle.arch!r} is not a registered open_clip architecture that a model.json can name: "
-                         "save an open_clip hub model with open_clip.push_to_hf_hub.save_for_hf")  # fmt: skip
+        raise ValueError(
+            f"{bundle.arch!r} is not a registered open_clip architecture that a model.json can name: "
+            "save an open_clip hub model with open_clip.push_to_hf_hub.save_for_hf"
+        )
     ckpt = out / weights
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
     if ckpt.suffix in TORCH_SUFFIXES:
@@ -377,11 +380,14 @@ def _hub_tokenizer(folder: Path, text_cfg: dict[str, Any]) -> Callable[[list[str
         return open_clip.SimpleTokenizer(context_length=context, **kwargs)
     source = _inside(folder, name) or str(folder)
     try:
-        return open_clip.tokenizer.HFTokenizer(source, context_length=context,
-                                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)  # fmt: skip
+        return open_clip.tokenizer.HFTokenizer(
+            source, context_length=context, tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs
+        )
     except Exception as exc:
-        raise ValueError(f"the tokenizer files in {source} (hf_tokenizer_name {name!r} of "
-                         f"{folder / OPEN_CLIP_CONFIG}) do not load: {exc}") from exc  # fmt: skip
+        raise ValueError(
+            f"the tokenizer files in {source} (hf_tokenizer_name {name!r} of "
+            f"{folder / OPEN_CLIP_CONFIG}) do not load: {exc}"
+        ) from exc
 
 
 def _load_open_clip_hub(folder: Path, weights: Path | None, arch: str | None) -> ClipBundle:
@@ -395,8 +401,10 @@ def _load_open_clip_hub(folder: Path, weights: Path | None, arch: str | None) ->
         raise ValueError(f"{config_path} holds no model_cfg with vision_cfg and text_cfg (open_clip's hub layout)")
     weights = weights or open_clip_weights_file(folder)
     if weights is None:
-        raise FileNotFoundError(f"CLIP checkpoint incomplete: {folder / OPEN_CLIP_WEIGHTS_FILES[0]} not found "
-                                f"(nor {', '.join(OPEN_CLIP_WEIGHTS_FILES[1:])})")  # fmt: skip
+        raise FileNotFoundError(
+            f"CLIP checkpoint incomplete: {folder / OPEN_CLIP_WEIGHTS_FILES[0]} not found "
+            f"(nor {', '.join(OPEN_CLIP_WEIGHTS_FILES[1:])})"
+        )
     text_cfg, vision_cfg = dict(model_cfg["text_cfg"]), dict(model_cfg["vision_cfg"])
     if "hf_model_name" in text_cfg:  # a Hugging Face text tower: built from its config, never downloaded
         text_cfg["hf_model_name"] = _inside(folder, text_cfg["hf_model_name"]) or text_cfg["hf_model_name"]
@@ -405,9 +413,13 @@ def _load_open_clip_hub(folder: Path, weights: Path | None, arch: str | None) ->
         vision_cfg["timm_model_pretrained"] = False
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{folder}", load_weights=False, pretrained_image=False, pretrained_text=False,
-            text_cfg=text_cfg, vision_cfg=vision_cfg,
-        )  # fmt: skip
+            f"local-dir:{folder}",
+            load_weights=False,
+            pretrained_image=False,
+            pretrained_text=False,
+            text_cfg=text_cfg,
+            vision_cfg=vision_cfg,
+        )
     except Exception as exc:
         raise ValueError(f"{config_path} does not give an open_clip model: {exc}") from exc
     load_weights(model, weights, f"the open_clip model of {config_path}")

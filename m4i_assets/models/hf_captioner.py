@@ -126,8 +126,9 @@ def teacher_forced_logits(
     after each caption's end, where the model reads its pad token)."""
     ids = tokens.masked_fill(~mask, pad_token(hf))
     if hf.config.is_encoder_decoder:
-        return hf(pixel_values=pixels, decoder_input_ids=ids[:, :-1], decoder_attention_mask=mask[:, :-1],
-                  use_cache=False).logits  # fmt: skip
+        return hf(
+            pixel_values=pixels, decoder_input_ids=ids[:, :-1], decoder_attention_mask=mask[:, :-1], use_cache=False
+        ).logits
     logits = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
     return logits[:, -ids.shape[1] : -1]
 

@@ -55,8 +55,14 @@ from m4i_assets.models.hf_files import tokenizer_and_image_processor
 from m4i_assets.models.vocabulary import caption_words, word_level_tokenizer
 
 # A fast tokenizer's file, a CLIP BPE vocabulary, a sentencepiece model (SigLIP's, Gemma's, XLM-R's), a WordPiece one.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
-                   "vocab.txt")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
 # Model types whose text tower is CLIP's: causal attention pooled at the eos, so padding after the eos changes
 # nothing and the tower takes the ids alone (no attention mask), as open_clip's CLIP does.
 CAUSAL_TEXT = ("clip", "metaclip_2", "owlvit", "owlv2", "groupvit", "clipseg", "xclip")
@@ -81,8 +87,9 @@ class HFClip(nn.Module):
     `text_mask`: the text tokens carry the tokenizer's attention mask (`TextTokenizer`); `patches`: (patch size,
     max patches) of a NaFlex vision tower (SigLIP 2), which reads patch sequences instead of images."""
 
-    def __init__(self, hf: transformers.PreTrainedModel, text_mask: bool = False,
-                 patches: tuple[int, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, hf: transformers.PreTrainedModel, text_mask: bool = False, patches: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.hf = hf
         self.text_mask = text_mask
@@ -125,8 +132,9 @@ class HFClip(nn.Module):
         # it). Other towers get the tokenizer's mask, carried in the tokens (`TextTokenizer`).
         if self.text_mask:
             mask = text >= 0
-            features = _pooled(self.hf.get_text_features(input_ids=torch.where(mask, text, -1 - text),
-                                                         attention_mask=mask.long()))  # fmt: skip
+            features = _pooled(
+                self.hf.get_text_features(input_ids=torch.where(mask, text, -1 - text), attention_mask=mask.long())
+            )
         else:
             features = _pooled(self.hf.get_text_features(input_ids=text))
         return nn.functional.normalize(features, dim=-1) if normalize else features
@@ -348,8 +356,9 @@ def load(folder: Path, weights: Path | None = None) -> Parts:
     text = getattr(config, "text_config", None)
     vocab_size = getattr(text, "vocab_size", None)
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer in {folder} has {len(tokenizer)} tokens, more than the "
-                         f"{vocab_size} of {config_path}")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens, more than the {vocab_size} of {config_path}"
+        )
     try:
         preprocess = image_transform(processor)
     except Exception as exc:

@@ -263,12 +263,20 @@ def train_shadow_attack_models(storage: Storage, settings: AuditSettings, comput
 
 
 # Each score asset of the captioner attacks' multi-asset (`families.CAPTIONER_SCORES`): its attack and description.
-SCORE_ASSETS = dict(zip(CAPTIONER_SCORES, (
-    ("m4i_mb", "MB M^4I (Hu et al. 2022, 3.2): the least restricted shadow's classifier on caption metrics"),
-    ("m4i_fb", "FB M^4I (Hu et al. 2022, 3.3): the least restricted shadow's classifier on |MFE_img - MFE_txt|"),
-    (caption_loss.LOSS, "Teacher-forced NLL of the reference caption under the target (white box)"),
-    (caption_loss.LOSS_REF, "The caption NLL calibrated by the shadow captioners (OUT for every candidate)"),
-)))  # fmt: skip
+SCORE_ASSETS = dict(
+    zip(
+        CAPTIONER_SCORES,
+        (
+            ("m4i_mb", "MB M^4I (Hu et al. 2022, 3.2): the least restricted shadow's classifier on caption metrics"),
+            (
+                "m4i_fb",
+                "FB M^4I (Hu et al. 2022, 3.3): the least restricted shadow's classifier on |MFE_img - MFE_txt|",
+            ),
+            (caption_loss.LOSS, "Teacher-forced NLL of the reference caption under the target (white box)"),
+            (caption_loss.LOSS_REF, "The caption NLL calibrated by the shadow captioners (OUT for every candidate)"),
+        ),
+    )
+)
 
 
 def m4i_scores(family: Family):
@@ -326,8 +334,11 @@ def captioner_scores(storage: Storage, settings: AuditSettings, version: str, ke
     nll = nll_of(storage, version, both)
     # an adaptive attacker's twin learns from the shadows trained with its defense (`defense_facts.references`)
     defended = json.loads(info.get("defense_facts") or "{}").get("references")
-    shadows = [m for m in repo.shadow_models(info["audit"], defended)
-               if (m["train_seed"] - settings.seed) // plans.REPEAT < settings.shadow_seeds]  # fmt: skip
+    shadows = [
+        m
+        for m in repo.shadow_models(info["audit"], defended)
+        if (m["train_seed"] - settings.seed) // plans.REPEAT < settings.shadow_seeds
+    ]
     skips = attack_skips(storage, settings, info, bool(shadows))
 
     def attacker(shadow: dict) -> m4i.Shadow:
