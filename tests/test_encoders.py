@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from test_audits import (
     WORDS,
     hf_clip_trained_by_transformers,
+    registry,
     run_cli,
     transformers_cosine_auc,
     write_labelled_manifest,
@@ -571,16 +572,19 @@ def test_labelled_audit_of_users_encoders_through_the_daemon(data, siglip_tokeni
         "hf-siglip": siglip_trained_by_transformers(data, siglip_tokenizer_dir, models / "hf-siglip", steps=STEPS),
     }
     twin = hf_clip_trained_by_transformers(manifest, models / "twin", steps=0)
-    (tmp_path / "datasets.yaml").write_text(f"datasets:\n  - {{name: acme, format: manifest, path: {manifest}}}\n")
     paths = "".join(f"\n      - path: {path}" for path in targets.values())
-    (tmp_path / "audits.yaml").write_text(f"""audits:
+    registry(
+        tmp_path,
+        manifest,
+        f"""audits:
   - name: acme-encoders
     family: clip
-    dataset: acme
+    dataset: acme_pairs
     roles: {{column: split, member: member, nonmember: nonmember, known_nonmember: known_nonmember}}
     targets:{paths}
     null_control: {twin}
-""")
+""",
+    )
     stdout = run_cli(tmp_path, "audit", "acme-encoders")
     assert "ref_calibrated  skipped  the audit names no reference models" in stdout
     conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)

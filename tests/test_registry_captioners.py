@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_audits import WORDS, run_cli, write_labelled_manifest
+from test_audits import WORDS, registry, run_cli, write_labelled_manifest
 from test_hf_captioners import library_losses, trained_by_transformers
 
 from m4i_assets.models.vocabulary import word_level_tokenizer
@@ -99,10 +99,11 @@ def test_labelled_audit_of_users_captioners_completes_through_the_daemon(tmp_pat
         **{kind: trained_by_transformers(kind, manifest, models / kind, steps=60) for kind in ("blip", "git")},
     }
     twin = vision_encoder_decoder(manifest, models / "ved-base", steps=0)
-    source = f"{{name: acme_pairs, format: manifest, path: {manifest}}}"
-    (tmp_path / "datasets.yaml").write_text(f"datasets:\n  - {source}\n")
     paths = "".join(f"\n      - path: {path}" for path in targets.values())
-    (tmp_path / "audits.yaml").write_text(f"""audits:
+    registry(
+        tmp_path,
+        manifest,
+        f"""audits:
   - name: acme-captioners
     family: captioner
     dataset: acme_pairs
@@ -110,7 +111,8 @@ def test_labelled_audit_of_users_captioners_completes_through_the_daemon(tmp_pat
              population: population}}
     targets:{paths}
     null_control: {twin}
-""")
+""",
+    )
     stdout = run_cli(tmp_path, "audit", "acme-captioners")
     assert "skipped" not in stdout.split("Plan (audit_plan):")[1]
     conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
